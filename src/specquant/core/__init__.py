@@ -1,0 +1,1 @@
+"""Tensor-level, pure functions: grids, rounding, clipping, packing, metrics, spectra, frames."""

@@ -1,0 +1,1 @@
+"""specquant.report."""
