@@ -1,7 +1,7 @@
 """What the engine hands an algorithm: second-moment statistics of a layer's inputs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,3 +25,39 @@ class LayerStats:
     @property
     def dim(self) -> int:
         return self.H.shape[0]
+
+
+@dataclass
+class QuantConfig:
+    """Settings shared by every method; each method's config extends it.
+
+    Per-layer overrides give mixed precision: ``overrides={"layer1.*": 8}`` (fnmatch pattern
+    or exact module name → bits).
+    """
+
+    bits: int = 4  # storage bits per weight code, 1..8 (codes always fit in this many bits)
+    granularity: str = "channel"  # "channel" (per output channel), "tensor", or "group:G"
+    symmetric: bool = True  # narrow symmetric grid (2^b − 1 levels; binary at 1 bit) or asymmetric
+    seed: int = 0  # seed for every random choice (stochastic rounding, patch subsampling)
+    overrides: dict = field(default_factory=dict)  # {module name or fnmatch pattern: bits}
+    skip: tuple = ()  # module names or fnmatch patterns left in float
+    bias_correction: bool = False  # shift each output channel's bias to match the float mean output
+
+    method = "base"  # the method's name (class attribute, not a field)
+    needs_data = False  # whether the engine must stream calibration statistics
+
+    def bits_for(self, name: str) -> int:
+        """Bits for the module ``name`` after applying ``overrides`` (exact name wins over patterns)."""
+        import fnmatch
+
+        if name in self.overrides:
+            return int(self.overrides[name])
+        for pat, b in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pat):
+                return int(b)
+        return self.bits
+
+    def skips(self, name: str) -> bool:
+        import fnmatch
+
+        return any(name == p or fnmatch.fnmatchcase(name, p) for p in self.skip)

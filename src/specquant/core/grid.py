@@ -122,8 +122,18 @@ class GridSpec:
         return scale, zp
 
     def qparams_from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point covering ``[lo, hi]`` (symmetric grids use max(|lo|, |hi|))."""
+        """Scale and zero point covering ``[lo, hi]``.
+
+        Symmetric grids use ``alpha = max(|lo|, |hi|)``, except ``"full"``, whose positive side
+        stops one step short of alpha: its alpha is widened so that hi is covered as well.
+        """
         if self.symmetric:
+            if self.kind == "full" and self.bits > 1:
+                # The positive side of a "full" grid ends one step short of alpha, at
+                # (2^(b-1) - 1)·Δ: widen alpha so that hi is covered too.
+                top = self.alpha_steps - 1.0
+                alpha = torch.maximum(lo.clamp_max(0).abs(), hi.clamp_min(0) * (self.alpha_steps / top))
+                return self.qparams_from_alpha(alpha)
             return self.qparams_from_alpha(torch.maximum(lo.abs(), hi.abs()))
         lo = lo.clamp_max(0)
         hi = hi.clamp_min(0)
@@ -191,7 +201,9 @@ class Granularity:
             try:
                 size = int(g.split(":", 1)[1])
             except ValueError:
-                raise ValueError(f"bad group granularity {g!r}; expected 'group:G' with an integer G") from None
+                raise ValueError(
+                    f"bad group granularity {g!r}; expected 'group:G' with an integer G"
+                ) from None
         elif g in ("tensor", "channel"):
             return Granularity(kind=g, axis=axis)
         else:

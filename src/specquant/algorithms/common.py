@@ -1,0 +1,110 @@
+"""Pieces the data-driven algorithms share: step-size choice, per-column scales, error in
+the covariance form, and packaging codes into a ``QuantizedWeight``."""
+from __future__ import annotations
+
+import torch
+
+from specquant.core.grid import Granularity, GridSpec, fake_quantize, quantize_codes
+from specquant.core.quantized import QuantizedWeight
+from specquant.core.quantizer import compute_qparams
+
+SCALE_RULES = ("output-mse", "authors", "minmax", "percentile", "mse", "aciq-gauss", "aciq-laplace")
+
+
+def check_scale_rule(rule: str) -> str:
+    if rule not in SCALE_RULES:
+        raise ValueError(f"unknown scale rule {rule!r}; allowed: {', '.join(SCALE_RULES)}")
+    return rule
+
+
+def row_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, G: torch.Tensor,
+                     F: torch.Tensor) -> torch.Tensor:
+    """‖X w_i − X̃ ŵ_i‖² per row i, from H = X̃ᵀX̃, G = X̃ᵀX, F = XᵀX.  W, W_hat: (out, N0)."""
+    W = W.double()
+    Wh = W_hat.double()
+    e = (W @ F * W).sum(1) - 2 * (Wh @ G * W).sum(1) + (Wh @ H * Wh).sum(1)  # (out,)
+    return e.clamp_min(0)
+
+
+def relative_output_error(W, W_hat, H, G, F) -> float:
+    """‖XWᵀ − X̃Ŵᵀ‖_F / ‖XWᵀ‖_F from the covariance statistics."""
+    num = row_output_error(W, W_hat, H, G, F).sum()
+    den = (W.double() @ F * W.double()).sum().clamp_min(1e-300)
+    return float((num / den).sqrt())
+
+
+def choose_scales(
+    W: torch.Tensor, spec: GridSpec, gran: Granularity, rule: str,
+    H: torch.Tensor | None = None, c_alpha: float = 1.16, candidates: int = 60,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for a 2-D weight ``W`` (out, N0).
+
+    Rules: a core range calibrator by name; ``"authors"``: the GPFQ authors' per-tensor step
+    δ = C·mean_i(max_j |W_ij|)/2^(b−1); ``"output-mse"``: per output channel, the clip
+    α = f·max|w_i| (f on a grid of ``candidates`` values in (0.2, 1]) minimising the
+    round-to-nearest output error (w−ŵ)ᵀH(w−ŵ) on the calibration data (needs ``H``; falls back to
+    weight MSE for other granularities or without data).
+    """
+    check_scale_rule(rule)
+    if rule == "authors":
+        if not spec.symmetric:
+            raise ValueError("the 'authors' step rule needs a symmetric grid")
+        delta = c_alpha * W.abs().amax(dim=1).mean() / (1 << (spec.bits - 1))
+        shape = gran.scale_shape(tuple(W.shape))
+        scale = torch.full(shape, float(delta))
+        return scale, torch.full(shape, spec.symmetric_zero_point)
+    if rule == "output-mse" and (H is None or gran.kind != "channel" or spec.kind == "binary"):
+        rule = "mse"
+    if rule != "output-mse":
+        return compute_qparams(W, spec, gran, clipping=rule)
+    Wd = W.double()
+    Hd = H.double()
+    amax = Wd.abs().amax(dim=1)  # (out,)
+    lo, hi = Wd.amin(dim=1), Wd.amax(dim=1)
+    best_err = torch.full_like(amax, float("inf"))
+    best_f = torch.ones_like(amax)
+    for f in torch.linspace(0.2, 1.0, candidates, dtype=torch.float64):
+        if spec.symmetric:
+            s, z = spec.qparams_from_alpha(amax * f)
+        else:
+            s, z = spec.qparams_from_range(lo * f, hi * f)
+        D = Wd - fake_quantize(Wd, s[:, None], z[:, None], spec)  # (out, N0)
+        err = (D @ Hd * D).sum(1)  # (out,)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_f = torch.where(better, f, best_f)
+    if spec.symmetric:
+        s, z = spec.qparams_from_alpha(amax * best_f)
+    else:
+        s, z = spec.qparams_from_range(lo * best_f, hi * best_f)
+    shape = gran.scale_shape(tuple(W.shape))
+    return s.float().reshape(shape), z.float().reshape(shape)
+
+
+def per_column(t: torch.Tensor, gran: Granularity, shape: tuple[int, int]) -> torch.Tensor:
+    """Expand a scale/zero point to one value per weight entry (out, N0)."""
+    out, n = shape
+    if gran.kind == "group":
+        return t.reshape(out, -1, 1).expand(out, n // gran.group_size, gran.group_size).reshape(out, n)
+    return t.reshape(-1, 1).expand(out, n) if t.numel() == out else t.reshape(1, 1).expand(out, n)
+
+
+def to_quantized_weight(
+    W_hat: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: GridSpec, gran: Granularity,
+    algorithm: str, info: dict, dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """Codes of an (out, N0) tensor whose entries already lie on the grid."""
+    blocked = W_hat.double().reshape(gran.blocked_shape(tuple(W_hat.shape)))
+    codes = quantize_codes(blocked, scale.double(), zp.double(), spec)
+    return QuantizedWeight(
+        codes=codes.reshape(W_hat.shape).to(torch.uint8), scale=scale.float(), zero_point=zp.float(),
+        spec=spec, granularity=gran, dtype=dtype, algorithm=algorithm, info=info,
+    )
+
+
+def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Processing order of the input columns: by decreasing ‖X̃_t‖² (activation order) or natural."""
+    n = H.shape[0]
+    if not act_order:
+        return torch.arange(n)
+    return torch.argsort(torch.diagonal(H), descending=True, stable=True)

@@ -1,0 +1,103 @@
+"""GPFQ: greedy path-following quantization.
+
+References: Lybrand & Saab, "A Greedy Algorithm for Quantizing Neural Networks", JMLR 22 (2021);
+Zhang, Zhou & Saab, "Post-training Quantization for Neural Networks with Provable Guarantees",
+SIAM J. Math. Data Sci. 5 (2023).
+
+For each input index t, all neurons at once:
+
+    q_t = Q( ⟨X̃_t, u_{t−1} + w_t X_t⟩ / ‖X̃_t‖² ),   u_t = u_{t−1} + w_t X_t − q_t X̃_t,
+
+so that u_t = X w_{≤t} − X̃ q_{≤t} is the running output error.  specquant runs it in the
+covariance form: it keeps V = X̃ᵀu (one row per neuron), and ⟨X̃_t, u⟩ = V[:, t],
+⟨X̃_t, X_t⟩ = G[t, t], ‖X̃_t‖² = H[t, t], with rank-B lazy updates of V (as in GPTQ's lazy
+batches).  Cost O(out·N0²) per layer, memory O(N0²), independent of the number of samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
+from specquant.core.grid import Granularity, GridSpec
+from specquant.core.rounding import round_values
+
+
+@dataclass
+class GPFQConfig(QuantConfig):
+    """Greedy path-following quantization."""
+
+    scale_rule: str = "output-mse"  # step size: "output-mse", "authors" (C·mean max|w|/2^(b−1)) or a calibrator
+    c_alpha: float = 1.16  # the constant C of the "authors" step rule
+    act_order: bool = True  # process inputs by decreasing ‖X̃_t‖ (else natural order)
+    block_size: int = 128  # columns per lazy batch of updates (speed only; results are identical)
+
+    method = "gpfq"
+    needs_data = True
+
+
+def path_follow(
+    W: torch.Tensor,  # (out, N0) target weights, paired with X
+    H: torch.Tensor,  # (N0, N0) X̃ᵀX̃
+    G: torch.Tensor,  # (N0, N0) X̃ᵀX
+    S: torch.Tensor,  # (out, N0) step per entry
+    Z: torch.Tensor,  # (out, N0) zero point per entry
+    spec: GridSpec,
+    order: torch.Tensor,  # (N0,) processing order
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    block_size: int = 128,
+    V0: torch.Tensor | None = None,  # (out, N0) initial X̃ᵀu (SPFQ's aligned start), default 0
+    quantize: bool = True,  # False: continuous pass (a Gauss–Seidel sweep), no rounding
+) -> torch.Tensor:
+    """One path-following pass; returns Ŵ (out, N0) in the original column order."""
+    W = W.double()[:, order]
+    H = H.double()[order][:, order]
+    G = G.double()[order][:, order]
+    S = S.double()[:, order]
+    Z = Z.double()[:, order]
+    out, n = W.shape
+    V = torch.zeros(out, n, dtype=torch.float64) if V0 is None else V0.double()[:, order].clone()
+    Q = torch.zeros(out, n, dtype=torch.float64)
+    d = torch.diagonal(H).clone()
+    g = torch.diagonal(G).clone()
+    qmin, qmax = spec.qmin, spec.qmax
+    for i0 in range(0, n, block_size):
+        i1 = min(i0 + block_size, n)
+        for t in range(i0, i1):
+            if d[t] > 0:
+                z = (V[:, t] + W[:, t] * g[t]) / d[t]  # (out,)
+            else:  # dead input: X̃_t = 0, any value gives the same output; take w_t itself
+                z = W[:, t]
+            if quantize:
+                s = S[:, t]
+                safe = torch.where(s > 0, s, torch.ones_like(s))
+                c = round_values(z / safe + Z[:, t], rounding, generator).clamp(qmin, qmax)
+                q = torch.where(s > 0, (c - Z[:, t]) * s, torch.zeros_like(z))
+            else:
+                q = z
+            Q[:, t] = q
+            if t + 1 < i1:
+                V[:, t + 1:i1] += W[:, t:t + 1] * G[t + 1:i1, t] - q[:, None] * H[t + 1:i1, t]
+        if i1 < n:
+            V[:, i1:] += W[:, i0:i1] @ G[i1:, i0:i1].T - Q[:, i0:i1] @ H[i1:, i0:i1].T
+    inv = torch.argsort(order)
+    return Q[:, inv]
+
+
+def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits: int | None = None):
+    """GPFQ on one layer: ``W`` (out, N0) and its input statistics → QuantizedWeight.  Pure function."""
+    b = config.bits if bits is None else bits
+    spec = GridSpec.default(b, config.symmetric)
+    gran = Granularity.parse(config.granularity)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, config.c_alpha)
+    S = per_column(scale, gran, tuple(W.shape))
+    Z = per_column(zp, gran, tuple(W.shape))
+    order = column_order(stats.H, config.act_order)
+    W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, block_size=config.block_size)
+    info = {"scale_rule": config.scale_rule, "act_order": config.act_order}
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype)
+
+

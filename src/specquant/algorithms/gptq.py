@@ -1,0 +1,90 @@
+"""GPTQ: one-shot quantization with approximate second-order error feedback.
+
+Reference: Frantar, Ashkboos, Hoefler & Alistarh, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers", ICLR 2023.
+
+Minimises ‖X̃Wᵀ − X̃Ŵᵀ‖² column by column: after rounding column t, the error is spread over
+the columns not yet quantized through the upper Cholesky factor of H⁻¹ (H = X̃ᵀX̃, damped),
+with lazy updates in blocks of ``block_size`` columns.  Inputs that never fire (H_tt = 0) are
+dead: their weights are set to 0 and get no error feedback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
+from specquant.core.grid import Granularity, GridSpec
+
+
+@dataclass
+class GPTQConfig(QuantConfig):
+    """GPTQ with static scales chosen before the error feedback."""
+
+    damp: float = 0.01  # added to H's diagonal as a fraction of its mean diagonal
+    block_size: int = 128  # lazy-batch width in columns
+    act_order: bool = True  # quantize columns by decreasing H_tt (activation order)
+    scale_rule: str = "output-mse"  # step size rule (see algorithms.common.choose_scales)
+
+    method = "gptq"
+    needs_data = True
+
+
+def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: GridSpec,
+              order: torch.Tensor, damp: float = 0.01, block_size: int = 128, layer: str = "layer") -> torch.Tensor:
+    """Quantized Ŵ (out, N0) in the original column order.  S, Z: (out, N0) step and zero point."""
+    W = W.double().clone()
+    H = H.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    W = W[:, order]
+    H = H[order][:, order]
+    S = S.double()[:, order]
+    Z = Z.double()[:, order]
+    n = W.shape[1]
+    mean_diag = torch.diagonal(H).mean()
+    H += damp * mean_diag * torch.eye(n, dtype=torch.float64)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        U = torch.linalg.cholesky(Hinv, upper=True)  # (N0, N0) upper factor of H⁻¹
+    except RuntimeError as e:
+        raise ValueError(f"GPTQ: the damped Hessian of layer '{layer}' is not positive definite; "
+                         f"raise damp (now {damp}): {str(e).splitlines()[0]}") from None
+    safe = torch.where(S > 0, S, torch.ones_like(S))
+    Q = torch.zeros_like(W)
+    for i0 in range(0, n, block_size):
+        i1 = min(i0 + block_size, n)
+        W1 = W[:, i0:i1].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i0:i1, i0:i1]
+        for j in range(i1 - i0):
+            t = i0 + j
+            w = W1[:, j]
+            c = torch.round(w / safe[:, t] + Z[:, t]).clamp(spec.qmin, spec.qmax)
+            q = torch.where(S[:, t] > 0, (c - Z[:, t]) * S[:, t], torch.zeros_like(w))
+            Q[:, t] = q
+            err = (w - q) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            E1[:, j] = err
+        W[:, i1:] -= E1 @ U[i0:i1, i1:]
+    inv = torch.argsort(order)
+    return Q[:, inv]
+
+
+def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, bits: int | None = None,
+                    layer: str = "layer"):
+    """GPTQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function."""
+    b = config.bits if bits is None else bits
+    spec = GridSpec.default(b, config.symmetric)
+    gran = Granularity.parse(config.granularity)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H)
+    S = per_column(scale, gran, tuple(W.shape))
+    Z = per_column(zp, gran, tuple(W.shape))
+    order = column_order(stats.H, config.act_order)
+    W_hat = gptq_core(W, stats.H, S, Z, spec, order, config.damp, config.block_size, layer)
+    info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule}
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)

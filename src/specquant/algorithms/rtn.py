@@ -1,0 +1,37 @@
+"""Round-to-nearest (RTN) with a calibrated range: the baseline every method is compared to.
+
+Reference: Nagel et al., "A White Paper on Neural Network Quantization", arXiv 2106.08295 (2021).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.algorithms.common import choose_scales, to_quantized_weight
+from specquant.core.grid import Granularity, GridSpec, fake_quantize
+from specquant.core.quantized import QuantizedWeight
+
+
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round-to-nearest on a calibrated grid."""
+
+    scale_rule: str = "mse"  # range calibrator (core.clipping names) or "output-mse" (needs calibration data)
+
+    method = "rtn"
+    needs_data = False
+
+
+def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: RTNConfig, bits: int | None = None
+                    ) -> QuantizedWeight:
+    """Round each weight of ``W`` (out, N0) to the nearest grid point.  Pure function."""
+    b = config.bits if bits is None else bits
+    spec = GridSpec.default(b, config.symmetric)
+    gran = Granularity.parse(config.granularity)
+    H = stats.H if stats is not None else None
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, H)
+    blocked = W.double().reshape(gran.blocked_shape(tuple(W.shape)))
+    W_hat = fake_quantize(blocked, scale.double(), zp.double(), spec).reshape(W.shape)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "rtn", {"scale_rule": config.scale_rule}, W.dtype)

@@ -1,0 +1,330 @@
+"""``quantize(model, config, calib)``: the one place that walks a model and changes it."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.core.grid import check_bits, check_finite
+from specquant.core.quantized import QuantizedWeight
+from specquant.engine.calibrate import (
+    StreamOptions,
+    as_batches,
+    capture_block_inputs,
+    find_blocks,
+    stream_layer_stats,
+)
+from specquant.engine.walk import FoldedBN, SkippedModule, fold_batchnorm, forward_order, quantizable_layers
+
+
+@dataclass
+class LayerRecord:
+    """What happened to one layer."""
+
+    name: str  # module name
+    type: str  # Linear / Conv1d / Conv2d
+    shape: list  # weight shape
+    params: int  # number of weights
+    bits: int  # storage bits per code
+    levels: int  # distinct values of the grid
+    method: str  # algorithm
+    bits_per_weight: float  # true storage per weight, scales (fp16) included
+    weight_sqnr_db: float  # 10·log10(‖W‖²/‖W − Ŵ‖²)
+    rel_output_error: float | None  # ‖XWᵀ − X̃Ŵᵀ‖/‖XWᵀ‖ on the calibration data (None without data)
+    seconds: float  # wall time for this layer (statistics + algorithm)
+
+
+@dataclass
+class QuantReport:
+    """Per-layer records and totals of one ``quantize`` call."""
+
+    method: str
+    config: dict
+    layers: list[LayerRecord] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    folded_bn: list[FoldedBN] = field(default_factory=list)
+    seconds: float = 0.0  # total wall time
+    n_calib: int = 0  # calibration samples used
+
+    @property
+    def num_weights(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def avg_bits(self) -> float:
+        """Average code bits per weight over the quantized layers."""
+        n = self.num_weights
+        return sum(r.bits * r.params for r in self.layers) / n if n else 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average true storage bits per weight (codes plus fp16 scales) over the quantized layers."""
+        n = self.num_weights
+        return sum(r.bits_per_weight * r.params for r in self.layers) / n if n else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "config": self.config,
+            "avg_bits": self.avg_bits,
+            "bits_per_weight": self.bits_per_weight,
+            "quant_seconds": self.seconds,
+            "n_calib": self.n_calib,
+            "layers": [dataclasses.asdict(r) for r in self.layers],
+            "skipped": [dataclasses.asdict(s) for s in self.skipped],
+            "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
+        }
+
+
+def algorithm_for(config: QuantConfig):
+    """The pure ``quantize_weight`` function of the config's method."""
+    from specquant.algorithms import registry
+
+    fn = registry().get(config.method)
+    if fn is None:
+        raise ValueError(f"unknown method {config.method!r}; allowed: {', '.join(sorted(registry()))}")
+    return fn
+
+
+def _call(fn, W, stats, config, layer, seed):
+    kw = {}
+    params = inspect.signature(fn).parameters
+    if "layer" in params:
+        kw["layer"] = layer
+    if "seed" in params:
+        kw["seed"] = seed
+    return fn(W, stats, config, **kw)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """Run one batch; on failure raise a one-line ValueError naming the layer that broke."""
+    current = {"name": None}
+    handles = []
+    for name, mod in model.named_modules():
+        if name and len(list(mod.children())) == 0:
+            def pre(_m, _a, name=name):
+                current["name"] = name
+            handles.append(mod.register_forward_pre_hook(pre))
+    try:
+        with torch.inference_mode():
+            model(x)
+    except Exception as e:  # noqa: BLE001 - turned into one clear line
+        where = f" at layer '{current['name']}'" if current["name"] else ""
+        raise ValueError(
+            f"calibration batch of shape {tuple(x.shape)} does not fit the model{where}: {_first_line(e)}"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _to_module_shape(qw: QuantizedWeight, shape: torch.Size) -> QuantizedWeight:
+    """Reshape a 2-D (out, N0) result to the module's weight shape (codes and scales)."""
+    if type(qw) is not QuantizedWeight or tuple(qw.codes.shape) == tuple(shape):
+        return qw
+    codes = qw.codes.reshape(shape)
+    sshape = qw.granularity.scale_shape(tuple(shape))
+    return dataclasses.replace(qw, codes=codes, scale=qw.scale.reshape(sshape),
+                               zero_point=qw.zero_point.reshape(sshape))
+
+
+def _concat_groups(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.granularity.kind == "tensor" for p in parts):
+        raise ValueError("per-tensor granularity is not supported on grouped convolutions; use 'channel'")
+    p0 = parts[0]
+    return dataclasses.replace(
+        p0, codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
+        zero_point=torch.cat([p.zero_point for p in parts]),
+    )
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="quantize", unit="layer", file=sys.stderr,
+                disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib=None,
+    *,
+    example_input: torch.Tensor | None = None,
+    fold_bn: bool = True,
+    batch_size: int = 128,
+    patch_fraction: float = 1.0,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model``'s Linear/Conv layers in place, in forward order, and report per layer.
+
+    Args:
+        model: any ``nn.Module`` in eval mode.
+        config: a method config (RTNConfig, GPFQConfig, SPFQConfig, GPTQConfig, FrameConfig).
+        calib: calibration inputs: a tensor (N, …), or an iterable of tensors or (x, y) batches.
+            Required by data-driven methods; used by the others for BN folding and the report.
+        example_input: a batch used to read the forward order when ``calib`` is None.
+        fold_bn: fold BatchNorm into the preceding conv/linear before quantizing.
+        batch_size: calibration samples per forward pass.
+        patch_fraction: share of conv patches kept in the statistics (random, seeded by config.seed).
+        progress: show a progress bar over layers on stderr (only when it is a terminal).
+
+    Each quantized module keeps its ``QuantizedWeight`` as ``module.qweight`` and its weight
+    holds the dequantized values, so the model runs as a fake-quant model; ``specquant.save``
+    writes the packed codes.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a specquant config (e.g. GPFQConfig), got {type(config).__name__}")
+    check_bits(config.bits, "config.bits")
+    for pat, b in config.overrides.items():
+        check_bits(b, f"bits override for {pat!r}")
+    if not 0.0 < patch_fraction <= 1.0:
+        raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
+    fn = algorithm_for(config)
+    model.eval()
+    for name, mod in quantizable_layers(model):
+        check_finite(mod.weight.detach(), f"layer '{name}' weight")
+        if mod.bias is not None:
+            check_finite(mod.bias.detach(), f"layer '{name}' bias")
+
+    batches = as_batches(calib, batch_size) if (calib is not None or config.needs_data) else None
+    example = batches[0] if batches else example_input
+    if example is not None:
+        _check_forward(model, example)
+    folded: list[FoldedBN] = []
+    if fold_bn and example is not None:
+        folded = fold_batchnorm(model, example)
+    if example is not None:
+        order = forward_order(model, example)
+    else:
+        order = [n for n, _ in quantizable_layers(model)]
+    order = [n for n in order if not config.skips(n)]
+    mods = dict(model.named_modules())
+    report = QuantReport(method=config.method, config=_config_dict(config), folded_bn=folded,
+                         n_calib=sum(b.shape[0] for b in batches) if batches else 0)
+
+    use_data = batches is not None
+    float_model = copy.deepcopy(model) if use_data else None
+    fmods = dict(float_model.named_modules()) if use_data else {}
+    opts = StreamOptions(batch_size=batch_size, patch_fraction=patch_fraction, seed=config.seed)
+    bar = _progress(len(order), progress)
+    blocks = find_blocks(model, order) if use_data else [None]
+    any_quantized = False
+    for block_name in blocks:
+        if use_data:
+            in_block = [n for n in order if n == block_name or n.startswith(block_name + ".")]
+            fblock, qblock = fmods[block_name], mods[block_name]
+            f_in = capture_block_inputs(float_model, fblock, batches, block_name)
+            q_in = f_in if not any_quantized else capture_block_inputs(model, qblock, batches, block_name)
+        else:
+            in_block = order
+        for name in in_block:
+            t0 = time.perf_counter()
+            mod = mods[name]
+            stats: list[LayerStats] | None = None
+            if use_data:
+                stats = stream_layer_stats(fblock, fmods[name], f_in, qblock, mod, q_in, opts,
+                                           same=not any_quantized)
+            record = _quantize_layer(name, mod, stats, config, fn)
+            record.seconds = time.perf_counter() - t0
+            report.layers.append(record)
+            any_quantized = True
+            if bar is not None:
+                bar.update(1)
+            del stats
+        if use_data:
+            del f_in, q_in
+    if bar is not None:
+        bar.close()
+    report.skipped = _skipped(model, set(order), {f.bn for f in folded})
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _skipped(model, quantized, folded):
+    from specquant.engine.walk import skipped_modules
+
+    return skipped_modules(model, quantized, folded)
+
+
+def _config_dict(config: QuantConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["method"] = config.method
+    d["skip"] = list(d.get("skip", ()))
+    return d
+
+
+@torch.no_grad()
+def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, config: QuantConfig, fn) -> LayerRecord:
+    """Run the algorithm on one module (per conv group) and install the result."""
+    from specquant.algorithms.common import relative_output_error
+
+    bits = config.bits_for(name)
+    cfg = dataclasses.replace(config, bits=bits)
+    w = mod.weight.detach()
+    out = w.shape[0]
+    groups = getattr(mod, "groups", 1)
+    W2 = w.reshape(out, -1).float()  # (out, N0·groups⁻¹) conv viewed as (out, in·kh·kw)
+    rows = out // groups
+    parts, W_hats = [], []
+    for g in range(groups):
+        Wg = W2[g * rows:(g + 1) * rows]
+        sg = stats[g] if stats is not None else None
+        try:
+            qw = _call(fn, Wg, sg, cfg, name, config.seed)
+        except ValueError as e:
+            msg = _first_line(e)
+            raise ValueError(msg if f"'{name}'" in msg else f"layer '{name}': {msg}") from None
+        parts.append(qw)
+        W_hats.append(qw.dequantize().reshape(Wg.shape).float())
+    qw = _concat_groups(parts) if groups > 1 else parts[0]
+    W_hat = torch.cat(W_hats)  # (out, N0)
+    rel = None
+    if stats is not None:
+        num = den = 0.0
+        for g in range(groups):
+            sg = stats[g]
+            Wg, Hg = W2[g * rows:(g + 1) * rows], W_hat[g * rows:(g + 1) * rows]
+            e = relative_output_error(Wg, Hg, sg.H, sg.G, sg.F)
+            ref = float((Wg.double() @ sg.F * Wg.double()).sum())
+            num += e * e * ref
+            den += ref
+        rel = (num / den) ** 0.5 if den > 0 else 0.0
+        if config.bias_correction:
+            shift = []
+            for g in range(groups):
+                sg = stats[g]
+                Wg, Hg = W2[g * rows:(g + 1) * rows].double(), W_hat[g * rows:(g + 1) * rows].double()
+                shift.append(Wg @ sg.mean_x - Hg @ sg.mean_xt)  # (rows,)
+            shift = torch.cat(shift).to(w.dtype)
+            if mod.bias is None:
+                mod.bias = nn.Parameter(shift)
+            else:
+                mod.bias.add_(shift)
+    mod.weight.copy_(W_hat.reshape(w.shape).to(w.dtype))
+    qw = _to_module_shape(qw, w.shape)
+    mod.qweight = qw
+    err = (W2 - W_hat).double().pow(2).sum()
+    sqnr = float(10 * torch.log10(W2.double().pow(2).sum() / err)) if err > 0 else float("inf")
+    return LayerRecord(
+        name=name, type=type(mod).__name__, shape=list(w.shape), params=w.numel(), bits=bits,
+        levels=qw.levels, method=config.method, bits_per_weight=qw.bits_per_weight(),
+        weight_sqnr_db=sqnr, rel_output_error=rel, seconds=0.0,
+    )

@@ -1,0 +1,228 @@
+"""Sequential calibration: stream the statistics of each layer's float and quantized inputs.
+
+The model is cut into *blocks*: the top-level children that hold quantizable layers, with
+``nn.Sequential`` / ``nn.ModuleList`` containers split into their children (residual
+blocks, transformer blocks, single layers).  For each block the engine caches the block's
+inputs in the float model and in the partly quantized model once (a forward pass that stops
+at the block), then quantizes the block's layers one after another, re-running only the
+block on the cached inputs.  The whole network is thus never re-run for every layer.
+
+Statistics are the N0×N0 products H = X̃ᵀX̃, G = X̃ᵀX, F = XᵀX (``LayerStats``), so memory
+does not grow with the number of calibration samples.  Conv inputs are unfolded into
+patches with the layer's real stride, padding and dilation; per group for grouped convs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specquant.algorithms.base import LayerStats
+from specquant.engine.walk import QUANTIZABLE
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class StreamOptions:
+    """How layer inputs are streamed into statistics."""
+
+    batch_size: int = 128  # calibration samples per forward pass
+    patch_fraction: float = 1.0  # share of conv patches kept (random, seeded), as in the SPFQ code
+    seed: int = 0  # seed of the patch subsampling
+
+
+def as_batches(calib, batch_size: int) -> list[torch.Tensor]:
+    """Normalise calibration data to a list of input tensors.
+
+    Accepts a tensor (N, …), a list/iterable of tensors, or of (x, y, …) tuples (a DataLoader).
+    """
+    if calib is None:
+        raise ValueError("this method needs calibration data (calib=...), got None")
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() == 0 or calib.shape[0] == 0:
+            raise ValueError(f"the calibration set is empty (tensor of shape {tuple(calib.shape)})")
+        return list(calib.split(batch_size))
+    out = []
+    for item in calib if isinstance(calib, Iterable) else [calib]:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"calibration batches must be tensors, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            continue
+        out.extend(x.split(batch_size))
+    if not out:
+        raise ValueError("the calibration set is empty (no samples in the given batches)")
+    return out
+
+
+def layer_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as a (groups, m, N0) matrix of rows, so that out = rows @ Wᵀ per group."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])  # (1, m, in)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        if isinstance(mod.padding, str):
+            raise ValueError(f"string padding {mod.padding!r} is not supported for calibration")
+        if mod.padding_mode != "zeros":
+            x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+            pad = 0
+        else:
+            pad = mod.padding
+        if isinstance(mod, nn.Conv1d):
+            x = x.unsqueeze(-1)
+            ks, st, dl = (mod.kernel_size[0], 1), (mod.stride[0], 1), (mod.dilation[0], 1)
+            pd = (pad[0], 0) if not isinstance(pad, int) else (pad, 0)
+        else:
+            ks, st, dl, pd = mod.kernel_size, mod.stride, mod.dilation, pad
+        cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st)  # (B, C·kh·kw, L)
+        g = mod.groups
+        B, CK, L = cols.shape
+        cols = cols.reshape(B, g, CK // g, L).permute(1, 0, 3, 2)  # (g, B, L, C/g·kh·kw)
+        return cols.reshape(g, B * L, CK // g)
+    raise TypeError(f"not a quantizable layer: {type(mod).__name__}")
+
+
+class StatsAccumulator:
+    """Running H, G, F and means for one layer (per conv group)."""
+
+    def __init__(self, groups: int, dim: int):
+        z = torch.zeros(groups, dim, dim, dtype=torch.float64)
+        self.H, self.G, self.F = z.clone(), z.clone(), z.clone()
+        self.sx = torch.zeros(groups, dim, dtype=torch.float64)
+        self.sxt = torch.zeros(groups, dim, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
+        """X, Xt: (g, m, N0) float rows from the float and the quantized model."""
+        X = X.float()
+        Xt = Xt.float()
+        xx = (X.transpose(1, 2) @ X).double()  # (g, N0, N0)
+        self.F += xx
+        if Xt is X:  # first layer, or same inputs: one product serves all three
+            self.H += xx
+            self.G += xx
+        else:
+            self.H += (Xt.transpose(1, 2) @ Xt).double()
+            self.G += (Xt.transpose(1, 2) @ X).double()
+        self.sx += X.sum(1).double()
+        self.sxt += Xt.sum(1).double()
+        self.n += X.shape[1]
+
+    def stats(self) -> list[LayerStats]:
+        n = max(self.n, 1)
+        return [
+            LayerStats(H=self.H[i], G=self.G[i], F=self.F[i], n_rows=self.n,
+                       mean_x=self.sx[i] / n, mean_xt=self.sxt[i] / n)
+            for i in range(self.H.shape[0])
+        ]
+
+
+def _subsample(rows: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    if fraction >= 1.0:
+        return rows
+    m = rows.shape[1]
+    k = max(1, int(round(m * fraction)))
+    idx = torch.randperm(m, generator=gen)[:k]
+    return rows[:, idx]
+
+
+def find_blocks(model: nn.Module, layer_names: list[str]) -> list[str]:
+    """Block names in forward order: top-level children holding layers, containers split."""
+    wanted = set(layer_names)
+
+    def holds(name: str) -> bool:
+        return any(n == name or n.startswith(name + ".") for n in wanted)
+
+    blocks: list[str] = []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        for cname, child in mod.named_children():
+            full = f"{prefix}.{cname}" if prefix else cname
+            if not holds(full):
+                continue
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and not isinstance(child, QUANTIZABLE):
+                visit(full, child)
+            else:
+                blocks.append(full)
+
+    visit("", model)
+    order = {n: i for i, n in enumerate(layer_names)}
+    blocks.sort(key=lambda b: min(order[n] for n in wanted if n == b or n.startswith(b + ".")))
+    return blocks
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor], what: str):
+    """Run ``model`` on each batch until ``block`` is called; return its (args, kwargs) per batch."""
+    captured = []
+
+    def pre(_m, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for i, x in enumerate(batches):
+                try:
+                    model(x)
+                except _Stop:
+                    continue
+                raise RuntimeError(
+                    f"block '{what}' was not called by forward() on calibration batch {i}; "
+                    "the engine needs every block to run once per forward pass"
+                )
+    finally:
+        h.remove()
+    return captured
+
+
+def capture_layer_rows(block: nn.Module, layer: nn.Module, inputs) -> list[torch.Tensor]:
+    """Run ``block`` on cached inputs until ``layer`` is called; return the layer's input rows."""
+    rows = []
+
+    def pre(m, args):
+        rows.append(layer_rows(m, args[0]))
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(pre)
+    try:
+        with torch.inference_mode():
+            for args, kwargs in inputs:
+                try:
+                    block(*args, **kwargs)
+                except _Stop:
+                    continue
+                raise RuntimeError("layer was not called by its block")
+    finally:
+        h.remove()
+    return rows
+
+
+def stream_layer_stats(
+    fblock: nn.Module, flayer: nn.Module, f_inputs,
+    qblock: nn.Module, qlayer: nn.Module, q_inputs,
+    opts: StreamOptions, same: bool = False,
+) -> list[LayerStats]:
+    """Statistics of one layer's inputs, streamed batch by batch (float and quantized models)."""
+    gen = torch.Generator().manual_seed(opts.seed)
+    acc = None
+    for (fa, fk), (qa, qk) in zip(f_inputs, q_inputs):
+        X = capture_layer_rows(fblock, flayer, [(fa, fk)])[0]  # (g, m, N0)
+        Xt = X if same else capture_layer_rows(qblock, qlayer, [(qa, qk)])[0]
+        if opts.patch_fraction < 1.0:
+            state = gen.get_state()
+            X = _subsample(X, opts.patch_fraction, gen)
+            if not same:
+                gen.set_state(state)
+                Xt = _subsample(Xt, opts.patch_fraction, gen)
+            else:
+                Xt = X
+        if acc is None:
+            acc = StatsAccumulator(X.shape[0], X.shape[2])
+        acc.add(X, Xt)
+    return acc.stats()
