@@ -1,8 +1,14 @@
 """specquant: post-training quantization of PyTorch networks with theory-backed algorithms."""
+from specquant.algorithms import GPFQConfig, GPTQConfig, QuantConfig, RTNConfig, SPFQConfig
+from specquant.core import metrics, spectral
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.quantized import QuantizedWeight
 from specquant.core.quantizer import quantize_tensor
+from specquant.engine.apply import LayerRecord, QuantReport, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "__version__"]
+__all__ = [
+    "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
+    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral", "__version__",
+]

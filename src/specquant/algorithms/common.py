@@ -61,22 +61,16 @@ def choose_scales(
     Hd = H.double()
     amax = Wd.abs().amax(dim=1)  # (out,)
     lo, hi = Wd.amin(dim=1), Wd.amax(dim=1)
-    best_err = torch.full_like(amax, float("inf"))
-    best_f = torch.ones_like(amax)
-    for f in torch.linspace(0.2, 1.0, candidates, dtype=torch.float64):
-        if spec.symmetric:
-            s, z = spec.qparams_from_alpha(amax * f)
-        else:
-            s, z = spec.qparams_from_range(lo * f, hi * f)
-        D = Wd - fake_quantize(Wd, s[:, None], z[:, None], spec)  # (out, N0)
-        err = (D @ Hd * D).sum(1)  # (out,)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_f = torch.where(better, f, best_f)
+    f = torch.linspace(0.2, 1.0, candidates, dtype=torch.float64)[:, None]  # (K, 1)
     if spec.symmetric:
-        s, z = spec.qparams_from_alpha(amax * best_f)
+        s, z = spec.qparams_from_alpha(f * amax)  # (K, out)
     else:
-        s, z = spec.qparams_from_range(lo * best_f, hi * best_f)
+        s, z = spec.qparams_from_range(f * lo, f * hi)
+    D = Wd - fake_quantize(Wd, s[..., None], z[..., None], spec)  # (K, out, N0)
+    err = ((D @ Hd) * D).sum(-1)  # (K, out)
+    best = err.argmin(dim=0)  # (out,)
+    idx = torch.arange(W.shape[0])
+    s, z = s[best, idx], z[best, idx]
     shape = gran.scale_shape(tuple(W.shape))
     return s.float().reshape(shape), z.float().reshape(shape)
 

@@ -18,6 +18,7 @@ from specquant.engine.calibrate import (
     StreamOptions,
     as_batches,
     capture_block_inputs,
+    capture_float_layer_inputs,
     find_blocks,
     stream_layer_stats,
 )
@@ -233,6 +234,7 @@ def quantize(
             fblock, qblock = fmods[block_name], mods[block_name]
             f_in = capture_block_inputs(float_model, fblock, batches, block_name)
             q_in = f_in if not any_quantized else capture_block_inputs(model, qblock, batches, block_name)
+            f_raw = capture_float_layer_inputs(fblock, {n: fmods[n] for n in in_block}, f_in)
         else:
             in_block = order
         for name in in_block:
@@ -240,7 +242,7 @@ def quantize(
             mod = mods[name]
             stats: list[LayerStats] | None = None
             if use_data:
-                stats = stream_layer_stats(fblock, fmods[name], f_in, qblock, mod, q_in, opts,
+                stats = stream_layer_stats(fmods[name], f_raw.pop(name), qblock, mod, q_in, opts,
                                            same=not any_quantized)
             record = _quantize_layer(name, mod, stats, config, fn)
             record.seconds = time.perf_counter() - t0
@@ -250,7 +252,7 @@ def quantize(
                 bar.update(1)
             del stats
         if use_data:
-            del f_in, q_in
+            del f_in, q_in, f_raw
     if bar is not None:
         bar.close()
     report.skipped = _skipped(model, set(order), {f.bn for f in folded})

@@ -203,16 +203,44 @@ def capture_layer_rows(block: nn.Module, layer: nn.Module, inputs) -> list[torch
     return rows
 
 
+def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], inputs) -> dict[str, list]:
+    """Run the float ``block`` once per cached batch and keep the raw input of every layer in it.
+
+    The float model never changes, so one pass serves all the block's layers.
+    """
+    seen: dict[str, list] = {n: [] for n in layers}
+    handles = []
+    for n, m in layers.items():
+        def pre(_m, args, n=n):
+            if len(seen[n]) < batch_no[0] + 1:
+                seen[n].append(args[0])
+        handles.append(m.register_forward_pre_hook(pre))
+    batch_no = [0]
+    try:
+        with torch.inference_mode():
+            for i, (args, kwargs) in enumerate(inputs):
+                batch_no[0] = i
+                block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def stream_layer_stats(
-    fblock: nn.Module, flayer: nn.Module, f_inputs,
+    flayer: nn.Module, f_raw: list[torch.Tensor],
     qblock: nn.Module, qlayer: nn.Module, q_inputs,
     opts: StreamOptions, same: bool = False,
 ) -> list[LayerStats]:
-    """Statistics of one layer's inputs, streamed batch by batch (float and quantized models)."""
+    """Statistics of one layer's inputs, streamed batch by batch.
+
+    ``f_raw``: the layer's raw inputs in the float model, one tensor per batch; the quantized
+    model's inputs come from re-running ``qblock`` on its cached inputs up to the layer.
+    """
     gen = torch.Generator().manual_seed(opts.seed)
     acc = None
-    for (fa, fk), (qa, qk) in zip(f_inputs, q_inputs):
-        X = capture_layer_rows(fblock, flayer, [(fa, fk)])[0]  # (g, m, N0)
+    for i, (qa, qk) in enumerate(q_inputs):
+        X = layer_rows(flayer, f_raw[i])  # (g, m, N0)
         Xt = X if same else capture_layer_rows(qblock, qlayer, [(qa, qk)])[0]
         if opts.patch_fraction < 1.0:
             state = gen.get_state()

@@ -1,0 +1,324 @@
+"""The built-in model zoo: a typed registry of classifiers with their data.
+
+Every entry knows how to build its architecture, load (or train) its weights, draw
+calibration inputs from the *training* split with a seeded permutation, and give the test set.
+
+========================  ===================================================  ===============
+id                        what                                                 data
+========================  ===================================================  ===============
+``digits-mlp``            MLP 64-128-64-10 trained in about a second           scikit-learn
+``mnist-mlp``             MLP 784-500-300-10 ReLU, trained once, then cached   ``mnist/``
+``resnet20-cifar10``      CIFAR ResNet-20, pretrained (91.73 % top-1)          ``cifar10/``
+``resnet32-cifar10``      CIFAR ResNet-32, pretrained (92.63 % top-1)          ``cifar10/``
+========================  ===================================================  ===============
+
+The trained ``mnist-mlp`` is cached in ``$SPECQUANT_CACHE``, else ``$XDG_CACHE_HOME/specquant``,
+else ``~/.cache/specquant``, as a safetensors file (no pickle), written atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from specquant.models import data as _data
+from specquant.models.mlp import MLP, train_mlp
+from specquant.models.resnet_cifar import load_pretrained, resnet20, resnet32
+
+log = logging.getLogger(__name__)
+
+DataDir = str | Path | None
+
+CACHE_ENV_VAR = "SPECQUANT_CACHE"
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model of the zoo, with everything needed to quantize and evaluate it."""
+
+    id: str  # the zoo id used by the CLI and get_model
+    kind: str  # "classifier" (the only kind so far; language models would add "lm")
+    description: str  # one line for listings
+    build: Callable[[], nn.Module]  # the architecture with fresh (untrained) weights
+    load: Callable[[DataDir], nn.Module]  # load(data_dir): the trained model, in eval mode
+    calib: Callable[[int, int, DataDir], torch.Tensor]  # calib(n, seed, data_dir): training inputs
+    test: Callable[[DataDir], tuple[torch.Tensor, torch.Tensor]]  # test(data_dir): (x, y)
+    input_shape: tuple[int, ...]  # shape of one input, without the batch dimension
+    needs_data_dir: bool = True  # False when everything ships with the installed packages
+    reference_accuracy: float | None = None  # published top-1 (percent) on the test set
+    extra: dict = field(default_factory=dict)  # training recipe and other facts for reports
+
+
+_REGISTRY: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    if entry.id in _REGISTRY:
+        raise ValueError(f"zoo id {entry.id!r} is already registered")
+    _REGISTRY[entry.id] = entry
+    return entry
+
+
+def list_models() -> list[str]:
+    """The known zoo ids, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_entry(model_id: str) -> ZooEntry:
+    try:
+        return _REGISTRY[model_id]
+    except KeyError:
+        raise ValueError(f"unknown model id {model_id!r}; known ids: {', '.join(_REGISTRY)}") from None
+
+
+def get_model(model_id: str, data_dir: DataDir = None) -> tuple[nn.Module, ZooEntry]:
+    """The trained model (in eval mode) and its zoo entry. Unknown ids raise ValueError."""
+    entry = get_entry(model_id)
+    model = entry.load(data_dir)
+    return model.eval(), entry
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent. Runs in eval mode and restores the model's previous mode."""
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"need as many labels as inputs (>0), got {x.shape[0]} inputs and {y.shape[0]} labels"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        correct = 0
+        for start in range(0, x.shape[0], batch_size):
+            logits = model(x[start : start + batch_size])
+            correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / x.shape[0]
+
+
+def _seeded_subset(x: torch.Tensor, n: int, seed: int, what: str) -> torch.Tensor:
+    """``n`` rows of ``x`` chosen by a seeded permutation (no replacement)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of calibration samples must be a positive integer, got {n!r}")
+    if n > x.shape[0]:
+        raise ValueError(f"asked for {n} calibration samples but {what} has only {x.shape[0]}")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    return x[perm[:n]].clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache for trained models
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$SPECQUANT_CACHE``, else ``$XDG_CACHE_HOME/specquant``, else ``~/.cache/specquant``."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "specquant"
+    return Path.home() / ".cache" / "specquant"
+
+
+def save_state_atomic(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file in the same folder and ``os.replace``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is an ordinary readable file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(model: nn.Module, path: Path, recipe: dict) -> bool:
+    """Load ``path`` into ``model`` when it exists and was made by ``recipe``; False otherwise."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if json.loads(meta.get("recipe", "null")) != recipe:
+                log.warning("cached %s was made by another recipe; retraining", path)
+                return False
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # a truncated or foreign file: retrain rather than fail
+        log.warning("cannot use cached %s (%s); retraining", path, e)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# digits-mlp: trained on the fly (about a second)
+# ---------------------------------------------------------------------------------------------
+
+DIGITS_SIZES = (64, 128, 64, 10)
+DIGITS_RECIPE = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0, "optimizer": "adam"}
+
+
+def _digits_build() -> nn.Module:
+    return MLP(DIGITS_SIZES)
+
+
+def _digits_load(data_dir: DataDir = None) -> nn.Module:
+    x, y, _, _ = _data.load_digits_split()
+    return train_mlp(_digits_build(), x, y, **DIGITS_RECIPE)
+
+
+def _digits_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tensor:
+    x, _, _, _ = _data.load_digits_split()
+    return _seeded_subset(x, n, seed, "the digits training split")
+
+
+def _digits_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, x, y = _data.load_digits_split()
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# mnist-mlp: trained once by train_mlp, cached as safetensors
+# ---------------------------------------------------------------------------------------------
+
+MNIST_SIZES = (784, 500, 300, 10)
+MNIST_RECIPE = {"epochs": 10, "lr": 1e-3, "batch_size": 128, "seed": 0, "optimizer": "adam"}
+
+
+def _mnist_build() -> nn.Module:
+    return MLP(MNIST_SIZES)
+
+
+def mnist_mlp_cache_path(seed: int = 0) -> Path:
+    return cache_dir() / f"mnist-mlp-{'-'.join(map(str, MNIST_SIZES))}-seed{seed}.safetensors"
+
+
+def load_mnist_mlp(data_dir: DataDir = None, seed: int = 0) -> nn.Module:
+    """The cached ``mnist-mlp``; trained on MNIST train (about 15 s on 2 cores) when missing."""
+    recipe = {**MNIST_RECIPE, "seed": seed, "sizes": list(MNIST_SIZES)}
+    model = _mnist_build()
+    path = mnist_mlp_cache_path(seed)
+    if _load_cached(model, path, recipe):
+        return model.eval()
+    x, y = _data.load_mnist("train", data_dir)
+    log.info("training mnist-mlp (seed %d) into %s", seed, path)
+    t0 = time.perf_counter()
+    train_mlp(model, x, y, **{k: v for k, v in recipe.items() if k != "sizes"})
+    seconds = time.perf_counter() - t0
+    save_state_atomic(
+        model.state_dict(), path, {"recipe": json.dumps(recipe), "train_seconds": f"{seconds:.2f}"}
+    )
+    return model.eval()
+
+
+def _mnist_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tensor:
+    x, _ = _data.load_mnist("train", data_dir)
+    return _seeded_subset(x, n, seed, "the MNIST training set")
+
+
+def _mnist_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _data.load_mnist("test", data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 ResNets: pretrained weights from the data directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _resnet_loader(build: Callable[[], nn.Module], filename: str) -> Callable[[DataDir], nn.Module]:
+    def load(data_dir: DataDir = None) -> nn.Module:
+        root = _data.data_dir(data_dir)
+        path = root / "models" / filename
+        if not path.is_file():
+            raise _data.DataNotFoundError(f"missing pretrained weights {str(path)!r}")
+        return load_pretrained(build(), path).eval()
+
+    return load
+
+
+def _cifar_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tensor:
+    x, _ = _data.load_cifar10("train", data_dir)
+    return _seeded_subset(x, n, seed, "cifar10/train-10k.npz")
+
+
+def _cifar_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _data.load_cifar10("test", data_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+
+register(
+    ZooEntry(
+        id="digits-mlp",
+        kind="classifier",
+        description="MLP 64-128-64-10 on scikit-learn's 8x8 digits, trained in about a second",
+        build=_digits_build,
+        load=_digits_load,
+        calib=_digits_calib,
+        test=_digits_test,
+        input_shape=(64,),
+        needs_data_dir=False,
+        extra={"recipe": DIGITS_RECIPE, "sizes": list(DIGITS_SIZES)},
+    )
+)
+register(
+    ZooEntry(
+        id="mnist-mlp",
+        kind="classifier",
+        description="MLP 784-500-300-10 ReLU on MNIST, trained by specquant and cached",
+        build=_mnist_build,
+        load=load_mnist_mlp,
+        calib=_mnist_calib,
+        test=_mnist_test,
+        input_shape=(784,),
+        extra={"recipe": MNIST_RECIPE, "sizes": list(MNIST_SIZES)},
+    )
+)
+register(
+    ZooEntry(
+        id="resnet20-cifar10",
+        kind="classifier",
+        description="CIFAR-10 ResNet-20 (He et al. 2016), pretrained weights",
+        build=resnet20,
+        load=_resnet_loader(resnet20, "resnet20-cifar10.th"),
+        calib=_cifar_calib,
+        test=_cifar_test,
+        input_shape=(3, 32, 32),
+        reference_accuracy=91.73,
+    )
+)
+register(
+    ZooEntry(
+        id="resnet32-cifar10",
+        kind="classifier",
+        description="CIFAR-10 ResNet-32 (He et al. 2016), pretrained weights",
+        build=resnet32,
+        load=_resnet_loader(resnet32, "resnet32-cifar10.th"),
+        calib=_cifar_calib,
+        test=_cifar_test,
+        input_shape=(3, 32, 32),
+        reference_accuracy=92.63,
+    )
+)
