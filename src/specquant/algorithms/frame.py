@@ -9,9 +9,10 @@ of step δ on the 2^b-level mid-rise alphabet, and the weights are rebuilt with 
 dual, ``ṽ = (d/N)·Σ_n q_n e_n``.  For first order, summation by parts gives
 ``‖v − ṽ‖ ≤ (d/N)·(δ/2)·(σ(F) + 1)`` with σ(F) = Σ‖e_n − e_{n+1}‖ the frame variation (the
 Benedetto, Powell & Yılmaz 2006 bound that Czaja & Na build on), so at fixed δ the error falls
-at least like 1/N for a harmonic frame, whose variation does not grow with N.  What is stored are the ΣΔ codes (N per vector, b bits each)
-and δ; the frame is rebuilt from (kind, d, N, seed).  True storage is therefore ``b·N/d`` bits
-per original weight plus the scale overhead: redundancy costs bits one for one.
+at least like 1/N for a harmonic frame, whose variation does not grow with N.  What is stored
+are the ΣΔ codes (N per vector, b bits each) and δ; the frame is rebuilt from (kind, d, N, seed).
+True storage is therefore ``b·N/d`` bits per original weight plus the scale overhead:
+redundancy costs bits one for one.
 
 Step rule (``FrameConfig.step``), with ρ = ``core.sigma_delta.stable_input_bound(bits, order)``
 (ρ = K − ½ for first order, K − 3/2 for second order with b ≥ 2, 0.2 for 1-bit second order):

@@ -17,6 +17,8 @@ from specquant.core.quantized import QuantizedWeight
 from specquant.engine.calibrate import (
     StreamOptions,
     as_batches,
+    block_links,
+    run_block,
     capture_block_inputs,
     capture_float_layer_inputs,
     find_blocks,
@@ -227,14 +229,22 @@ def quantize(
     opts = StreamOptions(batch_size=batch_size, patch_fraction=patch_fraction, seed=config.seed)
     bar = _progress(len(order), progress)
     blocks = find_blocks(model, order) if use_data else [None]
+    links = block_links(model, blocks, example) if use_data else {}
     any_quantized = False
-    for block_name in blocks:
+    f_next = q_next = None
+    for k, block_name in enumerate(blocks):
         if use_data:
             in_block = [n for n in order if n == block_name or n.startswith(block_name + ".")]
             fblock, qblock = fmods[block_name], mods[block_name]
-            f_in = capture_block_inputs(float_model, fblock, batches, block_name)
-            q_in = f_in if not any_quantized else capture_block_inputs(model, qblock, batches, block_name)
-            f_raw = capture_float_layer_inputs(fblock, {n: fmods[n] for n in in_block}, f_in)
+            linked = links.get(block_name) is not None and f_next is not None
+            f_in = f_next if linked else capture_block_inputs(float_model, fblock, batches, block_name)
+            if not any_quantized:
+                q_in = f_in
+            else:
+                q_in = q_next if linked else capture_block_inputs(model, qblock, batches, block_name)
+            feeds_next = k + 1 < len(blocks) and links.get(blocks[k + 1]) == block_name
+            f_raw, f_next = capture_float_layer_inputs(fblock, {n: fmods[n] for n in in_block}, f_in,
+                                                       keep_outputs=feeds_next)
         else:
             in_block = order
         for name in in_block:
@@ -252,6 +262,9 @@ def quantize(
                 bar.update(1)
             del stats
         if use_data:
+            q_next = run_block(qblock, q_in) if feeds_next else None
+            if not feeds_next:
+                f_next = None
             del f_in, q_in, f_raw
     if bar is not None:
         bar.close()

@@ -181,6 +181,47 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch
     return captured
 
 
+def block_links(model: nn.Module, blocks: list[str], example: torch.Tensor) -> dict[str, str]:
+    """Blocks whose input *is* the previous block's output (the very tensor, no glue between).
+
+    For such a block the engine feeds the cached outputs of the previous block instead of
+    re-running the network up to it.  Read from one forward pass with hooks.
+    """
+    mods = dict(model.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, tuple] = {}
+    handles = []
+    for b in blocks:
+        def pre(_m, args, kwargs, b=b):
+            if b not in inputs:
+                inputs[b] = (args, kwargs)
+
+        def post(_m, _args, out, b=b):
+            if b not in outputs:
+                outputs[b] = out
+        handles.append(mods[b].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mods[b].register_forward_hook(post))
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    links = {}
+    for prev, nxt in zip(blocks, blocks[1:]):
+        args, kwargs = inputs.get(nxt, ((), {}))
+        out = outputs.get(prev)
+        if len(args) == 1 and not kwargs and isinstance(out, torch.Tensor) and args[0] is out:
+            links[nxt] = prev
+    return links
+
+
+def run_block(block: nn.Module, inputs) -> list:
+    """Outputs of ``block`` on each cached (args, kwargs), as the next block's cached inputs."""
+    with torch.inference_mode():
+        return [((block(*a, **k),), {}) for a, k in inputs]
+
+
 def capture_layer_rows(block: nn.Module, layer: nn.Module, inputs) -> list[torch.Tensor]:
     """Run ``block`` on cached inputs until ``layer`` is called; return the layer's input rows."""
     rows = []
@@ -203,10 +244,11 @@ def capture_layer_rows(block: nn.Module, layer: nn.Module, inputs) -> list[torch
     return rows
 
 
-def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], inputs) -> dict[str, list]:
-    """Run the float ``block`` once per cached batch and keep the raw input of every layer in it.
-
-    The float model never changes, so one pass serves all the block's layers.
+def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], inputs,
+                               keep_outputs: bool = False) -> tuple[dict[str, list], list]:
+    """Run the float ``block`` once per cached batch and keep the raw input of every layer in it
+    (and the block's outputs when asked).  The float model never changes, so one pass serves
+    all the block's layers.
     """
     seen: dict[str, list] = {n: [] for n in layers}
     handles = []
@@ -216,15 +258,18 @@ def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], i
                 seen[n].append(args[0])
         handles.append(m.register_forward_pre_hook(pre))
     batch_no = [0]
+    outs = []
     try:
         with torch.inference_mode():
             for i, (args, kwargs) in enumerate(inputs):
                 batch_no[0] = i
-                block(*args, **kwargs)
+                y = block(*args, **kwargs)
+                if keep_outputs:
+                    outs.append(((y,), {}))
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen, outs
 
 
 def stream_layer_stats(
