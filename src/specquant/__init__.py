@@ -5,10 +5,12 @@ from specquant.core.grid import Granularity, GridSpec
 from specquant.core.quantized import QuantizedWeight
 from specquant.core.quantizer import quantize_tensor
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
+from specquant.io import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
-    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral", "__version__",
+    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral", "save", "load",
+    "__version__",
 ]

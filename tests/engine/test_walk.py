@@ -63,3 +63,15 @@ def test_skipped_modules_say_why():
     assert "conv_c" in skipped and "excluded" in skipped["conv_c"]
     assert "bn_c" in skipped and "BatchNorm" in skipped["bn_c"]
     assert "bn_a" not in skipped
+
+
+def test_resnet20_folds_every_batchnorm_every_time(data_dir):
+    """All 19 BNs of ResNet-20 follow a conv directly; the pairing must not depend on tensor ids."""
+    from specquant.models.zoo import get_model
+
+    x = torch.randn(2, 3, 32, 32)
+    counts = set()
+    for _ in range(3):
+        model, _entry = get_model("resnet20-cifar10", data_dir)
+        counts.add(len(fold_batchnorm(model, x)))
+    assert counts == {19}

@@ -29,7 +29,8 @@ from specquant.core.rounding import round_values
 class GPFQConfig(QuantConfig):
     """Greedy path-following quantization."""
 
-    scale_rule: str = "output-mse"  # step size: "output-mse", "authors" (C·mean max|w|/2^(b−1)) or a calibrator
+    scale_rule: str = "output-mse"  # step: "output-mse", "authors" (C·mean max|w|/2^(b−1)) or a calibrator
+    search: tuple = ()  # extra step multipliers tried per output channel, keeping GPFQ's own best (e.g. (0.9, 1.1))
     c_alpha: float = 1.16  # the constant C of the "authors" step rule
     act_order: bool = True  # process inputs by decreasing ‖X̃_t‖ (else natural order)
     block_size: int = 128  # columns per lazy batch of updates (speed only; results are identical)
@@ -96,8 +97,31 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     order = column_order(stats.H, config.act_order)
-    W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, block_size=config.block_size)
-    info = {"scale_rule": config.scale_rule, "act_order": config.act_order}
+    if config.search and gran.kind == "channel":
+        scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, order, config)
+    else:
+        W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, block_size=config.block_size)
+    info = {"scale_rule": config.scale_rule, "act_order": config.act_order, "search": list(config.search)}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype)
 
 
+
+
+def _search_steps(W, stats, scale, zp, spec, order, config):
+    """Run the path once per step multiplier (all candidates stacked as extra rows, since rows
+    are independent) and keep, per output channel, the step with the smallest output error."""
+    from specquant.algorithms.common import row_output_error
+
+    mults = (1.0,) + tuple(m for m in config.search if m != 1.0)
+    K, (out, n) = len(mults), W.shape
+    s0 = scale.reshape(out, 1).double()
+    Ss = torch.cat([s0 * m for m in mults]).expand(K * out, n)  # (K·out, N0)
+    Zs = zp.reshape(out, 1).double().repeat(K, 1).expand(K * out, n)
+    Wk = W.double().repeat(K, 1)  # (K·out, N0)
+    Q = path_follow(Wk, stats.H, stats.G, Ss, Zs, spec, order, block_size=config.block_size)
+    err = row_output_error(Wk, Q, stats.H, stats.G, stats.F).reshape(K, out)  # (K, out)
+    best = err.argmin(0)  # (out,)
+    idx = torch.arange(out)
+    W_hat = Q.reshape(K, out, n)[best, idx]
+    m = torch.tensor(mults, dtype=torch.float64)[best].reshape(scale.shape)
+    return (scale.double() * m).float(), zp, W_hat

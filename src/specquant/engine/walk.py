@@ -89,41 +89,66 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
     replaced by ``nn.Identity`` and the producer gains the affine map (a bias if it had none).
     Must be called in eval mode (running statistics are used).
     """
-    produced: dict[int, str] = {}
-    readers: dict[int, int] = {}
-    pairs: list[tuple[str, str, int]] = []
-    handles = []
+    from torch.overrides import TorchFunctionMode
+
     mods = dict(model.named_modules())
+    produced: dict[int, str] = {}  # id of a conv/linear output -> producer name
+    readers: dict[int, set] = {}  # id of a produced tensor -> who computed a tensor from it
+    inside: list[str] = []  # stack of leaf modules now running (their ops count as one reader)
+    n_ops = [0]
+    pairs: list[tuple[str, str, int]] = []
+    keep: list = []  # every tensor seen stays alive during the pass, so ids are never reused
+
+    class CountReads(TorchFunctionMode):
+        """Counts every torch op (functional glue included) that reads a conv/linear output."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            keep.append(out)
+            if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out
+                                                 and isinstance(out[0], torch.Tensor)):
+                n_ops[0] += 1
+                who = inside[-1] if inside else f"op{n_ops[0]}"  # metadata queries (dim, size) don't count
+                for t in list(args) + list(kwargs.values()):
+                    if isinstance(t, torch.Tensor) and id(t) in produced:
+                        readers.setdefault(id(t), set()).add(who)
+            return out
 
     def out_hook(name):
         def h(_m, _i, out):
             if isinstance(out, torch.Tensor):
+                keep.append(out)
                 produced[id(out)] = name
         return h
 
-    def any_pre(name):
+    def bn_pre(name):
         def h(_m, inp):
-            for t in inp:
-                if isinstance(t, torch.Tensor):
-                    readers[id(t)] = readers.get(id(t), 0) + 1
-                    if isinstance(mods[name], nn.modules.batchnorm._BatchNorm) and id(t) in produced:
-                        pairs.append((produced[id(t)], name, id(t)))
+            keep.append(inp)
+            t = inp[0] if inp else None
+            if isinstance(t, torch.Tensor) and id(t) in produced:
+                pairs.append((produced[id(t)], name, id(t)))
         return h
 
+    def enter(name):
+        def h(_m, _i):
+            inside.append(name)
+        return h
+
+    def leave(_m, _i, _o):
+        inside.pop()
+
+    handles = []
     for name, mod in mods.items():
+        if name and len(list(mod.children())) == 0:
+            handles.append(mod.register_forward_pre_hook(enter(name)))
+            handles.append(mod.register_forward_hook(leave))
         if isinstance(mod, QUANTIZABLE):
             handles.append(mod.register_forward_hook(out_hook(name)))
-        if len(list(mod.children())) == 0 and name:
-            handles.append(mod.register_forward_pre_hook(any_pre(name)))
-    keep: list[torch.Tensor] = []
-
-    def keep_all(_m, _i, out):  # keep outputs alive so ids are not reused during the pass
-        keep.append(out)
-    for _name, mod in mods.items():
-        if len(list(mod.children())) == 0:
-            handles.append(mod.register_forward_hook(keep_all))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            handles.append(mod.register_forward_pre_hook(bn_pre(name)))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), CountReads():
             model(example)
     finally:
         for h in handles:
@@ -131,7 +156,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
     folded = []
     seen_bn = set()
     for conv_name, bn_name, tid in pairs:
-        if bn_name in seen_bn or readers.get(tid, 0) != 1:
+        if bn_name in seen_bn or readers.get(tid, set()) != {bn_name}:
             continue
         seen_bn.add(bn_name)
         conv, bn = mods[conv_name], mods[bn_name]

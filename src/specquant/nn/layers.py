@@ -1,0 +1,666 @@
+"""Layers that run on packed low-bit weights: ``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``.
+
+A layer holds what ``specquant.save`` writes, nothing more:
+
+=================  ==========================================================================
+buffer             contents
+=================  ==========================================================================
+``codes``          bits < 8: the codes bit-packed by ``specquant.core.pack`` (uint8, 1-D,
+                   ceil(numel·bits/8) bytes).  bits == 8: the same bytes with the top bit
+                   flipped, i.e. the int8 values ``u − 128`` in the weight's (out, in·k…)
+                   layout, which torch's int8 kernels take without a copy.
+``scale``          one scale per block, ``granularity.scale_shape(weight_shape)``; float32
+                   by default, float16 when loaded from a file saved with ``scale_dtype="fp16"``
+                   (upcast to float32 when used).
+``zero_point``     same shape as ``scale`` (float32), or absent (``None``) for symmetric grids
+                   whose zero point is fixed by the grid kind (``zero_point_value``).
+``bias``           float parameter of the original dtype (or ``None``).
+=================  ==========================================================================
+
+Two kinds of weights (``kind``): ``"uniform"`` (``QuantizedWeight``: codes in the weight's
+shape on a uniform grid) and ``"frame"`` (``specquant.algorithms.frame.FrameQuantizedWeight``:
+ΣΔ codes of frame coefficients, shape (N, M), with δ as ``scale``; the layer keeps the frame's
+parameters in ``frame`` and rebuilds the weight with ``FrameQuantizedWeight.dequantize()``;
+weight-only path only, and the frame itself is rebuilt at each call unless
+``cache_dequantized``).
+
+Two forward paths:
+
+* ``mode="weight_only"`` (any bit width, the default): unpack → dequantize → ``F.linear`` /
+  ``F.conv*d``.  Nothing is cached, so the layer's memory stays the packed size; the float
+  weight exists only during the call, and for Linear layers above ``CHUNK_WEIGHTS`` weights only
+  in chunks of output rows (about 1 MiB of floats, which stay in cache: far faster than
+  materialising a large weight, and the temporary memory stays small).  ``cache_dequantized=True``
+  keeps the float weight after the first call: then the layer runs at fp32 speed but holds the
+  float copy as well (``memory_bytes`` counts it).  The weight is computed with the same float
+  operations as ``QuantizedWeight.dequantize()`` (which gives the fake-quant model its
+  ``module.weight``), so outputs equal the fake-quant model's; row chunks keep every output one
+  dot product over all inputs, which the tests check to be bit-identical with this BLAS.
+* ``mode="int8_dynamic"`` (8-bit weights, per-tensor or per-output-channel scales; Linear and
+  Conv2d with groups=1): activations are quantized at run time with
+  ``core.intmatmul.quantize_activations_dynamic`` (Linear: per row, asymmetric 8-bit; Conv2d:
+  per sample, symmetric 8-bit, before im2col, so that zero padding stays exactly zero and
+  the quantization pass runs over the input, not the 9× larger patches), the integer product runs in
+  ``torch._int_mm`` (int8 × int8 → int32) where present, else ``core.intmatmul.integer_product``,
+  and the zero-point expansion of ``core.intmatmul.int_matmul`` is evaluated in float64 with
+  the weight's column sums precomputed.  Its numerics differ from the fake-quant model by the
+  activation rounding (that is the point of it); it equals ``core.intmatmul.int_linear``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specquant.core.grid import Granularity, GridSpec
+from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
+from specquant.core.pack import pack, packed_nbytes, unpack
+from specquant.core.quantized import QuantizedWeight
+
+MODES = ("weight_only", "int8_dynamic")
+CHUNK_WEIGHTS = 1 << 18  # weight-only Linear layers above this size are dequantized in row chunks
+
+
+def unpack_codes(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """``core.pack.unpack`` computed byte-wise (same result, tested; 5-8x faster at 3, 5, 6, 7 bits).
+
+    Eight codes of ``bits`` bits fill exactly ``bits`` bytes, so the stream is viewed as
+    (groups, bits) bytes and code j of each group is cut from at most two of them.
+    """
+    nbytes = packed_nbytes(numel, bits)
+    if bits == 8 or data.dtype != torch.uint8 or data.numel() < nbytes:
+        return unpack(data, bits, numel)  # the core's copy and its errors
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        d = data.reshape(-1)[:nbytes]
+        parts = [(d >> (j * bits)) & mask for j in range(per)]  # per × (nbytes,)
+        return torch.stack(parts, dim=1).reshape(-1)[:numel]
+    ng = (numel + 7) // 8
+    need = ng * bits
+    d = data.reshape(-1)[:need]
+    if d.numel() < need:
+        d = torch.cat([d, d.new_zeros(need - d.numel())])
+    b = d.reshape(ng, bits)  # (groups, bits) bytes
+    out = torch.empty(ng, 8, dtype=torch.uint8, device=data.device)  # (groups, 8) codes
+    for j in range(8):
+        k, o = divmod(j * bits, 8)  # code j starts at bit o of byte k
+        c = b[:, k] >> o if o else b[:, k]
+        if o + bits > 8:
+            c = c | (b[:, k + 1] << (8 - o))  # uint8 shift drops the bits above the byte
+        out[:, j] = c & mask if o + bits != 8 else c
+    return out.reshape(-1)[:numel]
+
+
+def _to_module_shape(qw: QuantizedWeight, shape: tuple[int, ...]) -> QuantizedWeight:
+    """The QuantizedWeight with codes and scales viewed in the module's weight shape."""
+    if tuple(qw.shape) == tuple(shape):
+        return qw
+    if math.prod(qw.shape) != math.prod(shape):
+        raise ValueError(f"quantized weight of shape {tuple(qw.shape)} does not fit a weight of shape "
+                         f"{tuple(shape)}")
+    g = qw.granularity
+    if g.kind == "channel" and g.axis % len(qw.shape) != 0:
+        raise ValueError(f"cannot reshape a weight quantized per channel on axis {g.axis} to {shape}")
+    sshape = g.scale_shape(tuple(shape))
+    return QuantizedWeight(
+        codes=qw.codes.reshape(shape), scale=qw.scale.reshape(sshape),
+        zero_point=qw.zero_point.reshape(sshape),
+        spec=qw.spec, granularity=g, dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info,
+    )
+
+
+def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact product of int8 matrices a (M, K) and b (K, N): ``torch._int_mm`` (int32 accumulation)
+    where it runs, else ``core.intmatmul.integer_product``."""
+    if hasattr(torch, "_int_mm") and a.shape[1] < (1 << 17):  # 128·128·K < 2^31: no int32 overflow
+        try:
+            return torch._int_mm(a, b)
+        except (RuntimeError, NotImplementedError):
+            pass  # shape or device constraints
+    return integer_product(a, b).value
+
+
+class _QuantLayer(nn.Module):
+    """Shared storage and weight-only/int8 machinery of the packed layers."""
+
+    layer_type = "base"  # name of the float module type this layer replaces
+
+    def _init_storage(
+        self,
+        weight_shape: tuple[int, ...],
+        spec: GridSpec,
+        granularity: Granularity,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        algorithm: str,
+        info: dict,
+        mode: str,
+        cache_dequantized: bool,
+        kind: str = "uniform",
+        frame: dict | None = None,
+    ) -> None:
+        """``codes``: packed uint8 bytes (``core.pack`` layout) of the codes (``codes_shape``)."""
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.spec = spec
+        self.granularity = granularity
+        self.weight_dtype = dtype
+        self.algorithm = algorithm
+        self.info = dict(info)
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"unknown weight kind {kind!r}; allowed: {', '.join(WEIGHT_KINDS)}")
+        self.kind = kind
+        if kind == "frame":
+            self.frame = _check_frame(frame, self.weight_shape)
+            d = self.frame["dim"]
+            self.codes_shape = (self.frame["size"], math.prod(self.weight_shape) // d)  # (N, M)
+        else:
+            self.frame = None
+            self.codes_shape = self.weight_shape
+        numel = math.prod(self.codes_shape)
+        need = packed_nbytes(numel, spec.bits)
+        if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != need:
+            raise ValueError(
+                f"packed codes must be a 1-D uint8 tensor of {need} bytes for {numel} codes of "
+                f"{spec.bits} bits, got {codes.dtype} of shape {tuple(codes.shape)}"
+            )
+        sshape = granularity.scale_shape(self.codes_shape)
+        if tuple(scale.shape) != sshape:
+            raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {sshape} "
+                             f"for {granularity.label()}")
+        if zero_point is not None and tuple(zero_point.shape) != sshape:
+            raise ValueError(f"zero_point has shape {tuple(zero_point.shape)}, expected {sshape}")
+        if zero_point is None and not spec.symmetric:
+            raise ValueError("an asymmetric grid needs its zero points")
+        if spec.bits == 8:
+            # u − 128 as int8 (flip the top bit): the layout of torch's int8 kernels, same bytes.
+            stored = (codes ^ 0x80).view(torch.int8).reshape(self.codes_shape[0], -1)  # (out, in·k…)
+        else:
+            stored = codes
+        self.register_buffer("codes", stored)
+        self.register_buffer("scale", scale.detach().clone())
+        zp = None if zero_point is None else zero_point.detach().float().clone()
+        self.register_buffer("zero_point", zp)
+        self.zero_point_value = spec.symmetric_zero_point if zero_point is None else None
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.cache_dequantized = bool(cache_dequantized)
+        self.register_buffer("_wcache", None, persistent=False)
+        self.register_buffer("_colsum", None, persistent=False)
+        self.mode = "weight_only"
+        self.set_mode(mode)
+
+    # ---- storage --------------------------------------------------------------------------
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    def packed_codes(self) -> torch.Tensor:
+        """The codes in the ``core.pack`` layout (1-D uint8), as ``specquant.save`` writes them."""
+        if self.bits == 8:
+            return self.codes.reshape(-1).view(torch.uint8) ^ 0x80
+        return self.codes
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """uint8 codes in ``codes_shape`` (the weight's shape for uniform weights)."""
+        n = math.prod(self.codes_shape)
+        return unpack_codes(self.packed_codes(), self.bits, n).reshape(self.codes_shape)
+
+    def zero_point_tensor(self) -> torch.Tensor:
+        """Zero points in the scale's shape (float32), also when the grid fixes them."""
+        if self.zero_point is not None:
+            return self.zero_point
+        return torch.full(tuple(self.scale.shape), self.zero_point_value, dtype=torch.float32,
+                          device=self.scale.device)
+
+    def to_quantized_weight(self) -> QuantizedWeight:
+        """The ``QuantizedWeight`` this layer was built from (codes unpacked, scales as stored)."""
+        if self.kind == "frame":
+            from specquant.algorithms.frame import FrameQuantizedWeight
+
+            f = self.frame
+            return FrameQuantizedWeight(
+                codes=self.unpacked_codes(), scale=self.scale.float(), zero_point=self.zero_point_tensor(),
+                spec=self.spec, granularity=self.granularity, dtype=self.weight_dtype,
+                algorithm=self.algorithm, info=dict(self.info), weight_shape=self.weight_shape,
+                frame_kind=f["kind"], frame_dim=f["dim"], frame_size=f["size"], frame_seed=f["seed"],
+                order=f["order"], along=f["along"],
+            )
+        return QuantizedWeight(
+            codes=self.unpacked_codes(), scale=self.scale.float(), zero_point=self.zero_point_tensor(),
+            spec=self.spec, granularity=self.granularity, dtype=self.weight_dtype, algorithm=self.algorithm,
+            info=dict(self.info),
+        )
+
+    def _zero_point_for(self, r0: int | None = None, r1: int | None = None):
+        """Zero point matching the stored codes (shifted by 128 at 8 bits), rows r0:r1 if per row."""
+        off = 128.0 if self.bits == 8 else 0.0
+        if self.zero_point is None:
+            return self.zero_point_value - off
+        zp = self.zero_point
+        if r0 is not None and zp.shape[0] == self.weight_shape[0] and zp.shape[0] > 1:
+            zp = zp[r0:r1]
+        # codes are u − 128 at 8 bits: (u − 128) − (zp − 128) == u − zp exactly (small integers)
+        return zp - off if off else zp
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight (original shape and dtype): equal to ``QuantizedWeight.dequantize()``."""
+        if self._wcache is not None:
+            return self._wcache
+        if self.kind == "frame":
+            w = self.to_quantized_weight().dequantize().reshape(self.weight_shape).contiguous()
+            if self.cache_dequantized:
+                self._wcache = w
+            return w
+        blocked = self.granularity.blocked_shape(self.weight_shape)
+        if self.bits == 8:
+            c = self.codes.reshape(blocked)
+        else:
+            c = unpack_codes(self.codes, self.bits, math.prod(self.weight_shape)).reshape(blocked)
+        # (codes − zp)·scale, the subtraction fused with the uint8/int8 → float32 conversion: the
+        # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer
+        w = (c - self._zero_point_for()) * self.scale.float()
+        w = w.reshape(self.weight_shape).to(self.weight_dtype)
+        if self.cache_dequantized:
+            self._wcache = w
+        return w
+
+    def clear_cache(self) -> None:
+        """Drop the dequantized float weight kept by ``cache_dequantized``."""
+        self._wcache = None
+
+    # ---- modes ----------------------------------------------------------------------------
+
+    def int8_eligible(self) -> str | None:
+        """None when the int8 dynamic path can run, else the reason it cannot."""
+        g = self.granularity
+        if self.kind != "uniform":
+            return f"needs uniform weights, this layer's are {self.kind}-quantized"
+        if self.bits != 8:
+            return f"needs 8-bit weights, this layer has {self.bits}"
+        if g.kind == "group":
+            return "needs per-tensor or per-output-channel scales, not groups"
+        if g.kind == "channel" and g.axis % len(self.weight_shape) != 0:
+            return f"needs per-output-channel scales (axis 0), not axis {g.axis}"
+        return self._int8_layer_reason()
+
+    def _int8_layer_reason(self) -> str | None:
+        return None
+
+    def set_mode(self, mode: str) -> None:
+        """Select the forward path: ``"weight_only"`` or ``"int8_dynamic"``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        if mode == "int8_dynamic":
+            why = self.int8_eligible()
+            if why is not None:
+                raise ValueError(f"int8_dynamic mode {why}")
+            w8 = self.codes  # (N, K) int8
+            self._colsum = w8.to(torch.int64).sum(dim=1).to(torch.float64)  # (N,) Σ_k (u − 128)
+        else:
+            self._colsum = None
+        self.mode = mode
+
+    def _int8_matmul(self, x2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x2 (M, K) float → (M, N): activations quantized per row (asymmetric 8-bit), int8 product."""
+        xa = quantize_activations_dynamic(x2, 8, symmetric=False)  # q (M, K) uint8, scale/zp (M, 1)
+        a8 = (xa.q ^ 0x80).view(torch.int8)  # (M, K) q − 128
+        z_a = xa.zero_point.to(torch.float64).reshape(-1, 1) - 128.0  # (M, 1)
+        return self._int8_product(a8, xa.scale, z_a, out_dtype)
+
+    def _int8_product(self, a8: torch.Tensor, s_a: torch.Tensor, z_a: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+        """(s_a·(a8 − z_a)) @ dequantized Wᵀ for int8 codes a8 (M, K); ``z_a`` None means 0.
+
+        The zero-point expansion of ``core.intmatmul.int_matmul``, in float64, with the int8
+        product from ``torch._int_mm`` (int32 accumulation) or ``core.intmatmul.integer_product``.
+        """
+        w8 = self.codes  # (N, K) int8 = u − 128
+        K = w8.shape[1]
+        bracket = _int8_mm(a8, w8.t()).to(torch.float64)  # (M, N) exact integers
+        z_b = self.zero_point_tensor().to(torch.float64).reshape(1, -1) - 128.0  # (1, N) or (1, 1)
+        if z_a is not None:
+            bracket = bracket - z_a * self._colsum.reshape(1, -1)
+        if bool((z_b != 0).any()):
+            rowsum_a = a8.to(torch.int64).sum(dim=1, keepdim=True).to(torch.float64)  # (M, 1)
+            bracket = bracket - rowsum_a * z_b
+            if z_a is not None:
+                bracket = bracket + K * (z_a * z_b)
+        s_b = self.scale.to(torch.float64).reshape(1, -1)  # (1, N) or (1, 1)
+        return ((s_a.to(torch.float64).reshape(-1, 1) * s_b) * bracket).to(out_dtype)
+
+    def _apply(self, fn, *args, **kwargs):  # keep the cache consistent with .to()/.half()
+        self._wcache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, bits={self.bits}, grid={self.spec.kind}, "
+                f"granularity={self.granularity.label()}, mode={self.mode}, bias={self.bias is not None}")
+
+    # ---- construction helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _storage_from_quantized(qw: QuantizedWeight, shape: tuple[int, ...]) -> dict:
+        """Constructor arguments (packed codes, scales, …) of a layer with weight ``shape``."""
+        frame_cls = _frame_weight_class()
+        if frame_cls is not None and isinstance(qw, frame_cls):
+            # the engine hands algorithms the (out, in·kh·kw) view: any shape with the same rows fits
+            if math.prod(qw.shape) != math.prod(shape) or qw.shape[0] != shape[0]:
+                raise ValueError(f"frame-quantized weight of shape {tuple(qw.shape)} does not fit a "
+                                 f"weight of shape {tuple(shape)}")
+            n_vec = math.prod(shape) // max(1, int(qw.frame_dim))
+            if tuple(qw.codes.shape) != (int(qw.frame_size), n_vec):
+                raise ValueError(f"frame codes have shape {tuple(qw.codes.shape)}, expected "
+                                 f"({qw.frame_size}, {n_vec}) (grouped convolutions are not supported)")
+            if qw.along not in ("input", "output"):
+                raise ValueError(f"a frame-quantized weight must run along 'input' or 'output', "
+                                 f"got {qw.along!r}")
+            frame = {"kind": qw.frame_kind, "dim": int(qw.frame_dim), "size": int(qw.frame_size),
+                     "seed": int(qw.frame_seed), "order": int(qw.order), "along": qw.along}
+            kind = "frame"
+        elif type(qw) is QuantizedWeight:
+            qw = _to_module_shape(qw, shape)
+            frame, kind = None, "uniform"
+        else:
+            raise ValueError(f"specquant.nn has no packed layer for weights of type {type(qw).__name__}")
+        zp = qw.zero_point
+        implicit = qw.spec.symmetric and bool(torch.all(zp == qw.spec.symmetric_zero_point))
+        return {
+            "spec": qw.spec, "granularity": qw.granularity, "codes": pack(qw.codes.to(torch.uint8), qw.bits),
+            "scale": qw.scale.float(), "zero_point": None if implicit else zp.float(), "dtype": qw.dtype,
+            "algorithm": qw.algorithm, "info": qw.info, "kind": kind, "frame": frame,
+        }
+
+
+WEIGHT_KINDS = ("uniform", "frame")
+FRAME_KEYS = ("kind", "dim", "size", "seed", "order", "along")
+
+
+def _frame_weight_class():
+    """``FrameQuantizedWeight`` when the frame algorithm is installed, else None."""
+    try:
+        from specquant.algorithms.frame import FrameQuantizedWeight
+    except ImportError:  # pragma: no cover - frame quantization is optional
+        return None
+    return FrameQuantizedWeight
+
+
+def _check_frame(frame: dict | None, weight_shape: tuple[int, ...]) -> dict:
+    if not isinstance(frame, dict) or set(frame) != set(FRAME_KEYS):
+        raise ValueError(f"a frame layer needs frame parameters {', '.join(FRAME_KEYS)}, got {frame!r}")
+    d, n = frame["dim"], frame["size"]
+    ints = ("dim", "size", "seed", "order")
+    if not all(isinstance(frame[k], int) and not isinstance(frame[k], bool) for k in ints):
+        raise ValueError(f"frame dim, size, seed and order must be integers, got {frame!r}")
+    numel = math.prod(weight_shape)
+    rows = weight_shape[0]
+    expect_d = numel // rows if frame["along"] == "input" else rows
+    if frame["along"] not in ("input", "output") or d != expect_d or n < d:
+        raise ValueError(f"frame parameters {frame!r} do not fit a weight of shape {weight_shape}")
+    return dict(frame)
+
+
+class QuantLinear(_QuantLayer):
+    """``nn.Linear`` running on packed codes (see the module docstring)."""
+
+    layer_type = "Linear"
+
+    def __init__(self, in_features: int, out_features: int, *, spec: GridSpec, granularity: Granularity,
+                 codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, algorithm: str = "rtn",
+                 info: dict | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
+                 kind: str = "uniform", frame: dict | None = None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self._init_storage((out_features, in_features), spec, granularity, codes, scale, zero_point, bias,
+                           dtype, algorithm, info or {}, mode, cache_dequantized, kind, frame)
+
+    @classmethod
+    def from_quantized(cls, module: nn.Linear, qweight: QuantizedWeight | None = None, *,
+                       mode: str = "weight_only", cache_dequantized: bool = False) -> "QuantLinear":
+        """Build from an ``nn.Linear`` and its ``QuantizedWeight`` (default: ``module.qweight``)."""
+        qw = qweight if qweight is not None else getattr(module, "qweight", None)
+        if qw is None:
+            raise ValueError("the module has no .qweight; pass the QuantizedWeight explicitly")
+        st = cls._storage_from_quantized(qw, tuple(module.weight.shape))
+        return cls(module.in_features, module.out_features, bias=module.bias, mode=mode,
+                   cache_dequantized=cache_dequantized, **st)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8_dynamic":
+            lead = x.shape[:-1]
+            y = self._int8_matmul(x.reshape(-1, self.in_features), x.dtype)  # (M, N)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*lead, self.out_features)
+        n = self.out_features * self.in_features
+        if self._wcache is not None or self.cache_dequantized or n <= CHUNK_WEIGHTS or self.kind != "uniform":
+            w = self.dequantized_weight()
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._chunked_linear(x)
+
+    def _rows_chunk(self) -> int:
+        rows = max(8, CHUNK_WEIGHTS // max(1, self.in_features))
+        return rows - rows % 8  # 8 rows of codes always start on a byte boundary
+
+    def _chunked_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """F.linear with the weight dequantized ``_rows_chunk()`` output rows at a time.
+
+        Each chunk's weight is computed exactly as ``dequantized_weight()`` computes it; each output
+        is still one dot product over all inputs, so the result is the same as one F.linear
+        (bit-identical with the BLAS here, checked by the tests) while the float weight never
+        exists whole: a chunk stays in cache and the layer's memory stays the packed size.
+        """
+        N, K, bits = self.out_features, self.in_features, self.bits
+        blocked = self.granularity.blocked_shape(self.weight_shape)
+        per_row = self.scale.shape[0] == N and N > 1
+        y = x.new_empty(*x.shape[:-1], N)
+        step = self._rows_chunk()
+        for r0 in range(0, N, step):
+            r1 = min(N, r0 + step)
+            rows = r1 - r0
+            if bits == 8:
+                c = self.codes[r0:r1]
+            else:
+                start = r0 * K * bits // 8  # exact: r0 is a multiple of 8
+                c = unpack_codes(self.codes[start:], bits, rows * K)
+            s = (self.scale[r0:r1] if per_row else self.scale).float()
+            w = (c.reshape(rows, *blocked[1:]) - self._zero_point_for(r0, r1)) * s
+            b = None if self.bias is None else self.bias[r0:r1].to(x.dtype)
+            y[..., r0:r1] = F.linear(x, w.reshape(rows, K).to(self.weight_dtype).to(x.dtype), b)
+        return y
+
+
+class _QuantConvNd(_QuantLayer):
+    """Shared parts of the packed convolutions."""
+
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, padding_mode: str = "zeros", *, spec: GridSpec, granularity: Granularity,
+                 codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, algorithm: str = "rtn",
+                 info: dict | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
+                 kind: str = "uniform", frame: dict | None = None):
+        super().__init__()
+        d = self._dims
+
+        def tup(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride, self.dilation = tup(kernel_size), tup(stride), tup(dilation)
+        self.padding = padding if isinstance(padding, str) else tup(padding)
+        self.padding_mode = padding_mode
+        if padding_mode != "zeros" and isinstance(self.padding, str):
+            raise ValueError("string padding with a non-zeros padding_mode is not supported")
+        if padding_mode != "zeros":
+            self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_storage(shape, spec, granularity, codes, scale, zero_point, bias, dtype, algorithm,
+                           info or {}, mode, cache_dequantized, kind, frame)
+
+    @classmethod
+    def from_quantized(cls, module: nn.Module, qweight: QuantizedWeight | None = None, *,
+                       mode: str = "weight_only", cache_dequantized: bool = False):
+        """Build from an ``nn.Conv*d`` and its ``QuantizedWeight`` (default: ``module.qweight``)."""
+        qw = qweight if qweight is not None else getattr(module, "qweight", None)
+        if qw is None:
+            raise ValueError("the module has no .qweight; pass the QuantizedWeight explicitly")
+        if getattr(module, "transposed", False):
+            raise ValueError("transposed convolutions are not supported")
+        st = cls._storage_from_quantized(qw, tuple(module.weight.shape))
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, module.padding_mode, bias=module.bias, mode=mode,
+                   cache_dequantized=cache_dequantized, **st)
+
+    def _int8_layer_reason(self) -> str | None:
+        if self._dims != 2:
+            return "runs on Linear and Conv2d layers only"
+        if self.groups != 1:
+            return f"needs groups=1, this convolution has groups={self.groups}"
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return "needs numeric zero padding"
+        return None
+
+    def _pad_input(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self.padding_mode != "zeros":
+            pad = [0] * self._dims
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), pad
+        return x, self.padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8_dynamic":
+            return self._int8_conv(x)
+        x, padding = self._pad_input(x)
+        w = self.dequantized_weight().to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return self._conv(x, w, b, self.stride, padding, self.dilation, self.groups)
+
+    def _int8_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations quantized per sample, symmetric 8-bit (so zero padding stays exactly 0),
+        *before* im2col; then W (N, K) @ patches (K, B·L) as one int8 product, which lands in the
+        output's (channel, position) order without transposing the 9× larger patch matrix."""
+        B, _, H, W = x.shape
+        xa = quantize_activations_dynamic(x.reshape(B, -1), 8, symmetric=True)  # codes 1..255, zp 128
+        a = (xa.q ^ 0x80).view(torch.int8).reshape(x.shape).to(x.dtype)  # (B, C, H, W) in −127..127
+        cols = F.unfold(a, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
+        K, L = cols.shape[1], cols.shape[2]
+        a8t = cols.to(torch.int8).permute(1, 0, 2).reshape(K, B * L)  # (K, B·L) exact small integers
+        bracket = _int8_mm(self.codes, a8t).to(torch.float64)  # (N, B·L)
+        z_b = self.zero_point_tensor().to(torch.float64).reshape(-1, 1) - 128.0  # (N, 1) or (1, 1)
+        if bool((z_b != 0).any()):
+            colsum_a = a8t.to(torch.int64).sum(dim=0, keepdim=True).to(torch.float64)  # (1, B·L)
+            bracket = bracket - z_b * colsum_a
+        s_a = xa.scale.to(torch.float64).reshape(B, 1).expand(B, L).reshape(1, B * L)  # (1, B·L)
+        s_b = self.scale.to(torch.float64).reshape(-1, 1)  # (N, 1) or (1, 1)
+        y = ((s_b * s_a) * bracket).to(x.dtype).reshape(-1, B, L).permute(1, 0, 2)  # (B, N, L)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).reshape(1, -1, 1)
+        (ph, pw), (dh, dw), (kh, kw), (sh, sw) = self.padding, self.dilation, self.kernel_size, self.stride
+        ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return y.reshape(B, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                + super().extra_repr())
+
+
+class QuantConv2d(_QuantConvNd):
+    """``nn.Conv2d`` running on packed codes (see the module docstring)."""
+
+    layer_type = "Conv2d"
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+
+
+class QuantConv1d(_QuantConvNd):
+    """``nn.Conv1d`` running on packed codes (weight-only path)."""
+
+    layer_type = "Conv1d"
+    _dims = 1
+    _conv = staticmethod(F.conv1d)
+
+
+QUANT_LAYER_FOR = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d, nn.Conv1d: QuantConv1d}
+QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantConv1d)
+
+
+def quant_layer_class(module: nn.Module) -> type[_QuantLayer]:
+    """The packed layer type that replaces ``module`` (exact type match on Linear/Conv1d/Conv2d)."""
+    for base, cls in QUANT_LAYER_FOR.items():
+        if type(module) is base or isinstance(module, base):
+            return cls
+    raise ValueError(f"no packed layer for {type(module).__name__}; supported: Linear, Conv1d, Conv2d")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+INT8_CHOICES = (False, True, "linear", "all")
+
+
+def wants_int8(layer: _QuantLayer, int8_dynamic: bool | str) -> bool:
+    """Whether ``int8_dynamic`` (False, True/"linear", "all") puts ``layer`` on the int8 path."""
+    if int8_dynamic not in INT8_CHOICES:
+        raise ValueError(f"int8_dynamic must be False, True, 'linear' or 'all', got {int8_dynamic!r}")
+    if not int8_dynamic or layer.int8_eligible() is not None:
+        return False
+    return int8_dynamic == "all" or isinstance(layer, QuantLinear)
+
+
+def convert(model: nn.Module, *, int8_dynamic: bool | str = False, cache_dequantized: bool = False) -> nn.Module:
+    """Swap every module that has ``.qweight`` for its packed layer, in place; returns ``model``.
+
+    ``int8_dynamic``: ``True`` (or ``"linear"``) runs the 8-bit Linear layers with per-tensor or
+    per-channel scales on the int8 dynamic path; ``"all"`` also the Conv2d layers (groups=1),
+    which go through im2col and are slower than the float convolution on CPU (see the size_speed
+    benchmark); the other layers stay weight-only.  A model whose root module itself has
+    ``.qweight`` is returned converted (not in place, there being no parent to put it in).
+    """
+    if int8_dynamic not in INT8_CHOICES:
+        raise ValueError(f"int8_dynamic must be False, True, 'linear' or 'all', got {int8_dynamic!r}")
+    targets = [(n, m) for n, m in model.named_modules() if getattr(m, "qweight", None) is not None
+               and not isinstance(m, _QuantLayer)]
+    for name, mod in targets:
+        cls = quant_layer_class(mod)
+        try:
+            layer = cls.from_quantized(mod, mod.qweight, cache_dequantized=cache_dequantized)
+        except ValueError as e:
+            raise ValueError(f"layer '{name}': {e}") from None
+        if wants_int8(layer, int8_dynamic):
+            layer.set_mode("int8_dynamic")
+        layer.to(mod.weight.device)
+        layer.train(mod.training)
+        if name == "":
+            return layer
+        _set_module(model, name, layer)
+    return model
+
+
+def memory_bytes(module: nn.Module) -> int:
+    """Bytes of every distinct tensor the module holds (parameters and buffers, caches included)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
