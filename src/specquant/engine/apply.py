@@ -18,10 +18,10 @@ from specquant.engine.calibrate import (
     StreamOptions,
     as_batches,
     block_links,
-    run_block,
     capture_block_inputs,
     capture_float_layer_inputs,
     find_blocks,
+    run_block,
     stream_layer_stats,
 )
 from specquant.engine.walk import FoldedBN, SkippedModule, fold_batchnorm, forward_order, quantizable_layers
@@ -296,7 +296,7 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
     w = mod.weight.detach()
     out = w.shape[0]
     groups = getattr(mod, "groups", 1)
-    W2 = w.reshape(out, -1).float()  # (out, N0·groups⁻¹) conv viewed as (out, in·kh·kw)
+    W2 = w.reshape(out, -1).float().clone()  # (out, N0·groups⁻¹) conv viewed as (out, in·kh·kw); a copy
     rows = out // groups
     parts, W_hats = [], []
     for g in range(groups):

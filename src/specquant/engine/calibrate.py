@@ -35,6 +35,7 @@ class StreamOptions:
     batch_size: int = 128  # calibration samples per forward pass
     patch_fraction: float = 1.0  # share of conv patches kept (random, seeded), as in the SPFQ code
     seed: int = 0  # seed of the patch subsampling
+    chunk: int = 32  # samples unfolded into patches at a time (memory only; results are the same)
 
 
 def as_batches(calib, batch_size: int) -> list[torch.Tensor]:
@@ -222,12 +223,12 @@ def run_block(block: nn.Module, inputs) -> list:
         return [((block(*a, **k),), {}) for a, k in inputs]
 
 
-def capture_layer_rows(block: nn.Module, layer: nn.Module, inputs) -> list[torch.Tensor]:
-    """Run ``block`` on cached inputs until ``layer`` is called; return the layer's input rows."""
+def capture_layer_inputs(block: nn.Module, layer: nn.Module, inputs) -> list[torch.Tensor]:
+    """Run ``block`` on cached inputs until ``layer`` is called; return the layer's raw inputs."""
     rows = []
 
     def pre(m, args):
-        rows.append(layer_rows(m, args[0]))
+        rows.append(args[0])
         raise _Stop
 
     h = layer.register_forward_pre_hook(pre)
@@ -285,17 +286,28 @@ def stream_layer_stats(
     gen = torch.Generator().manual_seed(opts.seed)
     acc = None
     for i, (qa, qk) in enumerate(q_inputs):
-        X = layer_rows(flayer, f_raw[i])  # (g, m, N0)
-        Xt = X if same else capture_layer_rows(qblock, qlayer, [(qa, qk)])[0]
-        if opts.patch_fraction < 1.0:
-            state = gen.get_state()
-            X = _subsample(X, opts.patch_fraction, gen)
-            if not same:
-                gen.set_state(state)
-                Xt = _subsample(Xt, opts.patch_fraction, gen)
-            else:
-                Xt = X
-        if acc is None:
-            acc = StatsAccumulator(X.shape[0], X.shape[2])
-        acc.add(X, Xt)
+        x_raw = f_raw[i]
+        xt_raw = x_raw if same else capture_layer_inputs(qblock, qlayer, [(qa, qk)])[0]
+        # Unfold a few samples at a time: patches are ~k²× the activations, keep them small.
+        step = opts.chunk if x_raw.dim() > 2 else x_raw.shape[0]
+        for j in range(0, x_raw.shape[0], step):
+            acc = _accumulate(acc, flayer, x_raw[j:j + step], xt_raw[j:j + step], same, opts, gen)
     return acc.stats()
+
+
+def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen):
+    """Add one chunk of float / quantized-model layer inputs to the running statistics."""
+    X = layer_rows(layer, x_raw)  # (g, m, N0)
+    Xt = X if same else layer_rows(layer, xt_raw)
+    if opts.patch_fraction < 1.0:
+        state = gen.get_state()
+        X = _subsample(X, opts.patch_fraction, gen)
+        if not same:
+            gen.set_state(state)  # the same rows of X and X̃
+            Xt = _subsample(Xt, opts.patch_fraction, gen)
+        else:
+            Xt = X
+    if acc is None:
+        acc = StatsAccumulator(X.shape[0], X.shape[2])
+    acc.add(X, Xt)
+    return acc

@@ -1,0 +1,210 @@
+"""``allocate``: per-layer bit widths under an average-bits budget, as an override map.
+
+    alloc = allocate(model, calib, avg_bits=2.5, policy="sensitivity")
+    cfg = dataclasses.replace(GPFQConfig(), overrides=alloc.overrides)   # any method of the engine
+    quantize(model, cfg, calib)
+
+The allocation names every layer it covers, so ``config.bits`` only matters for layers it does
+not cover.  The budget counts code bits of the quantized layers only (Σ_l M_l·b_l ≤ B·Σ_l M_l);
+scales and zero points come on top, as for a uniform width.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from specquant.algorithms import RTNConfig
+from specquant.algorithms.base import QuantConfig
+from specquant.core import spectral
+from specquant.engine.calibrate import as_batches
+from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
+from specquant.mixed.policies import (
+    DEFAULT_CANDIDATES,
+    check_candidates,
+    fit_spectral_rule,
+    protected_indices,
+    spectral_costs,
+)
+from specquant.mixed.sensitivity import SensitivityReport, measure_sensitivity
+from specquant.mixed.solver import solve_bits
+
+POLICIES = ("sensitivity", "spectral", "spectral-knapsack")
+NOTE_COST = "note model Σ_l M_l·(κ_l·2^-b_l)²"
+
+
+@dataclass
+class LayerAllocation:
+    """The width given to one layer."""
+
+    name: str  # module name
+    params: int  # M_l, number of weights
+    bits: int  # chosen width
+    kappa: float  # condition number of the (BN-folded) weight's matrix view
+    cost: float | None  # the policy's predicted cost at this width (see Allocation.cost_model)
+    protected: bool  # held at the protection width
+
+
+@dataclass
+class Allocation:
+    """Per-layer widths for a budget; ``overrides`` plugs into any config."""
+
+    policy: str  # "sensitivity", "spectral" or "spectral-knapsack"
+    budget: float  # B, the average bits per weight allowed
+    candidates: tuple[int, ...]  # widths a free layer could get
+    layers: list[LayerAllocation]
+    cost_model: str  # what the predicted costs measure
+    predicted_cost: float  # Σ_l cost_l(b_l) under that model
+    b_base: float | None = None  # the spectral rule's fitted offset β ("spectral" only)
+    solver: str | None = None  # knapsack solver used ("dp" / "milp"), None for the rule
+    protect_bits: int | None = None  # width of protected layers, None without protection
+    sensitivity: SensitivityReport | None = field(default=None, repr=False)  # when measured
+
+    @property
+    def total_params(self) -> int:
+        return sum(a.params for a in self.layers)
+
+    @property
+    def avg_bits(self) -> float:
+        """Achieved Σ_l M_l·b_l / Σ_l M_l (≤ budget)."""
+        n = self.total_params
+        return sum(a.params * a.bits for a in self.layers) / n if n else 0.0
+
+    @property
+    def overrides(self) -> dict[str, int]:
+        """{module name: bits}: ``dataclasses.replace(config, overrides=alloc.overrides)``."""
+        return {a.name: a.bits for a in self.layers}
+
+    def apply(self, config: QuantConfig) -> QuantConfig:
+        """A copy of ``config`` with this allocation as its overrides (its own ones replaced)."""
+        return dataclasses.replace(config, overrides=self.overrides)
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy, "budget": self.budget, "avg_bits": self.avg_bits,
+            "candidates": list(self.candidates), "cost_model": self.cost_model,
+            "predicted_cost": self.predicted_cost, "b_base": self.b_base, "solver": self.solver,
+            "protect_bits": self.protect_bits, "overrides": self.overrides,
+            "layers": [dataclasses.asdict(a) for a in self.layers],
+        }
+
+    def format_table(self) -> str:
+        lines = [f"allocation: policy {self.policy}, budget {self.budget:g} bits, achieved {self.avg_bits:.4f}",
+                 f"{'layer':<24}{'params':>9}{'kappa':>11}{'bits':>6}{'cost':>12}"]
+        for a in self.layers:
+            cost = "-" if a.cost is None else f"{a.cost:.3g}"
+            mark = " (protected)" if a.protected else ""
+            lines.append(f"{a.name:<24}{a.params:>9}{a.kappa:>11.3g}{a.bits:>6}{cost:>12}{mark}")
+        lines.append(f"predicted cost ({self.cost_model}): {self.predicted_cost:.4g}")
+        return "\n".join(lines)
+
+
+def allocate(
+    model: nn.Module,
+    calib,
+    avg_bits: float,
+    policy: str = "sensitivity",
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    method_config: QuantConfig | None = None,
+    *,
+    protect_first_last: bool = False,
+    protect_bits: int = 8,
+    metric: str = "output",
+    labels: torch.Tensor | None = None,
+    sensitivity: SensitivityReport | None = None,
+    solver: str = "auto",
+    fold_bn: bool = True,
+    example_input: torch.Tensor | None = None,
+    batch_size: int = 128,
+) -> Allocation:
+    """Choose a width per layer so that Σ_l M_l·b_l ≤ avg_bits·Σ_l M_l.
+
+    Args:
+        model: the float model (not changed; BN is folded on a copy, as the engine does, so κ
+            and the sensitivities are those of the weights the engine will quantize).
+        calib: calibration inputs; required by ``policy="sensitivity"`` (unless ``sensitivity``
+            is given), optional for the spectral policies (used for BN folding and layer order).
+        avg_bits: the budget B.
+        policy: "sensitivity", "spectral" (the rule ⌈log₂ κ⌉ + b_base fitted to the budget) or
+            "spectral-knapsack" (the rule's error model solved exactly); see
+            :mod:`specquant.mixed.policies`.
+        candidates: widths a layer may get.
+        method_config: the engine config whose per-layer quantizer measures sensitivities
+            (default ``RTNConfig()``) and whose ``skip`` list leaves layers out of the allocation.
+        protect_first_last: hold the first and last layers (forward order) at ``protect_bits``.
+        metric, labels: the sensitivity metric ("output" or "loss") and optional labels.
+        sensitivity: a precomputed :class:`SensitivityReport` (reused across budgets).
+        solver: knapsack solver, "auto", "dp" or "milp".
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown allocation policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    cands = check_candidates(candidates)
+    if isinstance(protect_bits, bool) or not isinstance(protect_bits, int) or not 1 <= protect_bits <= 8:
+        raise ValueError(f"protect_bits must be an integer in 1..8, got {protect_bits!r}")
+    cfg = method_config if method_config is not None else RTNConfig()
+    batches = as_batches(calib, batch_size) if calib is not None else None
+    example = batches[0] if batches else example_input
+    base = copy.deepcopy(model).eval()
+    if fold_bn and example is not None:
+        fold_batchnorm(base, example)
+    names = forward_order(base, example) if example is not None else [n for n, _ in quantizable_layers(base)]
+    names = [n for n in names if not cfg.skips(n)]
+    if not names:
+        raise ValueError("the model has no quantizable layers to allocate bits to")
+    mods = dict(base.named_modules())
+    params = [mods[n].weight.numel() for n in names]
+    kappas = [spectral.condition_number(mods[n].weight) for n in names]
+    prot = protected_indices(len(names), protect_first_last)
+    fixed = {i: protect_bits for i in prot}
+
+    b_base = solver_used = None
+    if policy == "sensitivity":
+        if sensitivity is None:
+            if batches is None:
+                raise ValueError("policy 'sensitivity' needs calibration data (calib=...) or a sensitivity report")
+            free = [n for i, n in enumerate(names) if i not in fixed]
+            sensitivity = measure_sensitivity(base, batches, cands, cfg, metric=metric, labels=labels,
+                                              layers=free, fold_bn=False, batch_size=batch_size)
+        table = {s.name: s.costs for s in sensitivity.layers}
+        costs = []
+        for i, n in enumerate(names):
+            if i in fixed:
+                costs.append({})
+                continue
+            if n not in table:
+                raise ValueError(f"the sensitivity report has no entry for layer '{n}'")
+            missing = [b for b in cands if b not in table[n]]
+            if missing:
+                raise ValueError(f"the sensitivity report lacks widths {missing} for layer '{n}'")
+            costs.append({b: table[n][b] for b in cands})
+        choice = solve_bits(costs, params, avg_bits, fixed=fixed, solver=solver)
+        bits, solver_used = list(choice.bits), choice.solver
+        layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
+        cost_model = f"sensitivity ({sensitivity.metric}, {sensitivity.method}), summed over layers"
+    elif policy == "spectral-knapsack":
+        costs = spectral_costs(kappas, params, cands)
+        choice = solve_bits(costs, params, avg_bits, fixed=fixed, solver=solver)
+        bits, solver_used = list(choice.bits), choice.solver
+        layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
+        cost_model = NOTE_COST
+    else:
+        fit = fit_spectral_rule(kappas, params, avg_bits, cands, fixed=fixed)
+        bits, b_base = list(fit.bits), fit.b_base
+        costs = spectral_costs(kappas, params, sorted(set(cands) | {protect_bits}))
+        layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
+        cost_model = NOTE_COST
+    layers = [
+        LayerAllocation(name=n, params=m, bits=int(b), kappa=k, cost=c, protected=i in fixed)
+        for i, (n, m, b, k, c) in enumerate(zip(names, params, bits, kappas, layer_costs))
+    ]
+    total = sum(c for c in layer_costs if c is not None and math.isfinite(c))
+    return Allocation(
+        policy=policy, budget=float(avg_bits), candidates=cands, layers=layers, cost_model=cost_model,
+        predicted_cost=float(total), b_base=b_base, solver=solver_used,
+        protect_bits=protect_bits if prot else None, sensitivity=sensitivity,
+    )

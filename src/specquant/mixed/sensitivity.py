@@ -1,0 +1,191 @@
+"""Per-layer sensitivity: the damage done by quantizing one layer alone at each width.
+
+For each layer l and candidate width b, a copy of the (BN-folded) model has *only* layer l
+quantized at b bits by the engine (``quantize`` with every other layer in ``config.skip``, so
+any method of the engine works: RTN, GPFQ, SPFQ, GPTQ, frame), and the copy is run on the
+calibration inputs.  Metrics:
+
+``"output"`` relative squared output error Σ_x ‖f(x) − f_Q(x)‖² / Σ_x ‖f(x)‖² (the noise power
+    ratio of the logits; squared so that the errors of independently perturbed layers add,
+    which is what a sum of per-layer costs in the knapsack assumes).
+``"loss"`` cross-entropy increase CE(f_Q) − CE(f), mean over the calibration samples, with the
+    given labels, or, without labels, the float model's own predictions as labels (stated in
+    ``SensitivityReport.labels``).
+
+Cost: one forward pass of the whole network over the calibration inputs per (layer, width),
+plus the method's own cost for one layer (data-driven methods stream that layer's statistics).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specquant.algorithms import RTNConfig
+from specquant.algorithms.base import QuantConfig
+from specquant.engine.apply import quantize
+from specquant.engine.calibrate import as_batches
+from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
+from specquant.mixed.policies import DEFAULT_CANDIDATES, check_candidates
+
+SENSITIVITY_METRICS = ("output", "loss")
+
+
+@dataclass
+class LayerSensitivity:
+    """Measured cost of one layer at each width."""
+
+    name: str  # module name
+    params: int  # number of weights M_l
+    costs: dict[int, float]  # bits -> metric value with only this layer quantized
+
+
+@dataclass
+class SensitivityReport:
+    """Per-layer sensitivities of one model."""
+
+    metric: str  # "output" or "loss"
+    method: str  # the engine method that quantized each layer
+    config: dict  # that method's config
+    candidates: tuple[int, ...]  # widths measured
+    n_samples: int  # calibration samples used
+    labels: str  # "none" (output metric), "given", or "float-predictions"
+    baseline: float  # metric of the float model (0 for "output"; the float CE for "loss")
+    layers: list[LayerSensitivity] = field(default_factory=list)
+    folded_bn: list = field(default_factory=list)  # BN folded before measuring
+    seconds: float = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.layers]
+
+    def cost_tables(self) -> list[dict[int, float]]:
+        return [dict(s.costs) for s in self.layers]
+
+    def at(self, bits: int) -> list[float]:
+        """Each layer's cost at one width (in layer order)."""
+        return [s.costs[bits] for s in self.layers]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["candidates"] = list(self.candidates)
+        d["layers"] = [{"name": s.name, "params": s.params, "costs": {str(b): c for b, c in s.costs.items()}}
+                       for s in self.layers]
+        d["folded_bn"] = [dataclasses.asdict(f) for f in self.folded_bn]
+        return d
+
+    def format_table(self) -> str:
+        head = f"{'layer':<24}{'params':>9}" + "".join(f"{'b=' + str(b):>11}" for b in self.candidates)
+        lines = [f"sensitivity ({self.metric}, {self.method}, {self.n_samples} samples)", head]
+        for s in self.layers:
+            lines.append(f"{s.name:<24}{s.params:>9}" + "".join(f"{s.costs[b]:>11.3g}" for b in self.candidates))
+        return "\n".join(lines)
+
+
+def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x).reshape(x.shape[0], -1).double() for x in batches])
+
+
+def _metric(metric: str, ref: torch.Tensor, out: torch.Tensor, labels: torch.Tensor | None,
+            base_loss: float) -> float:
+    if metric == "output":
+        den = float(ref.pow(2).sum())
+        return float((out - ref).pow(2).sum()) / den if den > 0 else float((out - ref).pow(2).sum())
+    return float(F.cross_entropy(out, labels)) - base_loss
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    calib,
+    candidates=DEFAULT_CANDIDATES,
+    method_config: QuantConfig | None = None,
+    *,
+    metric: str = "output",
+    labels: torch.Tensor | None = None,
+    layers: list[str] | None = None,
+    fold_bn: bool = True,
+    batch_size: int = 128,
+) -> SensitivityReport:
+    """Quantize each layer alone at each candidate width and measure the damage.
+
+    Args:
+        model: the float model (not changed: a BN-folded deep copy is used).
+        calib: calibration inputs (a tensor (N, …), or batches as ``quantize`` accepts).
+        candidates: widths to measure.
+        method_config: the engine config that quantizes the layer (default ``RTNConfig()``:
+            per-channel symmetric, MSE clipping); its ``bits``/``overrides`` are replaced and
+            every other layer is added to its ``skip``.
+        metric: "output" or "loss" (see the module docstring).
+        labels: (N,) int labels for the "loss" metric (default: the float model's predictions).
+        layers: names to measure (default: every quantizable layer in forward order that the
+            config does not skip).
+    """
+    t0 = time.perf_counter()
+    if metric not in SENSITIVITY_METRICS:
+        raise ValueError(f"unknown sensitivity metric {metric!r}; allowed: {', '.join(SENSITIVITY_METRICS)}")
+    cands = check_candidates(candidates)
+    cfg0 = method_config if method_config is not None else RTNConfig()
+    if not isinstance(cfg0, QuantConfig):
+        raise TypeError(f"method_config must be a specquant config, got {type(cfg0).__name__}")
+    batches = as_batches(calib, batch_size)
+    base = copy.deepcopy(model).eval()
+    folded = fold_batchnorm(base, batches[0]) if fold_bn else []
+    order = [n for n in forward_order(base, batches[0]) if not cfg0.skips(n)]
+    if layers is None:
+        layers = order
+    else:
+        unknown = [n for n in layers if n not in order]
+        if unknown:
+            raise ValueError(f"not quantizable layers of this model (or skipped): {', '.join(unknown)}")
+    all_names = [n for n, _ in quantizable_layers(base)]
+    ref = _outputs(base, batches)
+    n = ref.shape[0]
+    label_kind = "none"
+    base_loss = 0.0
+    y = None
+    if metric == "loss":
+        if labels is not None:
+            y = torch.as_tensor(labels).long().reshape(-1)
+            if y.shape[0] != n:
+                raise ValueError(f"{y.shape[0]} labels for {n} calibration samples")
+            label_kind = "given"
+        else:
+            y = ref.argmax(dim=1)
+            label_kind = "float-predictions"
+        base_loss = float(F.cross_entropy(ref, y))
+    data_for_engine = _needs_data(cfg0)
+    report = SensitivityReport(
+        metric=metric, method=cfg0.method, config=_config_dict(cfg0), candidates=cands, n_samples=n,
+        labels=label_kind, baseline=base_loss, folded_bn=folded,
+    )
+    mods = dict(base.named_modules())
+    for name in layers:
+        others = tuple(m for m in all_names if m != name)
+        costs = {}
+        for b in cands:
+            q = copy.deepcopy(base)
+            cfg = dataclasses.replace(cfg0, bits=b, overrides={}, skip=tuple(cfg0.skip) + others)
+            quantize(q, cfg, batches if data_for_engine else None, example_input=batches[0], fold_bn=False,
+                     batch_size=batch_size, progress=False)
+            costs[b] = _metric(metric, ref, _outputs(q, batches), y, base_loss)
+            del q
+        report.layers.append(LayerSensitivity(name=name, params=mods[name].weight.numel(), costs=costs))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _needs_data(cfg: QuantConfig) -> bool:
+    return bool(cfg.needs_data) or getattr(cfg, "scale_rule", None) == "output-mse" or cfg.bias_correction
+
+
+def _config_dict(cfg: QuantConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["method"] = cfg.method
+    d["skip"] = list(d.get("skip", ()))
+    return d

@@ -1,0 +1,325 @@
+"""Run folders: what one ``specquant`` command leaves on disk.
+
+A run folder holds
+
+* ``config.json``   everything needed to rerun the command (argv, model, method, bits, seed, the
+                    full algorithm config, versions) and the one-line command itself;
+* ``metrics.json``  the results (the keys of the CLI contract: model, method, bits / avg_bits,
+                    bits_per_weight, accuracy, float_accuracy, quant_seconds, peak_rss_mb, seed,
+                    layers); re-running the same command with the same seed reproduces it exactly
+                    apart from the keys in :data:`VOLATILE_KEYS` (timings and memory);
+* ``layers.csv``    one row per quantized layer;
+* ``model.safetensors`` the packed model (``specquant.io.save``), for ``specquant eval DIR``;
+* ``*.png``         plots (matplotlib, Agg backend);
+* ``index.html``    one self-contained page (see :mod:`specquant.report.html`).
+
+Every file is written atomically: into a temporary file in the same folder, then ``os.replace``,
+so an interrupted run never leaves a half-written file under its final name.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+# Keys whose values change from one run to the next (wall time, memory, dates). They are kept in
+# these clearly named keys only, so that ``strip_volatile(metrics)`` is reproducible.
+VOLATILE_KEYS = frozenset({
+    "quant_seconds", "eval_seconds", "float_eval_seconds", "load_seconds", "total_seconds",
+    "seconds", "peak_rss_mb", "created",
+})
+
+CONFIG_JSON = "config.json"
+METRICS_JSON = "metrics.json"
+LAYERS_CSV = "layers.csv"
+MODEL_FILE = "model.safetensors"
+INDEX_HTML = "index.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writers
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary readable files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(obj):
+    """A copy of ``obj`` that strict JSON can hold: non-finite floats become None, tuples lists,
+    tensors and NumPy scalars plain numbers, paths strings."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # NumPy scalars
+        return jsonable(obj.item())
+    return str(obj)
+
+
+def dumps(obj, indent: int | None = 2) -> str:
+    """Strict JSON (no NaN/Infinity), keys in insertion order."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, dumps(obj) + "\n")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "inf" if v == math.inf else ("-inf" if v == -math.inf else repr(v))
+    if isinstance(v, (list, tuple)):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> Path:
+    """Rows of dicts as CSV (columns: ``columns`` or the union of the keys in first-seen order);
+    shapes are written as ``64x3x3x3``, missing values as empty cells."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns.extend(k for k in r if k not in columns)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in columns])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def strip_volatile(obj):
+    """``obj`` without the keys of :data:`VOLATILE_KEYS` (at any depth): what must reproduce."""
+    if isinstance(obj, Mapping):
+        return {k: strip_volatile(v) for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [strip_volatile(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics read by the plots (they change nothing)
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_kappas(model: torch.nn.Module, names: Iterable[str]) -> dict[str, float]:
+    """κ(W) = σ_max/σ_min of each named layer's current weight (conv viewed as (out, in·kh·kw))."""
+    from specquant.core.spectral import condition_number
+
+    mods = dict(model.named_modules())
+    return {n: condition_number(mods[n].weight.detach()) for n in names if n in mods}
+
+
+def frame_redundancy_sweep(model: torch.nn.Module, bits: int, redundancies: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
+                           *, names: Iterable[str] | None = None, **frame_options) -> dict:
+    """Weight error of frame ΣΔ quantization against redundancy, layer by layer (data-free).
+
+    For each redundancy r, every layer's weight W (the float weights of ``model``; conv viewed as
+    (out, in·kh·kw)) is quantized with ``FrameConfig(bits=bits, redundancy=r, **frame_options)``
+    and the relative error ‖W − Ŵ‖_F/‖W‖_F is recorded with the true bits per weight.
+    Returns {"bits", "redundancy": [...], "layers": {name: [err per r]}, "overall": [...],
+    "bits_per_weight": [...]} where "overall" is sqrt(Σ‖W − Ŵ‖²/Σ‖W‖²) over the layers.
+    """
+    from specquant.algorithms.frame import FrameConfig
+    from specquant.algorithms.frame import quantize_weight as frame_quantize
+    from specquant.engine.walk import quantizable_layers
+
+    mods = [(n, m) for n, m in quantizable_layers(model) if names is None or n in set(names)]
+    out = {"bits": bits, "redundancy": [float(r) for r in redundancies], "layers": {n: [] for n, _ in mods},
+           "overall": [], "bits_per_weight": []}
+    for r in redundancies:
+        cfg = FrameConfig(bits=bits, redundancy=float(r), **frame_options)
+        num = den = 0.0
+        storage = weights = 0.0
+        for n, m in mods:
+            W = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+            qw = frame_quantize(W, None, cfg)
+            W_hat = qw.dequantize().reshape(W.shape).double()
+            e2, w2 = float((W - W_hat).pow(2).sum()), float(W.pow(2).sum())
+            out["layers"][n].append((e2 / w2) ** 0.5 if w2 > 0 else 0.0)
+            num, den = num + e2, den + w2
+            storage += qw.bits_per_weight() * W.numel()
+            weights += W.numel()
+        out["overall"].append((num / den) ** 0.5 if den > 0 else 0.0)
+        out["bits_per_weight"].append(storage / weights if weights else 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (PNG bytes; matplotlib with the Agg backend, no display needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    # A fixed "Software" entry and no date keep the PNG bytes reproducible.
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": "specquant"})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_accuracy_vs_bits(runs: Sequence[Mapping], float_accuracy: float | None = None,
+                          title: str = "accuracy against storage") -> bytes:
+    """Top-1 accuracy against true bits per weight, one line per method (runs: dicts with
+    method, bits_per_weight, accuracy, bits)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    markers = "osD^vP*X"
+    labelled: set[tuple[float, int]] = set()
+    for i, m in enumerate(methods):
+        pts = sorted((r["bits_per_weight"], r["accuracy"], r.get("bits")) for r in runs if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=m)
+        for x, y, b in pts:
+            key = (round(x, 1), b)
+            if b is not None and key not in labelled:  # one "Nb" label per storage point
+                labelled.add(key)
+                ax.annotate(f"{b}-bit codes", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    if float_accuracy is not None:
+        ax.axhline(float_accuracy, color="k", ls="--", lw=1, label=f"float ({float_accuracy:.2f} %)")
+    ax.set_xlabel("bits per weight (true storage, overhead included)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None]],
+                kappas: Sequence[float] | None = None, error_label: str = "relative output error",
+                title: str = "per-layer error and condition number") -> bytes:
+    """Per-layer relative error (one series per label) and, below, κ(W) on a log scale."""
+    plt = _pyplot()
+    rows = 2 if kappas is not None else 1
+    width = max(6.0, 0.35 * len(names) + 2)
+    fig, axes = plt.subplots(rows, 1, figsize=(width, 3.2 * rows), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    x = list(range(len(names)))
+    for label, vals in errors.items():
+        ax.plot(x, [float("nan") if v is None else v for v in vals], marker="o", ms=3, label=label)
+    ax.set_ylabel(error_label)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    if len(errors) > 1:
+        ax.legend(fontsize=7, ncol=min(5, len(errors)))
+    if kappas is not None:
+        kx = axes[1][0]
+        finite = [k if k is not None and math.isfinite(k) else float("nan") for k in kappas]
+        kx.bar(x, finite, color="tab:gray")
+        kx.set_yscale("log")
+        kx.set_ylabel("κ(W) = σmax/σmin")
+        kx.grid(alpha=0.3, axis="y")
+    bottom = axes[-1][0]
+    bottom.set_xticks(x)
+    bottom.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    return _png(fig)
+
+
+def plot_frame_redundancy(sweeps: Sequence[Mapping], title: str = "frame ΣΔ: weight error against redundancy") -> bytes:
+    """Relative weight error against redundancy N/d (log-log), one line per code width; each
+    point is annotated with its true bits per weight (with one sweep, one thin line per layer)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for sw in sweeps:
+        r, e = sw["redundancy"], sw["overall"]
+        ax.plot(r, e, marker="o", label=f"{sw['bits']}-bit codes (all layers)")
+        for xi, yi, b in zip(r, e, sw["bits_per_weight"]):
+            ax.annotate(f"{b:.1f} b/w", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if len(sweeps) == 1:
+            for name, errs in sw["layers"].items():
+                ax.plot(r, errs, lw=0.8, alpha=0.5, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks(list(sweeps[0]["redundancy"]) if sweeps else [])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("redundancy N/d")
+    ax.set_ylabel("‖W − Ŵ‖ / ‖W‖")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+# ---------------------------------------------------------------------------------------------
+
+
+def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, layers: Sequence[Mapping],
+                     plots: Mapping[str, bytes] | None = None, summary: Sequence[Mapping] | None = None,
+                     title: str = "specquant run", notes: Sequence[str] = ()) -> Path:
+    """Write config.json, metrics.json, layers.csv, the plots and index.html into ``out``.
+
+    ``plots`` maps file names (``"layers.png"``) to PNG bytes; ``summary`` is the rows of the
+    summary table of the HTML page (default: one row from ``metrics``). The packed model is
+    written by the caller (``specquant.io.save(model, out / MODEL_FILE, ...)``) before this, so
+    that metrics can read its size.
+    """
+    from specquant.report.html import write_html
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = dict(plots or {})
+    for name, png in plots.items():
+        atomic_write_bytes(out / name, png)
+    write_csv(out / LAYERS_CSV, layers)
+    write_json(out / CONFIG_JSON, config)
+    write_json(out / METRICS_JSON, metrics)
+    write_html(out / INDEX_HTML, title=title, summary=summary if summary is not None else [metrics],
+               plots=plots, layers=layers, config=config, notes=notes)
+    return out
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,122 @@
+"""Run folders: atomic writers, strict JSON, CSV, plots, the frame sweep, and reproducible metrics."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from specquant import cli
+from specquant.report import run_folder as rf
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    p = tmp_path / "sub" / "a.json"
+    rf.atomic_write_text(p, "first")
+    rf.atomic_write_text(p, "second")
+    assert p.read_text() == "second"
+    assert sorted(os.listdir(p.parent)) == ["a.json"]
+    assert oct(p.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    p = tmp_path / "m.json"
+    rf.atomic_write_text(p, "old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rf.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        rf.atomic_write_text(p, "new")
+    assert p.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["m.json"]
+
+
+def test_json_is_strict_and_volatile_keys_are_stripped(tmp_path):
+    obj = {"a": math.inf, "b": [1.5, float("nan")], "t": torch.tensor([1, 2]), "shape": (3, 4),
+           "quant_seconds": 1.0, "layers": [{"name": "fc1", "seconds": 0.1, "kappa": math.inf}]}
+    rf.write_json(tmp_path / "m.json", obj)
+    back = json.loads((tmp_path / "m.json").read_text())  # parses: no Infinity/NaN tokens
+    assert back["a"] is None and back["b"] == [1.5, None] and back["t"] == [1, 2] and back["shape"] == [3, 4]
+    assert "Infinity" not in (tmp_path / "m.json").read_text()
+    stripped = rf.strip_volatile(back)
+    assert "quant_seconds" not in stripped and stripped["layers"] == [{"name": "fc1", "kappa": None}]
+
+
+def test_csv_rows_shapes_and_missing_values(tmp_path):
+    rows = [{"name": "fc1", "shape": [128, 64], "err": 0.5, "kappa": math.inf},
+            {"name": "fc2", "shape": [10, 64], "err": None, "extra": 1}]
+    rf.write_csv(tmp_path / "layers.csv", rows)
+    with open(tmp_path / "layers.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == ["name", "shape", "err", "kappa", "extra"]
+    assert got[0]["shape"] == "128x64" and got[0]["kappa"] == "inf" and got[0]["extra"] == ""
+    assert got[1]["err"] == "" and got[1]["extra"] == "1"
+
+
+def test_plots_are_png(tmp_path):
+    runs = [{"method": m, "bits": b, "bits_per_weight": b + 0.4 + i * 0.01, "accuracy": 90 + b + i}
+            for i, m in enumerate(["rtn", "gpfq"]) for b in (2, 3, 4)]
+    assert rf.plot_accuracy_vs_bits(runs, 97.5)[:8] == PNG_MAGIC
+    png = rf.plot_layers(["fc1", "fc2"], {"rtn": [0.2, None], "gpfq": [0.1, 0.05]}, [10.0, math.inf])
+    assert png[:8] == PNG_MAGIC
+    sweep = {"bits": 2, "redundancy": [1.0, 2.0], "overall": [0.5, 0.25], "bits_per_weight": [2.2, 4.2],
+             "layers": {"fc1": [0.5, 0.25]}}
+    assert rf.plot_frame_redundancy([sweep])[:8] == PNG_MAGIC
+
+
+def test_frame_sweep_error_falls_with_redundancy_and_storage_grows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    sw = rf.frame_redundancy_sweep(model, 2, (1.0, 2.0, 4.0))
+    assert sw["redundancy"] == [1.0, 2.0, 4.0] and set(sw["layers"]) == {"0", "2"}
+    assert sw["overall"][0] > sw["overall"][1] > sw["overall"][2] > 0
+    assert sw["bits_per_weight"][0] < sw["bits_per_weight"][1] < sw["bits_per_weight"][2]
+    assert sw["bits_per_weight"][2] == pytest.approx(2 * 4.0, rel=0.2)  # b·N/d plus the scales
+    for p, q in zip(model.parameters(), before):  # a diagnostic changes nothing
+        assert torch.equal(p, q)
+
+
+def test_layer_kappas_match_the_singular_values():
+    lin = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.diag(torch.tensor([4.0, 2.0, 0.5])))
+    model = nn.Sequential(lin)
+    assert rf.layer_kappas(model, ["0"])["0"] == pytest.approx(8.0)
+
+
+def test_write_run_folder_writes_every_file(tmp_path):
+    layers = [{"name": "fc1", "shape": [4, 4], "rel_output_error": 0.1, "kappa": 2.0, "seconds": 0.01}]
+    metrics = {"model": "m", "method": "rtn", "bits": 4, "accuracy": 90.0, "layers": layers}
+    png = rf.plot_layers(["fc1"], {"rtn": [0.1]}, [2.0])
+    out = rf.write_run_folder(tmp_path / "run", config={"seed": 0}, metrics=metrics, layers=layers,
+                              plots={"layers.png": png})
+    assert sorted(os.listdir(out)) == ["config.json", "index.html", "layers.csv", "layers.png", "metrics.json"]
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "layers.png").read_bytes() == png
+
+
+def test_same_command_same_seed_reproduces_metrics_json(tmp_path, capsys):
+    """Two runs of the same quantize command: metrics.json equal once the timing keys are removed."""
+    args = ["quantize", "digits-mlp", "--method", "spfq", "--bits", "2", "--calib", "128", "--seed", "3", "--quiet"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main(args + ["--out", str(a)]) == 0
+    assert cli.main(args + ["--out", str(b)]) == 0
+    capsys.readouterr()
+    ma = json.loads((a / "metrics.json").read_text())
+    mb = json.loads((b / "metrics.json").read_text())
+    assert ma["seed"] == 3 and ma["quant_seconds"] > 0  # timings are there, under their own keys
+    assert rf.strip_volatile(ma) == rf.strip_volatile(mb)
+    # The packed models are byte for byte the same too.
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    # And the config says how to rerun it, seed included.
+    config = json.loads((a / "config.json").read_text())
+    assert config["seed"] == 3 and "--seed 3" in config["command_line"]
