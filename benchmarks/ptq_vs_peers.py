@@ -31,8 +31,8 @@ DEFAULT_RUNS = [
 
 def _specquant_config(method: str, bits: int, seed: int):
     """``method`` is a base name with optional ``+`` modifiers, e.g. ``gpfq+bc+search`` or
-    ``gpfq+r2`` (order-2 alignment, nearest rounding): bc = bias correction, search = per-channel
-    step search against GPFQ's own output error, natural = no activation order, minmax = max-abs steps."""
+    ``gpfq+r2`` (order-2 alignment, nearest rounding): bc = bias correction, nosearch = no per-channel
+    step search (GPFQ's default searches), natural = no activation order, minmax = max-abs steps."""
     import dataclasses
 
     import specquant as sq
@@ -53,8 +53,8 @@ def _specquant_config(method: str, bits: int, seed: int):
     for m in mods:
         if m == "bc":
             cfg = dataclasses.replace(cfg, bias_correction=True)
-        elif m == "search":
-            cfg = dataclasses.replace(cfg, search=(0.8, 0.9, 1.1, 1.25))
+        elif m == "nosearch":
+            cfg = dataclasses.replace(cfg, search=())
         elif m == "natural":
             cfg = dataclasses.replace(cfg, act_order=False)
         elif m == "minmax":

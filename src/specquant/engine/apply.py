@@ -210,6 +210,10 @@ def quantize(
     batches = as_batches(calib, batch_size) if (calib is not None or config.needs_data) else None
     example = batches[0] if batches else example_input
     if example is not None:
+        # Structure probes (shape check, BN pairing, call order, block links) keep activations
+        # alive for a whole forward pass: two samples are enough and keep that memory small.
+        example = example[:2]
+    if example is not None:
         _check_forward(model, example)
     folded: list[FoldedBN] = []
     if fold_bn and example is not None:
@@ -242,9 +246,11 @@ def quantize(
                 q_in = f_in
             else:
                 q_in = q_next if linked else capture_block_inputs(model, qblock, batches, block_name)
+            q_next = None  # drop references early: cached activations are the engine's main memory
             feeds_next = k + 1 < len(blocks) and links.get(blocks[k + 1]) == block_name
             f_raw, f_next = capture_float_layer_inputs(fblock, {n: fmods[n] for n in in_block}, f_in,
                                                        keep_outputs=feeds_next)
+            del f_in
         else:
             in_block = order
         for name in in_block:
@@ -265,7 +271,7 @@ def quantize(
             q_next = run_block(qblock, q_in) if feeds_next else None
             if not feeds_next:
                 f_next = None
-            del f_in, q_in, f_raw
+            del q_in, f_raw
     if bar is not None:
         bar.close()
     report.skipped = _skipped(model, set(order), {f.bn for f in folded})
