@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,21 @@ POLICIES = {  # name -> (allocate policy, protect first/last)
 }
 STATS = ("kappa", "lock_bits", "stable_rank", "effective_rank", "excess_kurtosis", "outlier_share", "op_norm",
          "params", "weight_nsr")
+
+
+def git_state() -> str | None:
+    """The commit and whether the tree has local changes (results depend on the working tree)."""
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parent.parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{head}{'+dirty' if dirty else ''}" if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def log(msg: str) -> None:
@@ -320,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "benchmark": "mixed_pareto", "quantizer": "GPFQConfig() defaults", "sens_method": args.sens_method,
+        "benchmark": "mixed_pareto", "quantizer": {"method": "gpfq", **dataclasses.asdict(GPFQConfig())},
+        "sens_method": args.sens_method, "git": git_state(),
         "settings": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")},

@@ -30,7 +30,7 @@ class GPFQConfig(QuantConfig):
     """Greedy path-following quantization."""
 
     scale_rule: str = "output-mse"  # step: "output-mse", "authors" (C·mean max|w|/2^(b−1)) or a calibrator
-    search: tuple = (0.8, 0.9, 1.1, 1.25)  # extra step multipliers tried per output channel; GPFQ keeps its own best ( () = off)
+    search: tuple = (0.8, 0.9, 1.1, 1.25)  # extra step multipliers per output channel; GPFQ keeps its best; () = off
     c_alpha: float = 1.16  # the constant C of the "authors" step rule
     act_order: bool = True  # process inputs by decreasing ‖X̃_t‖ (else natural order)
     block_size: int = 128  # columns per lazy batch of updates (speed only; results are identical)

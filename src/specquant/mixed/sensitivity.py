@@ -171,7 +171,8 @@ def measure_sensitivity(
         for b in cands:
             q = copy.deepcopy(base)
             cfg = dataclasses.replace(cfg0, bits=b, overrides={}, skip=tuple(cfg0.skip) + others)
-            quantize(q, cfg, batches if data_for_engine else None, example_input=batches[0], fold_bn=False,
+            # a 2-sample example suffices for the engine's forward checks when it streams no data
+            quantize(q, cfg, batches if data_for_engine else None, example_input=batches[0][:2], fold_bn=False,
                      batch_size=batch_size, progress=False)
             costs[b] = _metric(metric, ref, _outputs(q, batches), y, base_loss)
             del q
