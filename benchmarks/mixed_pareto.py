@@ -8,12 +8,15 @@ output-MSE step, activation order; ``--calib`` training images as calibration da
 * the policies of :mod:`specquant.mixed` at each average budget (``--budgets``, default 2.25,
   2.5, 3.0): ``spectral`` (the note's rule ⌈log₂ κ⌉ + b_base fitted to the budget),
   ``spectral-knapsack`` (the rule's error model M·κ²·4^-b solved exactly), ``sensitivity``
-  (measured per-layer sensitivities, exact knapsack) and ``sensitivity+protect`` (the same with
-  the first and last layers held at 8 bits);
-* the per-layer sensitivity: each layer alone quantized by RTN (``RTNConfig()``: per-channel,
-  MSE clipping; a cheap proxy for GPFQ, ``--sens-method gpfq`` uses GPFQ itself) at each
-  candidate width, relative squared output error on ``--sens-calib`` calibration images;
-* the Spearman rank correlation between per-layer statistics (κ, the lock width ⌈log₂ κ⌉,
+  (RTN-measured per-layer sensitivities, exact knapsack), ``sensitivity+protect`` (the same with
+  the first and last layers held at ``--protect-bits``, default 8) and ``sensitivity-gpfq``
+  (GPFQ-measured sensitivities);
+* the per-layer sensitivity: each layer alone quantized at each candidate width, relative
+  squared output error on ``--sens-calib`` calibration images, measured twice: by RTN
+  (``RTNConfig()``: per-channel, MSE clipping; a cheap proxy) and by GPFQ itself
+  (``--sens-methods``); policy ``sensitivity-gpfq`` uses the latter;
+* the Spearman rank correlation between per-layer statistics (κ, κ of the weight with unit-norm
+  rows (per-channel quantization ignores row scale, κ does not), the lock width ⌈log₂ κ⌉,
   stable and effective rank, excess kurtosis, outlier share, ‖W‖_op, parameters, and the RTN
   weight noise ‖W−Q_b(W)‖²/‖W‖² as a non-spectral baseline) and the measured sensitivity at
   2, 3 and 4 bits (``scipy.stats.spearmanr``; statistics of the BN-folded weights).
@@ -48,14 +51,15 @@ from specquant.mixed import allocate, measure_sensitivity
 from specquant.models.data import DataNotFoundError, data_dir
 from specquant.models.zoo import evaluate, get_model
 
-POLICIES = {  # name -> (allocate policy, protect first/last)
-    "spectral": ("spectral", False),
-    "spectral-knapsack": ("spectral-knapsack", False),
-    "sensitivity": ("sensitivity", False),
-    "sensitivity+protect": ("sensitivity", True),
+POLICIES = {  # name -> (allocate policy, protect first/last, sensitivity method)
+    "spectral": ("spectral", False, None),
+    "spectral-knapsack": ("spectral-knapsack", False, None),
+    "sensitivity": ("sensitivity", False, "rtn"),
+    "sensitivity+protect": ("sensitivity", True, "rtn"),
+    "sensitivity-gpfq": ("sensitivity", False, "gpfq"),
 }
-STATS = ("kappa", "lock_bits", "stable_rank", "effective_rank", "excess_kurtosis", "outlier_share", "op_norm",
-         "params", "weight_nsr")
+STATS = ("kappa", "kappa_rownorm", "lock_bits", "stable_rank", "effective_rank", "excess_kurtosis",
+         "outlier_share", "op_norm", "params", "weight_nsr")
 
 
 def git_state() -> str | None:
@@ -133,39 +137,45 @@ def bench_model(model_id: str, args) -> dict | None:
     out["end_to_end"] = out["analysis"]["end_to_end"]
     log(rep.format_table())
 
-    sens_cfg = GPFQConfig() if args.sens_method == "gpfq" else RTNConfig()
     cands = tuple(args.candidates)
-    t0 = time.perf_counter()
-    sens = measure_sensitivity(model, calib[: args.sens_calib], cands, sens_cfg, metric=args.metric)
-    out["sensitivity"] = sens.to_dict()
-    log(sens.format_table())
-    log(f"[{model_id}] sensitivities measured in {sens.seconds:.1f} s ({args.sens_method}, {sens.n_samples} images)")
+    sens_all = {}
+    for method in args.sens_methods:
+        cfg = GPFQConfig() if method == "gpfq" else RTNConfig()
+        sens = measure_sensitivity(model, calib[: args.sens_calib], cands, cfg, metric=args.metric)
+        sens_all[method] = sens
+        log(sens.format_table())
+        log(f"[{model_id}] sensitivities measured in {sens.seconds:.1f} s ({method}, {sens.n_samples} images)")
+    out["sensitivity"] = {m: s.to_dict() for m, s in sens_all.items()}
 
     layers = {la.name: la for la in rep.layers}
-    names = sens.names
+    names = next(iter(sens_all.values())).names
+    rownorm = rownorm_kappas(model, calib[: args.sens_calib])
     stat_vals: dict[str, list] = {s: [] for s in STATS}
     for n in names:
         la = layers[n]
         for s in STATS:
             if s == "weight_nsr":
                 continue
-            v = getattr(la, s)
+            v = rownorm[n] if s == "kappa_rownorm" else getattr(la, s)
             stat_vals[s].append(None if v is None else float(v))
     corr: dict = {}
-    for b in (2, 3, 4):
-        if b not in cands:
-            continue
-        ys = sens.at(b)
-        nsr = [10 ** (-layers[n].error(b).sqnr_db / 10) for n in names]
-        corr[str(b)] = {s: spearman(nsr if s == "weight_nsr" else stat_vals[s], ys) for s in STATS}
+    for method, sens in sens_all.items():
+        corr[method] = {}
+        for b in (2, 3, 4):
+            if b not in cands:
+                continue
+            ys = sens.at(b)
+            nsr = [10 ** (-layers[n].error(b).sqnr_db / 10) for n in names]
+            corr[method][str(b)] = {s: spearman(nsr if s == "weight_nsr" else stat_vals[s], ys) for s in STATS}
+        log(format_corr(model_id, method, corr[method], len(names)))
     out["spearman"] = corr
     out["per_layer"] = [
-        {"name": n, "params": layers[n].params, "kappa": layers[n].kappa, "lock_bits": layers[n].lock_bits,
-         "stable_rank": layers[n].stable_rank, "excess_kurtosis": layers[n].excess_kurtosis,
-         "sensitivity": {str(b): c for b, c in sens.layers[i].costs.items()}}
+        {"name": n, "params": layers[n].params, "kappa": layers[n].kappa, "kappa_rownorm": rownorm[n],
+         "lock_bits": layers[n].lock_bits, "stable_rank": layers[n].stable_rank,
+         "excess_kurtosis": layers[n].excess_kurtosis,
+         "sensitivity": {m: {str(b): c for b, c in s.layers[i].costs.items()} for m, s in sens_all.items()}}
         for i, n in enumerate(names)
     ]
-    log(format_corr(model_id, corr, len(names)))
 
     runs = []
     for b in args.uniform:
@@ -175,10 +185,14 @@ def bench_model(model_id: str, args) -> dict | None:
         log(f"[{model_id}] uniform {b} bits: {r['accuracy']:.2f} % ({r['quant_seconds']:.1f} s)")
     for budget in args.budgets:
         for pname in args.policies:
-            policy, protect = POLICIES[pname]
+            policy, protect, smethod = POLICIES[pname]
+            if smethod is not None and smethod not in sens_all:
+                log(f"[{model_id}] {pname}: skipped ({smethod} sensitivities not measured)")
+                continue
             try:
-                alloc = allocate(model, calib, budget, policy, cands, sens_cfg, protect_first_last=protect,
-                                 protect_bits=args.protect_bits, sensitivity=sens if policy == "sensitivity" else None)
+                alloc = allocate(model, calib, budget, policy, cands, protect_first_last=protect,
+                                 protect_bits=args.protect_bits,
+                                 sensitivity=sens_all[smethod] if smethod is not None else None)
             except ValueError as e:
                 log(f"[{model_id}] {pname} @ {budget}: {e}")
                 runs.append({"policy": pname, "budget": budget, "error": str(e)})
@@ -202,8 +216,30 @@ def bench_model(model_id: str, args) -> dict | None:
     return out
 
 
-def format_corr(model_id: str, corr: dict, n: int) -> str:
-    lines = [f"[{model_id}] Spearman rank correlation with the measured sensitivity ({n} layers"
+def rownorm_kappas(model, calib) -> dict:
+    """κ of each BN-folded weight with its rows scaled to unit norm (zero rows dropped).
+
+    Per-channel quantization is invariant to scaling a row, κ is not: a channel that BN scales
+    to almost 0 makes κ huge without changing any channel's relative quantization error.
+    """
+    from specquant.core import spectral
+    from specquant.engine.walk import fold_batchnorm, forward_order
+
+    m = copy.deepcopy(model).eval()
+    x = calib[:8]
+    fold_batchnorm(m, x)
+    mods = dict(m.named_modules())
+    out = {}
+    for n in forward_order(m, x):
+        w = spectral.as_matrix(mods[n].weight.detach()).double()
+        norms = w.norm(dim=1)
+        keep = norms > norms.max() * 1e-12
+        out[n] = spectral.condition_number(w[keep] / norms[keep, None]) if keep.any() else math.inf
+    return out
+
+
+def format_corr(model_id: str, method: str, corr: dict, n: int) -> str:
+    lines = [f"[{model_id}] Spearman rank correlation with the measured sensitivity ({method}; {n} layers"
              + ("; 3 points: no evidence either way" if n <= 3 else "") + ")"]
     bs = list(corr)
     lines.append(f"{'statistic':<18}" + "".join(f"{'b=' + b + ' rho':>12}{'p':>8}" for b in bs))
@@ -244,28 +280,30 @@ def plot(res: dict, folder: Path) -> list[str]:
     mid = res["model"]
     files = []
     pl = res["per_layer"]
-    bs = [b for b in ("2", "3", "4") if b in pl[0]["sensitivity"]]
+    methods = list(pl[0]["sensitivity"])
+    first = methods[0]
+    bs = [b for b in ("2", "3", "4") if b in pl[0]["sensitivity"][first]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     idx = list(range(len(pl)))
     kap = [p["kappa"] if p["kappa"] is not None else float("nan") for p in pl]
-    a1.bar(idx, [math.log2(k) for k in kap], color="tab:blue", alpha=0.6, label="log2 kappa")
-    a1.set_ylabel("log2 kappa (lock width)")
+    a1.bar(idx, [math.log2(k) for k in kap], color="tab:blue", alpha=0.5, label="log2 kappa")
+    a1.set_ylabel("log2 kappa (the note's lock width)")
     a1.set_xticks(idx, [p["name"] for p in pl], rotation=70, fontsize=7)
     a1b = a1.twinx()
-    for b in bs:
-        a1b.plot(idx, [p["sensitivity"][b] for p in pl], marker="o", label=f"sensitivity b={b}")
+    for m in methods:
+        for b in bs[:2]:
+            a1b.plot(idx, [p["sensitivity"][m][b] for p in pl], marker="o", label=f"{m} b={b}")
     a1b.set_yscale("log")
-    a1b.set_ylabel("sensitivity (" + res["sensitivity"]["metric"] + ")")
+    a1b.set_ylabel("sensitivity (" + res["sensitivity"][first]["metric"] + ", layer alone)")
     a1b.legend(fontsize=7, loc="upper right")
-    a1.set_title(f"{mid}: per-layer kappa and sensitivity")
+    a1.set_title(f"{mid}: per-layer kappa (bars) and sensitivity (lines)")
     for b in bs:
-        a2.scatter(kap, [p["sensitivity"][b] for p in pl], label=f"b={b}")
+        a2.scatter(kap, [p["sensitivity"][first][b] for p in pl], label=f"b={b}")
     a2.set_xscale("log")
     a2.set_yscale("log")
     a2.set_xlabel("kappa (BN-folded weight)")
-    sm = res["sensitivity"]
-    a2.set_ylabel(f"sensitivity ({sm['metric']}, layer alone, {sm['method']})")
-    rho = res["spearman"].get("2", {}).get("kappa", {}).get("rho")
+    a2.set_ylabel(f"sensitivity (layer alone, {first})")
+    rho = res["spearman"][first].get("2", {}).get("kappa", {}).get("rho")
     a2.set_title("kappa vs sensitivity" + (f" (Spearman rho at 2 bits {rho:.2f})" if rho is not None else ""))
     a2.legend(fontsize=7)
     fig.tight_layout()
@@ -304,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", type=int, default=None, help="calibration images (default 512, quick 128)")
     p.add_argument("--sens-calib", type=int, default=None, help="images for sensitivities (default 256, quick 64)")
     p.add_argument("--test", type=int, default=None, help="test images (default all, quick 1000)")
-    p.add_argument("--sens-method", choices=("rtn", "gpfq"), default="rtn")
+    p.add_argument("--sens-methods", nargs="+", choices=("rtn", "gpfq"), default=["rtn", "gpfq"],
+                   help="quantizers that measure per-layer sensitivities (rtn: cheap proxy; gpfq: the same method)")
     p.add_argument("--metric", choices=("output", "loss"), default="output",
                    help="sensitivity metric (loss: cross-entropy increase against the float predictions)")
     p.add_argument("--protect-bits", type=int, default=8)
@@ -332,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         plots += plot(res, Path(args.plots))
     for res in results:
         print(format_runs(res))
-        print(format_corr(res["model"], res["spearman"], len(res["per_layer"])))
+        for method, corr in res["spearman"].items():
+            print(format_corr(res["model"], method, corr, len(res["per_layer"])))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "mixed_pareto", "quantizer": {"method": "gpfq", **dataclasses.asdict(GPFQConfig())},
-        "sens_method": args.sens_method, "git": git_state(),
+        "sens_methods": args.sens_methods, "git": git_state(),
         "settings": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")},

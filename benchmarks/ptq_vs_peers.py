@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="tool:method entries")
     p.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="runs per job; times are medians (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per job, interleaved across tools; times are medians (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads per job (default 2)")
     p.add_argument("--data-dir", default=None)
     a = p.parse_args(argv)
@@ -157,20 +158,25 @@ def main(argv=None) -> int:
     dd = str(data_dir(a.data_dir))
     records = []
     for bits in a.bits:
+        # Repeats are interleaved (A B A B …) so that load on a shared machine hits every tool alike.
+        reps: dict[str, list] = {run: [] for run in a.runs}
+        for _ in range(a.repeats):
+            for run in a.runs:
+                reps[run].append(run_job((run, bits, a.calib, a.seed, dd, a.threads)))
         for run in a.runs:
-            reps = [run_job((run, bits, a.calib, a.seed, dd, a.threads)) for _ in range(a.repeats)]
-            rec = dict(reps[0])
-            rec["quant_seconds"] = statistics.median(r["quant_seconds"] for r in reps)
-            rec["quant_seconds_all"] = [r["quant_seconds"] for r in reps]
-            rec["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in reps)
+            rs = reps[run]
+            rec = dict(rs[0])
+            rec["quant_seconds"] = statistics.median(r["quant_seconds"] for r in rs)
+            rec["quant_seconds_all"] = [r["quant_seconds"] for r in rs]
+            rec["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in rs)
             records.append(rec)
             print(f"{rec['tool']:>9} {rec['method']:<18} W{bits}  acc {rec['accuracy']:6.2f} %  "
                   f"{rec['quant_seconds']:7.1f} s  {rec['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            tmp = a.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(records, f, indent=1)
-            os.replace(tmp, a.out)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, a.out)
     print(f"\n{'tool':>9} {'method':<18} {'bits':>4} {'levels':>6} {'acc %':>7} {'quant s':>8} {'peak MB':>8}")
     for r in records:
         print(f"{r['tool']:>9} {r['method']:<18} {r['bits']:>4} {r['levels']:>6} {r['accuracy']:>7.2f} "

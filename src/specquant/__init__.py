@@ -7,10 +7,18 @@ from specquant.core.quantizer import quantize_tensor
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
 from specquant.io import load, save
 
+
+def analyze(model, calib=None, **kwargs):
+    """Per-layer spectral and statistical table (see ``specquant.analyze.analyze``)."""
+    from specquant.analyze import analyze as _analyze
+
+    return _analyze(model, calib, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
-    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral", "save", "load",
+    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral", "save", "load", "analyze",
     "__version__",
 ]

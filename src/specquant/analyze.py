@@ -57,6 +57,14 @@ and reported with ``kind="heuristic"``: it is then neither an upper nor a lower 
 report shows how it compares with the measurement.  The measured error is
 ‖f(x) − f_Q(x)‖₂ of the flattened outputs (logits) per calibration sample, reported as its mean
 and max over the samples; all of this is computed in float64.
+
+On the zoo (``benchmarks/mixed_pareto.py``; RTN per-channel min-max): the note's operator-norm
+bound fails in every layer at b = 2..4 (measured/bound 1.4–4.2 on ResNet-20, 0.9–3.2 on
+mnist-mlp: ‖W − Q_b(W)‖_op behaves like a random matrix's norm, not like ‖W‖_op/2^b); the
+Frobenius bound holds (ratios 0.25–0.99).  On mnist-mlp at 4 bits the chain bound holds on all
+256 samples but is loose (mean 94.7 against a measured mean of 1.30); the note's formula as
+written gives 3.31, below the largest measured error (3.73): without the input scale it is not
+a bound.
 """
 from __future__ import annotations
 

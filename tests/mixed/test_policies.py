@@ -123,3 +123,15 @@ def model_copy(m):
     import copy
 
     return copy.deepcopy(m)
+
+
+def test_allocation_to_dict_is_strict_json_with_a_singular_layer():
+    import json
+
+    model = chain([2.0, 300.0], [8, 8, 8])
+    with torch.no_grad():
+        model[2].weight[0].zero_()  # singular: κ = inf, held at the largest width
+    alloc = allocate(model, None, 5.0, "spectral", example_input=torch.randn(2, 8))
+    assert math.isinf(alloc.layers[1].kappa) and alloc.layers[1].bits == 8
+    d = json.loads(json.dumps(alloc.to_dict(), allow_nan=False))
+    assert d["layers"][1]["kappa"] is None and d["overrides"] == alloc.overrides

@@ -67,3 +67,12 @@ def test_data_driven_method_and_allocation_round_trip():
     report = quantize(q, alloc.apply(GPFQConfig()), x, progress=False)
     assert [r.bits for r in report.layers] == [a.bits for a in alloc.layers]
     assert report.avg_bits == pytest.approx(alloc.avg_bits)
+
+
+def test_allocate_measures_sensitivities_on_the_first_samples_only():
+    model, x = mlp(), data(n=96)
+    y = torch.randint(0, 5, (96,), generator=torch.Generator().manual_seed(3))
+    alloc = allocate(model, x, 3.0, "sensitivity", metric="loss", labels=y, sensitivity_samples=40)
+    assert alloc.sensitivity.n_samples == 40 and alloc.sensitivity.labels == "given"
+    with pytest.raises(ValueError, match="sensitivity_samples"):
+        allocate(model, x, 3.0, "sensitivity", sensitivity_samples=0)

@@ -85,13 +85,14 @@ class Allocation:
         return dataclasses.replace(config, overrides=self.overrides)
 
     def to_dict(self) -> dict:
-        return {
+        """Strict-JSON-safe dict (an infinite κ or cost becomes None)."""
+        return _json_safe({
             "policy": self.policy, "budget": self.budget, "avg_bits": self.avg_bits,
             "candidates": list(self.candidates), "cost_model": self.cost_model,
             "predicted_cost": self.predicted_cost, "b_base": self.b_base, "solver": self.solver,
             "protect_bits": self.protect_bits, "overrides": self.overrides,
             "layers": [dataclasses.asdict(a) for a in self.layers],
-        }
+        })
 
     def format_table(self) -> str:
         lines = [f"allocation: policy {self.policy}, budget {self.budget:g} bits, achieved {self.avg_bits:.4f}",
@@ -102,6 +103,16 @@ class Allocation:
             lines.append(f"{a.name:<24}{a.params:>9}{a.kappa:>11.3g}{a.bits:>6}{cost:>12}{mark}")
         lines.append(f"predicted cost ({self.cost_model}): {self.predicted_cost:.4g}")
         return "\n".join(lines)
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def allocate(
@@ -117,6 +128,7 @@ def allocate(
     metric: str = "output",
     labels: torch.Tensor | None = None,
     sensitivity: SensitivityReport | None = None,
+    sensitivity_samples: int | None = 256,
     solver: str = "auto",
     fold_bn: bool = True,
     example_input: torch.Tensor | None = None,
@@ -139,6 +151,8 @@ def allocate(
         protect_first_last: hold the first and last layers (forward order) at ``protect_bits``.
         metric, labels: the sensitivity metric ("output" or "loss") and optional labels.
         sensitivity: a precomputed :class:`SensitivityReport` (reused across budgets).
+        sensitivity_samples: calibration samples used to measure sensitivities (the first ones;
+            None: all).  Each (layer, width) costs a forward pass over them.
         solver: knapsack solver, "auto", "dp" or "milp".
     """
     if policy not in POLICIES:
@@ -168,7 +182,15 @@ def allocate(
             if batches is None:
                 raise ValueError("policy 'sensitivity' needs calibration data (calib=...) or a sensitivity report")
             free = [n for i, n in enumerate(names) if i not in fixed]
-            sensitivity = measure_sensitivity(base, batches, cands, cfg, metric=metric, labels=labels,
+            sens_data = batches
+            if sensitivity_samples is not None:
+                if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) \
+                        or sensitivity_samples < 1:
+                    raise ValueError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
+                sens_data = torch.cat(batches)[:sensitivity_samples]
+                if labels is not None:
+                    labels = torch.as_tensor(labels)[:sensitivity_samples]
+            sensitivity = measure_sensitivity(base, sens_data, cands, cfg, metric=metric, labels=labels,
                                               layers=free, fold_bn=False, batch_size=batch_size)
         table = {s.name: s.costs for s in sensitivity.layers}
         costs = []

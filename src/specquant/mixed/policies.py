@@ -19,6 +19,20 @@ The spectral-limits note proposes b_l = ⌈log₂ κ(W_l)⌉ + b_base.  Two read
 
 Layer protection (an option of every policy): the first and last layers (in forward order)
 are held at ``protect_bits``; they count in the budget.
+
+What the measurements say (``benchmarks/mixed_pareto.py``, GPFQ, 512 calibration images, full
+test sets): κ does *not* decide how many bits a layer needs.  On ResNet-20 (BN folded) κ spans
+3.9 to 7·10^5 and the lock width ⌈log₂ κ⌉ asks for 11 to 20 bits in 12 of 20 layers, yet uniform
+3-bit GPFQ loses 0.6 points (91.13 % vs 91.73 %).  κ is only moderately rank-correlated with the
+measured per-layer sensitivity (Spearman ρ = 0.53 / 0.66 at 2 / 3 bits against RTN-measured
+output error, 0.31 / 0.49 against GPFQ-measured, ≈ 0 against GPFQ-measured loss increase; 20
+layers, many statistics tested, so p ≈ 0.02 is weak evidence).  Its huge values come from
+channels that BN scales to almost zero, which per-channel quantization does not care about.
+Allocations from κ fall *below* the uniform Pareto line (``spectral`` 87.99 % at 2.84 bits,
+``spectral-knapsack`` 89.28 % at 3.0 bits, vs uniform 3 bits 91.13 %), while the measured
+``sensitivity`` policy lies above it (90.37 % at 2.5 bits vs 88.97 % interpolated between
+uniform 2 and 3 bits) without reaching uniform 3 bits at 2.5.  The spectral policies are kept
+so the claim can be tested; use ``sensitivity`` for real allocations.
 """
 from __future__ import annotations
 
