@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
-    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral", "save", "load", "analyze",
+    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "metrics", "spectral",
+    "save", "load", "analyze",
     "__version__",
 ]
