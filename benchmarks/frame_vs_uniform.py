@@ -19,7 +19,9 @@ Linear/Conv layer only, accuracy on the full test set:
 Storage is reported two ways: ``bpw`` = the report's ``bits_per_weight`` (codes plus one fp16
 step per quantized vector, i.e. b·N/d + 16/d for the frame method, b + 16/d for RTN/GPFQ) and
 ``file bpw`` = 8 × the size of the file written by ``specquant.save(..., scale_dtype="fp16")``
-divided by the number of quantized weights; the file also holds the float32 biases (never
+divided by the number of quantized weights.  Where a step is below fp16's range (RTN on a
+near-zero BN-folded ResNet channel) the file is written with fp32 steps instead, marked * in
+the table and by ``file_scales`` in the JSON.  The file also holds the float32 biases (never
 quantized by the engine, for any method; ResNet-20 BatchNorm is folded into float conv biases
 first), the zoo id and the header, so it is a little above ``bpw``.  No bias correction.
 
@@ -107,16 +109,23 @@ class Runner:
         t1 = time.perf_counter()
         acc = evaluate(m, self.x, self.y)
         t2 = time.perf_counter()
-        file_bpw = None
+        file_bpw = file_scales = None
         if self.file_size:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "model.sq"
-                sq.save(m, path, model_id=self.model_id, scale_dtype="fp16")
+                try:
+                    sq.save(m, path, model_id=self.model_id, scale_dtype="fp16")
+                    file_scales = "fp16"
+                except ValueError as e:  # a step under fp16's range (e.g. a near-zero folded channel)
+                    if "fp16" not in str(e):
+                        raise
+                    sq.save(m, path, model_id=self.model_id, scale_dtype="fp32")
+                    file_scales = "fp32"
                 file_bpw = 8 * os.path.getsize(path) / rep.num_weights
         row = {
             "model": self.model_id, "method": method, "bits": bits, "redundancy": redundancy, "order": order,
             "accuracy": acc, "float_accuracy": self.float_accuracy,
-            "bits_per_weight": rep.bits_per_weight, "file_bits_per_weight": file_bpw,
+            "bits_per_weight": rep.bits_per_weight, "file_bits_per_weight": file_bpw, "file_scales": file_scales,
             "num_weights": rep.num_weights, "n_calib": rep.n_calib,
             "quant_seconds": t1 - t0, "eval_seconds": t2 - t1,
         }
@@ -217,8 +226,11 @@ def print_model(model_id: str, float_acc: float, rows: list[dict], n_calib: int)
     print(f"  {'method':<24} {'bpw':>7} {'file bpw':>9} {'acc %':>7} {'Δ float':>8} {'quant s':>8}")
     for r in sorted(rows, key=lambda r: (r["bits_per_weight"], r["method"], r["order"] or 0)):
         fb = f"{r['file_bits_per_weight']:9.3f}" if r["file_bits_per_weight"] else f"{'-':>9}"
+        fb += "*" if r.get("file_scales") == "fp32" else " "
         print(f"  {label(r):<24} {r['bits_per_weight']:7.3f} {fb} {r['accuracy']:7.2f} "
               f"{r['accuracy'] - float_acc:8.2f} {r['quant_seconds']:8.1f}")
+    if any(r.get("file_scales") == "fp32" for r in rows):
+        print("  * steps below fp16's range: file written with fp32 steps (the report's bpw counts fp16)")
     print("  frame against the uniform run of nearest storage (acc %, Δ = frame − other):")
     print(f"  {'frame setting':<24} {'bpw':>6} {'acc':>6} | {'RTN':>5} {'bpw':>6} {'acc':>6} {'Δ':>6} | "
           f"{'GPFQ':>5} {'bpw':>6} {'acc':>6} {'Δ':>6}")
