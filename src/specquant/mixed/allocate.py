@@ -105,14 +105,7 @@ class Allocation:
         return "\n".join(lines)
 
 
-def _json_safe(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
+from specquant.analyze import _json_safe  # noqa: E402  one strict-JSON helper for both reports
 
 
 def allocate(
