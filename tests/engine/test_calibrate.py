@@ -75,3 +75,28 @@ def test_as_batches_forms_and_errors():
 def test_blocks_split_containers():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
     assert find_blocks(model, ["0", "2.0", "2.1"]) == ["0", "2.0", "2.1"]
+
+
+def test_accumulator_energy_replaces_f():
+    """With the layer's weight, the accumulator records ‖X w_i‖² instead of F = XᵀX, and the
+    output error computed from it equals the one computed from F."""
+    from specquant.algorithms.common import relative_output_error
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(1, 400, 9, generator=g)
+    Xt = X + 0.1 * torch.randn(1, 400, 9, generator=g)
+    W = torch.randn(5, 9, generator=g)
+    full, lean = StatsAccumulator(1, 9), StatsAccumulator(1, 9, weight=W[None], keep_f=False)
+    for a, b in zip(X.split(100, dim=1), Xt.split(100, dim=1)):
+        full.add(a, b)
+        lean.add(a, b)
+    sf, sl = full.stats()[0], lean.stats()[0]
+    assert sl.F is None
+    torch.testing.assert_close(sl.energy, (W.double() @ sf.F * W.double()).sum(1), rtol=1e-5, atol=1e-6)
+    W_hat = W + 0.05 * torch.randn(5, 9, generator=g)
+    e_full = relative_output_error(W, W_hat, sf.H, sf.G, sf.F)
+    e_lean = relative_output_error(W, W_hat, sl.H, sl.G, sl.target_energy(W))
+    assert abs(e_full - e_lean) < 1e-5 * max(e_full, 1e-12) + 1e-9
+    torch.testing.assert_close(sl.target_energy(W.repeat(3, 1)), sl.energy.repeat(3))
+    with pytest.raises(ValueError, match="energies were recorded for 5 rows"):
+        sl.target_energy(W[:4])

@@ -17,10 +17,25 @@ class LayerStats:
 
     H: torch.Tensor  # (N0, N0) float64: X̃ᵀX̃
     G: torch.Tensor  # (N0, N0) float64: X̃ᵀX (row index follows X̃, column index follows X)
-    F: torch.Tensor  # (N0, N0) float64: XᵀX
+    F: torch.Tensor | None  # (N0, N0) float64: XᵀX, or None when only ``energy`` was recorded
     n_rows: int  # m, rows (samples × positions) accumulated
     mean_x: torch.Tensor  # (N0,) float64: column means of X
     mean_xt: torch.Tensor  # (N0,) float64: column means of X̃
+    energy: torch.Tensor | None = None  # (out,) float64: ‖X w_i‖² for the layer's own weights W
+
+    def target_energy(self, W: torch.Tensor) -> torch.Tensor:
+        """‖X w_i‖² per row of ``W`` (out, N0): from F when kept, else the recorded energies
+        (which belong to the layer's own weights; K stacked copies of them are accepted)."""
+        if self.F is not None:
+            Wd = W.double()
+            return (Wd @ self.F * Wd).sum(1)
+        if self.energy is None:
+            raise ValueError("these statistics hold neither F = XᵀX nor output energies")
+        k, r = divmod(W.shape[0], self.energy.numel())
+        if r or k == 0:
+            raise ValueError(f"output energies were recorded for {self.energy.numel()} rows, "
+                             f"not {W.shape[0]}; collect F (keep_f=True) for other weights")
+        return self.energy.repeat(k)
 
     @property
     def dim(self) -> int:

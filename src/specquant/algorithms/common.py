@@ -18,18 +18,24 @@ def check_scale_rule(rule: str) -> str:
 
 
 def row_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, G: torch.Tensor,
-                     F: torch.Tensor) -> torch.Tensor:
-    """‖X w_i − X̃ ŵ_i‖² per row i, from H = X̃ᵀX̃, G = X̃ᵀX, F = XᵀX.  W, W_hat: (out, N0)."""
+                     F: torch.Tensor | None) -> torch.Tensor:
+    """‖X w_i − X̃ ŵ_i‖² per row i, from H = X̃ᵀX̃, G = X̃ᵀX and F = XᵀX (N0, N0) or, in its
+    place, the (out,) vector of ‖X w_i‖² (all the error needs of F); ``F=None`` leaves that
+    constant out (the error up to a per-row constant: enough to compare candidates).
+    W, W_hat: (out, N0)."""
     W = W.double()
     Wh = W_hat.double()
-    e = (W @ F * W).sum(1) - 2 * (Wh @ G * W).sum(1) + (Wh @ H * Wh).sum(1)  # (out,)
-    return e.clamp_min(0)
+    e = -2 * (Wh @ G * W).sum(1) + (Wh @ H * Wh).sum(1)  # (out,)
+    if F is None:
+        return e
+    return (e + (F.double() if F.dim() == 1 else (W @ F * W).sum(1))).clamp_min(0)
 
 
 def relative_output_error(W, W_hat, H, G, F) -> float:
-    """‖XWᵀ − X̃Ŵᵀ‖_F / ‖XWᵀ‖_F from the covariance statistics."""
+    """‖XWᵀ − X̃Ŵᵀ‖_F / ‖XWᵀ‖_F from the covariance statistics (F: matrix or per-row energies)."""
     num = row_output_error(W, W_hat, H, G, F).sum()
-    den = (W.double() @ F * W.double()).sum().clamp_min(1e-300)
+    ref = F.double() if F.dim() == 1 else (W.double() @ F * W.double()).sum(1)
+    den = ref.sum().clamp_min(1e-300)
     return float((num / den).sqrt())
 
 

@@ -21,6 +21,7 @@ import torch
 
 from specquant.algorithms.base import LayerStats, QuantConfig
 from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
+from specquant.algorithms.refine import refine_codes
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.rounding import round_values
 
@@ -34,6 +35,7 @@ class GPFQConfig(QuantConfig):
     c_alpha: float = 1.16  # the constant C of the "authors" step rule
     act_order: bool = True  # process inputs by decreasing ‖X̃_t‖ (else natural order)
     block_size: int = 128  # columns per lazy batch of updates (speed only; results are identical)
+    refine_sweeps: int = 2  # coordinate-descent sweeps over the codes after the path (algorithms.refine); 0 = off
 
     method = "gpfq"
     needs_data = True
@@ -101,10 +103,10 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits
         scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, order, config)
     else:
         W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, block_size=config.block_size)
-    info = {"scale_rule": config.scale_rule, "act_order": config.act_order, "search": list(config.search)}
+        W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, order)
+    info = {"scale_rule": config.scale_rule, "act_order": config.act_order, "search": list(config.search),
+            "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype)
-
-
 
 
 def _search_steps(W, stats, scale, zp, spec, order, config):
@@ -119,7 +121,8 @@ def _search_steps(W, stats, scale, zp, spec, order, config):
     Zs = zp.reshape(out, 1).double().repeat(K, 1).expand(K * out, n)
     Wk = W.double().repeat(K, 1)  # (K·out, N0)
     Q = path_follow(Wk, stats.H, stats.G, Ss, Zs, spec, order, block_size=config.block_size)
-    err = row_output_error(Wk, Q, stats.H, stats.G, stats.F).reshape(K, out)  # (K, out)
+    Q = refine_codes(Wk, Q, stats.H, stats.G, Ss, Zs, spec, config.refine_sweeps, order)
+    err = row_output_error(Wk, Q, stats.H, stats.G, None).reshape(K, out)  # (K, out), up to a per-row constant
     best = err.argmin(0)  # (out,)
     idx = torch.arange(out)
     W_hat = Q.reshape(K, out, n)[best, idx]

@@ -16,6 +16,7 @@ import torch
 
 from specquant.algorithms.base import LayerStats, QuantConfig
 from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
+from specquant.algorithms.refine import refine_codes
 from specquant.core.grid import Granularity, GridSpec
 
 
@@ -27,6 +28,7 @@ class GPTQConfig(QuantConfig):
     block_size: int = 128  # lazy-batch width in columns
     act_order: bool = True  # quantize columns by decreasing H_tt (activation order)
     scale_rule: str = "output-mse"  # step size rule (see algorithms.common.choose_scales)
+    refine_sweeps: int = 0  # coordinate-descent sweeps on ‖X̃(w − ŵ)‖ after GPTQ (algorithms.refine); 0 = off
 
     method = "gptq"
     needs_data = True
@@ -86,5 +88,9 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, bits
     Z = per_column(zp, gran, tuple(W.shape))
     order = column_order(stats.H, config.act_order)
     W_hat = gptq_core(W, stats.H, S, Z, spec, order, config.damp, config.block_size, layer)
-    info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule}
+    dead = torch.diagonal(stats.H) == 0
+    W_live = torch.where(dead[None, :], torch.zeros_like(W), W)  # GPTQ's target: dead inputs' weights are 0
+    W_hat = refine_codes(W_live, W_hat, stats.H, stats.H, S, Z, spec, config.refine_sweeps, order)
+    info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule,
+            "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)

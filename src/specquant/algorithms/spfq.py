@@ -45,7 +45,7 @@ def alignment_error(W, W_tilde, stats: LayerStats) -> torch.Tensor:
     """‖X w_i − X̃ w̃_i‖² per row."""
     from specquant.algorithms.common import row_output_error
 
-    return row_output_error(W, W_tilde, stats.H, stats.G, stats.F)
+    return row_output_error(W, W_tilde, stats.H, stats.G, stats.target_energy(W))
 
 
 def align(W: torch.Tensor, stats: LayerStats, order_r: int, col_order: torch.Tensor,

@@ -259,7 +259,7 @@ def quantize(
             stats: list[LayerStats] | None = None
             if use_data:
                 stats = stream_layer_stats(fmods[name], f_raw.pop(name), qblock, mod, q_in, opts,
-                                           same=not any_quantized)
+                                           same=not any_quantized, weight=_grouped_weight(mod), keep_f=False)
             record = _quantize_layer(name, mod, stats, config, fn)
             record.seconds = time.perf_counter() - t0
             report.layers.append(record)
@@ -277,6 +277,13 @@ def quantize(
     report.skipped = _skipped(model, set(order), {f.bn for f in folded})
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _grouped_weight(mod: nn.Module) -> torch.Tensor:
+    """The layer's weight as (groups, out/groups, N0), matching ``layer_cols``."""
+    w = mod.weight.detach()
+    g = getattr(mod, "groups", 1)
+    return w.reshape(g, w.shape[0] // g, -1)
 
 
 def _skipped(model, quantized, folded):
@@ -323,8 +330,9 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
         for g in range(groups):
             sg = stats[g]
             Wg, Hg = W2[g * rows:(g + 1) * rows], W_hat[g * rows:(g + 1) * rows]
-            e = relative_output_error(Wg, Hg, sg.H, sg.G, sg.F)
-            ref = float((Wg.double() @ sg.F * Wg.double()).sum())
+            energy = sg.target_energy(Wg)  # (rows,) ‖X w_i‖²
+            e = relative_output_error(Wg, Hg, sg.H, sg.G, energy)
+            ref = float(energy.sum())
             num += e * e * ref
             den += ref
         rel = (num / den) ** 0.5 if den > 0 else 0.0

@@ -7,8 +7,9 @@ inputs in the float model and in the partly quantized model once (a forward pass
 at the block), then quantizes the block's layers one after another, re-running only the
 block on the cached inputs.  The whole network is thus never re-run for every layer.
 
-Statistics are the N0×N0 products H = X̃ᵀX̃, G = X̃ᵀX, F = XᵀX (``LayerStats``), so memory
-does not grow with the number of calibration samples.  Conv inputs are unfolded into
+Statistics are the N0×N0 products H = X̃ᵀX̃, G = X̃ᵀX (and F = XᵀX on request, else only the
+float output energy ‖X w_i‖² per channel) in ``LayerStats``, so memory does not grow with the
+number of calibration samples.  Conv inputs are unfolded into
 patches with the layer's real stride, padding and dilation; per group for grouped convs.
 """
 from __future__ import annotations
@@ -62,10 +63,12 @@ def as_batches(calib, batch_size: int) -> list[torch.Tensor]:
     return out
 
 
-def layer_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as a (groups, m, N0) matrix of rows, so that out = rows @ Wᵀ per group."""
+def layer_cols(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as a (groups, N0, m) matrix of columns (one per row of X), so that
+    out = colsᵀ @ Wᵀ per group.  Conv patches keep im2col's layout (positions contiguous), which
+    makes the one copy cheap and the products XᵀX plain GEMMs."""
     if isinstance(mod, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1])  # (1, m, in)
+        return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, in, m), a view
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         if isinstance(mod.padding, str):
             raise ValueError(f"string padding {mod.padding!r} is not supported for calibration")
@@ -83,42 +86,68 @@ def layer_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
         cols = F.unfold(x, ks, dilation=dl, padding=pd, stride=st)  # (B, C·kh·kw, L)
         g = mod.groups
         B, CK, L = cols.shape
-        cols = cols.reshape(B, g, CK // g, L).permute(1, 0, 3, 2)  # (g, B, L, C/g·kh·kw)
-        return cols.reshape(g, B * L, CK // g)
+        cols = cols.reshape(B, g, CK // g, L).permute(1, 2, 0, 3)  # (g, C/g·kh·kw, B, L)
+        return cols.reshape(g, CK // g, B * L)
     raise TypeError(f"not a quantizable layer: {type(mod).__name__}")
 
 
-class StatsAccumulator:
-    """Running H, G, F and means for one layer (per conv group)."""
+def layer_rows(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as a (groups, m, N0) matrix of rows, so that out = rows @ Wᵀ per group
+    (a transposed view of ``layer_cols``)."""
+    return layer_cols(mod, x).transpose(1, 2)
 
-    def __init__(self, groups: int, dim: int):
+
+class StatsAccumulator:
+    """Running H, G, means and output energies for one layer (per conv group).
+
+    ``weight`` (g, out/g, N0), when given, makes the accumulator also sum the float output
+    energy ‖X w_i‖² per output channel, which is all the error report needs of F = XᵀX; F itself
+    is then only kept when ``keep_f`` is set (or comes free, when X̃ = X): skipping it saves a
+    third of the products.
+    """
+
+    def __init__(self, groups: int, dim: int, weight: torch.Tensor | None = None, keep_f: bool = True):
         z = torch.zeros(groups, dim, dim, dtype=torch.float64)
-        self.H, self.G, self.F = z.clone(), z.clone(), z.clone()
+        self.H, self.G = z.clone(), z.clone()
+        self.F = z.clone() if keep_f else None
+        self.weight = None if weight is None else weight.float()  # (g, out/g, N0)
+        self.energy = None if weight is None else torch.zeros(groups, weight.shape[1], dtype=torch.float64)
+        self.same = True  # every chunk so far had X̃ = X (then F = H)
         self.sx = torch.zeros(groups, dim, dtype=torch.float64)
         self.sxt = torch.zeros(groups, dim, dtype=torch.float64)
         self.n = 0
 
     def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
-        """X, Xt: (g, m, N0) float rows from the float and the quantized model."""
-        X = X.float()
-        Xt = Xt.float()
-        xx = (X.transpose(1, 2) @ X).double()  # (g, N0, N0)
-        self.F += xx
-        if Xt is X:  # first layer, or same inputs: one product serves all three
+        """X, Xt: (g, m, N0) float rows from the float and the quantized model (views of
+        column-major ``layer_cols`` are the fast layout)."""
+        Xc = X.transpose(1, 2).float()  # (g, N0, m)
+        same = Xt is X
+        Xtc = Xc if same else Xt.transpose(1, 2).float()
+        self.same = self.same and same
+        if same:  # first layer, or same inputs: one product serves all three
+            xx = (Xc @ Xc.transpose(1, 2)).double()  # (g, N0, N0)
             self.H += xx
             self.G += xx
+            if self.F is not None:
+                self.F += xx
         else:
-            self.H += (Xt.transpose(1, 2) @ Xt).double()
-            self.G += (Xt.transpose(1, 2) @ X).double()
-        self.sx += X.sum(1).double()
-        self.sxt += Xt.sum(1).double()
-        self.n += X.shape[1]
+            self.H += (Xtc @ Xtc.transpose(1, 2)).double()
+            self.G += (Xtc @ Xc.transpose(1, 2)).double()
+            if self.F is not None:
+                self.F += (Xc @ Xc.transpose(1, 2)).double()
+        if self.weight is not None:
+            self.energy += (self.weight @ Xc).double().pow(2).sum(-1)  # (g, out/g)
+        self.sx += Xc.sum(2).double()
+        self.sxt += Xtc.sum(2).double()
+        self.n += Xc.shape[2]
 
     def stats(self) -> list[LayerStats]:
         n = max(self.n, 1)
+        F = self.F if self.F is not None else (self.H if self.same else None)
         return [
-            LayerStats(H=self.H[i], G=self.G[i], F=self.F[i], n_rows=self.n,
-                       mean_x=self.sx[i] / n, mean_xt=self.sxt[i] / n)
+            LayerStats(H=self.H[i], G=self.G[i], F=None if F is None else F[i], n_rows=self.n,
+                       mean_x=self.sx[i] / n, mean_xt=self.sxt[i] / n,
+                       energy=None if self.energy is None else self.energy[i])
             for i in range(self.H.shape[0])
         ]
 
@@ -276,9 +305,12 @@ def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], i
 def stream_layer_stats(
     flayer: nn.Module, f_raw: list[torch.Tensor],
     qblock: nn.Module, qlayer: nn.Module, q_inputs,
-    opts: StreamOptions, same: bool = False,
+    opts: StreamOptions, same: bool = False, weight: torch.Tensor | None = None, keep_f: bool = True,
 ) -> list[LayerStats]:
     """Statistics of one layer's inputs, streamed batch by batch.
+
+    ``weight`` (g, out/g, N0): also record each output channel's float energy ‖X w_i‖²;
+    ``keep_f``: also accumulate F = XᵀX (only needed when no ``weight`` is given).
 
     ``f_raw``: the layer's raw inputs in the float model, one tensor per batch; the quantized
     model's inputs come from re-running ``qblock`` on its cached inputs up to the layer.
@@ -291,11 +323,11 @@ def stream_layer_stats(
         # Unfold a few samples at a time: patches are ~k²× the activations, keep them small.
         step = opts.chunk if x_raw.dim() > 2 else x_raw.shape[0]
         for j in range(0, x_raw.shape[0], step):
-            acc = _accumulate(acc, flayer, x_raw[j:j + step], xt_raw[j:j + step], same, opts, gen)
+            acc = _accumulate(acc, flayer, x_raw[j:j + step], xt_raw[j:j + step], same, opts, gen, weight, keep_f)
     return acc.stats()
 
 
-def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen):
+def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen, weight=None, keep_f=True):
     """Add one chunk of float / quantized-model layer inputs to the running statistics."""
     X = layer_rows(layer, x_raw)  # (g, m, N0)
     Xt = X if same else layer_rows(layer, xt_raw)
@@ -308,6 +340,6 @@ def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen):
         else:
             Xt = X
     if acc is None:
-        acc = StatsAccumulator(X.shape[0], X.shape[2])
+        acc = StatsAccumulator(X.shape[0], X.shape[2], weight, keep_f)
     acc.add(X, Xt)
     return acc
