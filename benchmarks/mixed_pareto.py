@@ -140,7 +140,7 @@ def bench_model(model_id: str, args) -> dict | None:
     cands = tuple(args.candidates)
     sens_all = {}
     for method in args.sens_methods:
-        cfg = GPFQConfig() if method == "gpfq" else RTNConfig()
+        cfg = GPFQConfig(symmetric=args.symmetric) if method == "gpfq" else RTNConfig(symmetric=args.symmetric)
         sens = measure_sensitivity(model, calib[: args.sens_calib], cands, cfg, metric=args.metric)
         sens_all[method] = sens
         log(sens.format_table())
@@ -179,7 +179,7 @@ def bench_model(model_id: str, args) -> dict | None:
 
     runs = []
     for b in args.uniform:
-        r = run_quant(model, GPFQConfig(bits=b), calib, xt, yt)
+        r = run_quant(model, GPFQConfig(bits=b, symmetric=args.symmetric), calib, xt, yt)
         r.update({"policy": "uniform", "budget": float(b)})
         runs.append(r)
         log(f"[{model_id}] uniform {b} bits: {r['accuracy']:.2f} % ({r['quant_seconds']:.1f} s)")
@@ -197,7 +197,7 @@ def bench_model(model_id: str, args) -> dict | None:
                 log(f"[{model_id}] {pname} @ {budget}: {e}")
                 runs.append({"policy": pname, "budget": budget, "error": str(e)})
                 continue
-            r = run_quant(model, alloc.apply(GPFQConfig()), calib, xt, yt)
+            r = run_quant(model, alloc.apply(GPFQConfig(symmetric=args.symmetric)), calib, xt, yt)
             r.update({"policy": pname, "budget": budget, "predicted_cost": alloc.predicted_cost,
                       "b_base": alloc.b_base})
             runs.append(r)
@@ -352,10 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     p.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", choices=("symmetric", "asymmetric"), default="symmetric",
+                   help="weight grid of every run: symmetric narrow (2^b − 1 levels) or asymmetric "
+                        "(2^b levels, per-channel zero point); default symmetric")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="bench-out/mixed_pareto.json")
     p.add_argument("--plots", default="bench-out/mixed_pareto")
     args = p.parse_args(argv)
+    args.symmetric = args.grid == "symmetric"
     args.calib = args.calib or (128 if args.quick else 512)
     args.sens_calib = min(args.sens_calib or (64 if args.quick else 256), args.calib)
     args.test = args.test if args.test is not None else (1000 if args.quick else 0)
@@ -376,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "benchmark": "mixed_pareto", "quantizer": {"method": "gpfq", **dataclasses.asdict(GPFQConfig())},
+        "benchmark": "mixed_pareto",
+        "quantizer": {"method": "gpfq", **dataclasses.asdict(GPFQConfig(symmetric=args.symmetric))},
         "sens_methods": args.sens_methods, "git": git_state(),
         "settings": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,

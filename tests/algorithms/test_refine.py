@@ -65,3 +65,31 @@ def test_refined_gpfq_and_gptq_not_worse(layer_data, stats_from, bits):
         e0 = row_output_error(W, plain, st.H, G, F).sum()
         e1 = row_output_error(W, refined, st.H, G, F).sum()
         assert e1 <= e0 * (1 + 1e-9), f"{cfg.method}: refinement raised the output error {e0:.4g} → {e1:.4g}"
+
+
+def test_lazy_blocks_give_the_same_codes(layer_data, stats_from):
+    W, X, Xt = layer_data
+    st = stats_from(X, Xt)
+    spec, S, Z = _grid(W, 2)
+    start = torch.zeros_like(W, dtype=torch.float64)
+    order = torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(3))
+    one = refine_codes(W, start, st.H, st.G, S, Z, spec, sweeps=3, order=order, block_size=W.shape[1])
+    lazy = refine_codes(W, start, st.H, st.G, S, Z, spec, sweeps=3, order=order, block_size=5)
+    assert torch.allclose(one, lazy, atol=1e-9)
+
+
+def test_row_chunks_give_the_same_result(layer_data, stats_from):
+    """Neurons are independent: processing them in chunks changes nothing (GPFQ path and refinement)."""
+    from specquant.algorithms.common import column_order
+    from specquant.algorithms.gpfq import path_follow
+
+    W, X, Xt = layer_data
+    st = stats_from(X, Xt)
+    spec, S, Z = _grid(W, 3)
+    order = column_order(st.H, True)
+    whole = path_follow(W, st.H, st.G, S, Z, spec, order)
+    chunked = path_follow(W, st.H, st.G, S, Z, spec, order, row_chunk=5)
+    assert torch.allclose(whole, chunked, atol=1e-12)
+    r1 = refine_codes(W, whole, st.H, st.G, S, Z, spec, sweeps=2, order=order)
+    r2 = refine_codes(W, whole, st.H, st.G, S, Z, spec, sweeps=2, order=order, row_chunk=7)
+    assert torch.allclose(r1, r2, atol=1e-12)

@@ -72,13 +72,29 @@ def choose_scales(
         s, z = spec.qparams_from_alpha(f * amax)  # (K, out)
     else:
         s, z = spec.qparams_from_range(f * lo, f * hi)
-    D = Wd - fake_quantize(Wd, s[..., None], z[..., None], spec)  # (K, out, N0)
-    err = ((D @ Hd) * D).sum(-1)  # (K, out)
+    # Residuals of all candidates at once would take K·out·N0 doubles (a GiB for a 4096×512
+    # layer) and make the search memory-bound: work on tiles of about 2^20 entries instead
+    # (rows are independent; the numbers are the same).
+    tile = 1 << 20
+    rows = max(1, tile // Wd.shape[1])
+    per = max(1, tile // (min(rows, Wd.shape[0]) * Wd.shape[1]))  # candidates per tile
+    blocks = []
+    for r in range(0, Wd.shape[0], rows):
+        parts = [_rtn_output_error(Wd[r:r + rows], Hd, s[k:k + per, r:r + rows], z[k:k + per, r:r + rows], spec)
+                 for k in range(0, s.shape[0], per)]
+        blocks.append(torch.cat(parts))  # (K, rows)
+    err = torch.cat(blocks, dim=1)  # (K, out)
     best = err.argmin(dim=0)  # (out,)
     idx = torch.arange(W.shape[0])
     s, z = s[best, idx], z[best, idx]
     shape = gran.scale_shape(tuple(W.shape))
     return s.float().reshape(shape), z.float().reshape(shape)
+
+
+def _rtn_output_error(Wd, Hd, s, z, spec) -> torch.Tensor:
+    """(w − ŵ)ᵀH(w − ŵ) per (candidate, row) for round-to-nearest with scales ``s`` (k, out)."""
+    D = Wd - fake_quantize(Wd, s[..., None], z[..., None], spec)  # (k, out, N0)
+    return ((D @ Hd) * D).sum(-1)  # (k, out)
 
 
 def per_column(t: torch.Tensor, gran: Granularity, shape: tuple[int, int]) -> torch.Tensor:

@@ -54,16 +54,27 @@ def path_follow(
     block_size: int = 128,
     V0: torch.Tensor | None = None,  # (out, N0) initial X̃ᵀu (SPFQ's aligned start), default 0
     quantize: bool = True,  # False: continuous pass (a Gauss–Seidel sweep), no rounding
+    row_chunk: int = 4096,  # neurons per pass (speed only: rows are independent; keeps blocks in cache)
 ) -> torch.Tensor:
-    """One path-following pass; returns Ŵ (out, N0) in the original column order."""
-    W = W.double()[:, order]
+    """One path-following pass; returns Ŵ (out, N0) in the original column order.
+
+    Works on transposed copies (N0, out): the column of every neuron's weights that step t
+    reads and writes is then one contiguous row, and runs ``row_chunk`` neurons at a time, so
+    that a block of updates stays in cache and the cost stays linear in the number of neurons."""
+    if W.shape[0] > row_chunk:
+        return torch.cat([
+            path_follow(W[r:r + row_chunk], H, G, S[r:r + row_chunk], Z[r:r + row_chunk], spec, order, rounding,
+                        generator, block_size, None if V0 is None else V0[r:r + row_chunk], quantize, row_chunk)
+            for r in range(0, W.shape[0], row_chunk)
+        ])
+    Wt = W.double()[:, order].T.contiguous()  # (N0, out)
     H = H.double()[order][:, order]
     G = G.double()[order][:, order]
-    S = S.double()[:, order]
-    Z = Z.double()[:, order]
-    out, n = W.shape
-    V = torch.zeros(out, n, dtype=torch.float64) if V0 is None else V0.double()[:, order].clone()
-    Q = torch.zeros(out, n, dtype=torch.float64)
+    St = S.double()[:, order].T.contiguous()  # (N0, out)
+    Zt = Z.double()[:, order].T.contiguous()  # (N0, out)
+    n, out = Wt.shape
+    V = torch.zeros(n, out, dtype=torch.float64) if V0 is None else V0.double()[:, order].T.contiguous()
+    Q = torch.zeros(n, out, dtype=torch.float64)  # (N0, out)
     d = torch.diagonal(H).clone()
     g = torch.diagonal(G).clone()
     qmin, qmax = spec.qmin, spec.qmax
@@ -71,23 +82,23 @@ def path_follow(
         i1 = min(i0 + block_size, n)
         for t in range(i0, i1):
             if d[t] > 0:
-                z = (V[:, t] + W[:, t] * g[t]) / d[t]  # (out,)
+                z = (V[t] + Wt[t] * g[t]) / d[t]  # (out,)
             else:  # dead input: X̃_t = 0, any value gives the same output; take w_t itself
-                z = W[:, t]
+                z = Wt[t]
             if quantize:
-                s = S[:, t]
+                s = St[t]
                 safe = torch.where(s > 0, s, torch.ones_like(s))
-                c = round_values(z / safe + Z[:, t], rounding, generator).clamp(qmin, qmax)
-                q = torch.where(s > 0, (c - Z[:, t]) * s, torch.zeros_like(z))
+                c = round_values(z / safe + Zt[t], rounding, generator).clamp(qmin, qmax)
+                q = torch.where(s > 0, (c - Zt[t]) * s, torch.zeros_like(z))
             else:
                 q = z
-            Q[:, t] = q
-            if t + 1 < i1:
-                V[:, t + 1:i1] += W[:, t:t + 1] * G[t + 1:i1, t] - q[:, None] * H[t + 1:i1, t]
+            Q[t] = q
+            if t + 1 < i1:  # in-place rank-1 updates: no (B, out) temporaries per step
+                V[t + 1:i1].addr_(G[t + 1:i1, t], Wt[t]).addr_(H[t + 1:i1, t], q, alpha=-1)
         if i1 < n:
-            V[:, i1:] += W[:, i0:i1] @ G[i1:, i0:i1].T - Q[:, i0:i1] @ H[i1:, i0:i1].T
+            V[i1:].addmm_(G[i1:, i0:i1], Wt[i0:i1]).addmm_(H[i1:, i0:i1], Q[i0:i1], alpha=-1)
     inv = torch.argsort(order)
-    return Q[:, inv]
+    return Q.T[:, inv]
 
 
 def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits: int | None = None):
@@ -103,7 +114,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits
         scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, order, config)
     else:
         W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, block_size=config.block_size)
-        W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, order)
+        W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, order, config.block_size)
     info = {"scale_rule": config.scale_rule, "act_order": config.act_order, "search": list(config.search),
             "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype)
@@ -121,7 +132,7 @@ def _search_steps(W, stats, scale, zp, spec, order, config):
     Zs = zp.reshape(out, 1).double().repeat(K, 1).expand(K * out, n)
     Wk = W.double().repeat(K, 1)  # (K·out, N0)
     Q = path_follow(Wk, stats.H, stats.G, Ss, Zs, spec, order, block_size=config.block_size)
-    Q = refine_codes(Wk, Q, stats.H, stats.G, Ss, Zs, spec, config.refine_sweeps, order)
+    Q = refine_codes(Wk, Q, stats.H, stats.G, Ss, Zs, spec, config.refine_sweeps, order, config.block_size)
     err = row_output_error(Wk, Q, stats.H, stats.G, None).reshape(K, out)  # (K, out), up to a per-row constant
     best = err.argmin(0)  # (out,)
     idx = torch.arange(out)

@@ -90,7 +90,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, bits
     W_hat = gptq_core(W, stats.H, S, Z, spec, order, config.damp, config.block_size, layer)
     dead = torch.diagonal(stats.H) == 0
     W_live = torch.where(dead[None, :], torch.zeros_like(W), W)  # GPTQ's target: dead inputs' weights are 0
-    W_hat = refine_codes(W_live, W_hat, stats.H, stats.H, S, Z, spec, config.refine_sweeps, order)
+    W_hat = refine_codes(W_live, W_hat, stats.H, stats.H, S, Z, spec, config.refine_sweeps, order, config.block_size)
     info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule,
             "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)
