@@ -27,8 +27,9 @@ class LayerStats:
         """‖X w_i‖² per row of ``W`` (out, N0): from F when kept, else the recorded energies
         (which belong to the layer's own weights; K stacked copies of them are accepted)."""
         if self.F is not None:
-            Wd = W.double()
-            return (Wd @ self.F * Wd).sum(1)
+            from specquant.algorithms.common import target_energy
+
+            return target_energy(W, self.F)
         if self.energy is None:
             raise ValueError("these statistics hold neither F = XᵀX nor output energies")
         k, r = divmod(W.shape[0], self.energy.numel())

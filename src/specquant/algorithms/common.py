@@ -17,6 +17,15 @@ def check_scale_rule(rule: str) -> str:
     return rule
 
 
+def target_energy(W: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """‖X w_i‖² per row of ``W`` (out, N0), from F = XᵀX (N0, N0), or ``F`` itself when it is
+    already that (out,) vector of energies."""
+    if F.dim() == 1:
+        return F.double()
+    W = W.double()
+    return (W @ F.double() * W).sum(1)
+
+
 def row_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, G: torch.Tensor,
                      F: torch.Tensor | None) -> torch.Tensor:
     """‖X w_i − X̃ ŵ_i‖² per row i, from H = X̃ᵀX̃, G = X̃ᵀX and F = XᵀX (N0, N0) or, in its
@@ -28,14 +37,13 @@ def row_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, G: t
     e = -2 * (Wh @ G * W).sum(1) + (Wh @ H * Wh).sum(1)  # (out,)
     if F is None:
         return e
-    return (e + (F.double() if F.dim() == 1 else (W @ F * W).sum(1))).clamp_min(0)
+    return (e + target_energy(W, F)).clamp_min(0)
 
 
 def relative_output_error(W, W_hat, H, G, F) -> float:
     """‖XWᵀ − X̃Ŵᵀ‖_F / ‖XWᵀ‖_F from the covariance statistics (F: matrix or per-row energies)."""
     num = row_output_error(W, W_hat, H, G, F).sum()
-    ref = F.double() if F.dim() == 1 else (W.double() @ F * W.double()).sum(1)
-    den = ref.sum().clamp_min(1e-300)
+    den = target_energy(W, F).sum().clamp_min(1e-300)
     return float((num / den).sqrt())
 
 

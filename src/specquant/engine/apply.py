@@ -302,7 +302,7 @@ def _config_dict(config: QuantConfig) -> dict:
 @torch.no_grad()
 def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, config: QuantConfig, fn) -> LayerRecord:
     """Run the algorithm on one module (per conv group) and install the result."""
-    from specquant.algorithms.common import relative_output_error
+    from specquant.algorithms.common import row_output_error
 
     bits = config.bits_for(name)
     cfg = dataclasses.replace(config, bits=bits)
@@ -331,10 +331,8 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
             sg = stats[g]
             Wg, Hg = W2[g * rows:(g + 1) * rows], W_hat[g * rows:(g + 1) * rows]
             energy = sg.target_energy(Wg)  # (rows,) ‖X w_i‖²
-            e = relative_output_error(Wg, Hg, sg.H, sg.G, energy)
-            ref = float(energy.sum())
-            num += e * e * ref
-            den += ref
+            num += float(row_output_error(Wg, Hg, sg.H, sg.G, energy).sum())
+            den += float(energy.sum())
         rel = (num / den) ** 0.5 if den > 0 else 0.0
         if config.bias_correction:
             shift = []

@@ -44,6 +44,17 @@ def _repo_default() -> Path:
     return Path(__file__).resolve().parents[3] / DEFAULT_RELATIVE
 
 
+def _named_dir(value, source: str) -> Path:
+    """A data directory the user named explicitly: it must exist (never replaced by a default)."""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataNotFoundError(
+            f"data directory {str(path)!r} ({source}) does not exist; "
+            f"it must hold the shared data (mnist/, cifar10/, models/)"
+        )
+    return path.resolve()
+
+
 def data_dir(explicit: str | Path | None = None) -> Path:
     """Return the data directory, resolved in the order documented in the module docstring.
 
@@ -51,22 +62,10 @@ def data_dir(explicit: str | Path | None = None) -> Path:
     never silently replaced by a default).
     """
     if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not path.is_dir():
-            raise DataNotFoundError(
-                f"data directory {str(path)!r} (given with --data-dir) does not exist; "
-                f"it must hold the shared data (mnist/, cifar10/, models/)"
-            )
-        return path.resolve()
+        return _named_dir(explicit, "given with --data-dir")
     env = os.environ.get(ENV_VAR)
     if env:
-        path = Path(env).expanduser()
-        if not path.is_dir():
-            raise DataNotFoundError(
-                f"data directory {str(path)!r} (from {ENV_VAR}) does not exist; "
-                f"it must hold the shared data (mnist/, cifar10/, models/)"
-            )
-        return path.resolve()
+        return _named_dir(env, f"from {ENV_VAR}")
     candidates = [Path.cwd() / DEFAULT_RELATIVE, _repo_default()]
     for path in candidates:
         if path.is_dir():
