@@ -26,8 +26,11 @@ Goal (issue 5): at 2.5 average bits the best policy reaches at least uniform 3-b
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mixed_pareto.py [--quick] \
         [--out bench-out/mixed_pareto.json] [--plots bench-out/mixed_pareto]
 
-Average bits are code bits over the quantized layers (Σ M_l·b_l / Σ M_l); the true storage with
-the fp16 scales (``bits_per_weight``) is reported next to them.
+Average bits are stored code bits over the quantized layers (Σ M_l·s(b_l) / Σ M_l, s = 1.6 for the
+3-level 2-bit grid, whose codes are stored five per byte, else s = b); the true storage with the
+fp16 scales (``bits_per_weight``) is reported next to them.  ``sensitivity-gpfq-channel`` allocates
+per output channel (one width per row, the layer's measured cost split over its rows); in the
+"bits per layer" column a ``*`` marks a layer whose rows mix widths.
 """
 from __future__ import annotations
 
@@ -51,12 +54,13 @@ from specquant.mixed import allocate, measure_sensitivity
 from specquant.models.data import DataNotFoundError, data_dir
 from specquant.models.zoo import evaluate, get_model
 
-POLICIES = {  # name -> (allocate policy, protect first/last, sensitivity method)
-    "spectral": ("spectral", False, None),
-    "spectral-knapsack": ("spectral-knapsack", False, None),
-    "sensitivity": ("sensitivity", False, "rtn"),
-    "sensitivity+protect": ("sensitivity", True, "rtn"),
-    "sensitivity-gpfq": ("sensitivity", False, "gpfq"),
+POLICIES = {  # name -> (allocate policy, protect first/last, sensitivity method, granularity)
+    "spectral": ("spectral", False, None, "layer"),
+    "spectral-knapsack": ("spectral-knapsack", False, None, "layer"),
+    "sensitivity": ("sensitivity", False, "rtn", "layer"),
+    "sensitivity+protect": ("sensitivity", True, "rtn", "layer"),
+    "sensitivity-gpfq": ("sensitivity", False, "gpfq", "layer"),
+    "sensitivity-gpfq-channel": ("sensitivity", False, "gpfq", "channel"),
 }
 STATS = ("kappa", "kappa_rownorm", "lock_bits", "stable_rank", "effective_rank", "excess_kurtosis",
          "outlier_share", "op_norm", "params", "weight_nsr")
@@ -110,7 +114,9 @@ def run_quant(model, cfg, calib, xt, yt) -> dict:
     secs = time.perf_counter() - t0
     acc = evaluate(q, xt, yt)
     return {"accuracy": acc, "avg_bits": rep.avg_bits, "bits_per_weight": rep.bits_per_weight,
-            "quant_seconds": secs, "bits": {r.name: r.bits for r in rep.layers}}
+            "quant_seconds": secs, "bits": {r.name: r.bits for r in rep.layers},
+            "row_widths": {r.name: {str(b): r.row_bits.count(b) for b in sorted(set(r.row_bits))}
+                           for r in rep.layers if r.row_bits is not None}}
 
 
 def bench_model(model_id: str, args) -> dict | None:
@@ -185,13 +191,14 @@ def bench_model(model_id: str, args) -> dict | None:
         log(f"[{model_id}] uniform {b} bits: {r['accuracy']:.2f} % ({r['quant_seconds']:.1f} s)")
     for budget in args.budgets:
         for pname in args.policies:
-            policy, protect, smethod = POLICIES[pname]
+            policy, protect, smethod, gran = POLICIES[pname]
             if smethod is not None and smethod not in sens_all:
                 log(f"[{model_id}] {pname}: skipped ({smethod} sensitivities not measured)")
                 continue
             try:
                 alloc = allocate(model, calib, budget, policy, cands, protect_first_last=protect,
-                                 protect_bits=args.protect_bits,
+                                 protect_bits=args.protect_bits, granularity=gran,
+                                 method_config=GPFQConfig(symmetric=args.symmetric),
                                  sensitivity=sens_all[smethod] if smethod is not None else None)
             except ValueError as e:
                 log(f"[{model_id}] {pname} @ {budget}: {e}")
@@ -259,7 +266,7 @@ def format_runs(res: dict) -> str:
         if "error" in r:
             lines.append(f"{r['policy']:<22}{r['budget']:>7g}  {r['error']}")
             continue
-        bits = "".join(str(b) for b in r["bits"].values())
+        bits = "".join(str(b) if n not in r.get("row_widths", {}) else "*" for n, b in r["bits"].items())
         lines.append(f"{r['policy']:<22}{r['budget']:>7g}{r['avg_bits']:>9.3f}{r['bits_per_weight']:>7.3f}"
                      f"{r['accuracy']:>8.2f}{r['quant_seconds']:>7.1f}  {bits}")
     g = res["goal"]

@@ -132,7 +132,7 @@ def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys):
 def test_help_of_each_command_explains_every_option(capsys):
     for cmd, options in {
         "quantize": ["--method", "--bits", "--granularity", "--calib", "--seed", "--out", "--json", "--redundancy",
-                     "--avg-bits", "--policy", "--data-dir", "--quiet", "--limit"],
+                     "--avg-bits", "--policy", "--per-channel-bits", "--data-dir", "--quiet", "--limit"],
         "demo": ["--out", "--calib", "--seed", "--redundancy", "--json", "--quiet"],
         "eval": ["--json", "--limit", "--data-dir", "--quiet"],
         "analyze": ["--json", "--calib", "--seed", "--data-dir", "--quiet"],
@@ -248,6 +248,22 @@ def test_mixed_precision_under_an_average_budget(capsys):
     assert m["bits"] is None and m["target_avg_bits"] == 2.5 and m["policy"] == "spectral"
     assert m["avg_bits"] <= 2.5 + 1e-9  # the budget holds (code bits, weighted by layer size)
     assert {r["name"]: r["bits"] for r in m["layers"]} == m["allocation"]["overrides"]
+
+
+def test_mixed_precision_per_channel_widths_save_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "mixed"
+    argv = ["quantize", "digits-mlp", "--method", "gpfq", "--avg-bits", "2.5", "--policy", "sensitivity",
+            "--per-channel-bits", "--calib", "64", "--out", str(out), "--json", "--quiet"]
+    assert cli.main(argv) == 0
+    m = json.loads(capsys.readouterr().out)
+    alloc = m["allocation"]
+    assert alloc["granularity"] == "channel" and m["avg_bits"] <= 2.5 + 1e-9
+    assert m["avg_bits"] == pytest.approx(alloc["avg_bits"])
+    assert cli.main(["eval", str(out), "--json", "--quiet"]) == 0  # the saved file holds the mixed rows
+    assert json.loads(capsys.readouterr().out)["accuracy"] == m["accuracy"]
+    line = _error_line(capsys, ["quantize", "digits-mlp", "--method", "gpfq", "--avg-bits", "2.5", "--policy",
+                                "spectral", "--per-channel-bits"])
+    assert "--per-channel-bits needs --avg-bits A --policy sensitivity" in line
 
 
 @pytest.mark.slow

@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed-precision allocation with --avg-bits: sensitivity (measured per-layer output "
                         "error, budget solved exactly), spectral (the rule ceil(log2 kappa) + b_base fitted to the "
                         "budget) or spectral-knapsack (the rule's error model solved exactly) (default: none)")
+    p.add_argument("--per-channel-bits", action="store_true",
+                   help="with --policy sensitivity: choose a width per output channel instead of per layer "
+                        "(rows of a layer may then differ; each is stored at its own width) (default: per layer)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
                    help="evaluate on the first N test images only, for quick checks (default: all)")
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
@@ -439,14 +442,14 @@ def _emit_json(obj) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _allocate(model, config, calib, avg_bits: float, policy: str):
+def _allocate(model, config, calib, avg_bits: float, policy: str, granularity: str = "layer"):
     """Per-layer bits from ``specquant.mixed.allocate`` for an average budget (an ``Allocation``)."""
     try:
         from specquant.mixed import allocate
     except ImportError:
         raise CLIError("--avg-bits/--policy: mixed precision is not available yet "
                        "(specquant.mixed.allocate has not landed)") from None
-    return allocate(model, calib, avg_bits, policy=policy, method_config=config)
+    return allocate(model, calib, avg_bits, policy=policy, method_config=config, granularity=granularity)
 
 
 def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
@@ -466,6 +469,11 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
         raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
     if args.redundancy is not None and args.method != "frame":
         raise CLIError("quantize: --redundancy applies to --method frame only")
+    if args.per_channel_bits and args.policy != "sensitivity":
+        raise CLIError("quantize: --per-channel-bits needs --avg-bits A --policy sensitivity")
+    if args.per_channel_bits and (args.method == "frame" or args.granularity != "channel"):
+        raise CLIError("quantize: --per-channel-bits needs per-channel scales (--granularity channel) and a "
+                       "uniform-grid method (rtn, gpfq, spfq, gptq)")
     mixed = args.avg_bits is not None
     base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy)
@@ -489,8 +497,9 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
 
     allocation = None
     if mixed:
-        ui.say(f"allocating bits per layer ({args.policy} policy, {args.avg_bits} bits on average) ...")
-        allocation = _allocate(model, config, calib, args.avg_bits, args.policy)
+        per = "channel" if args.per_channel_bits else "layer"
+        ui.say(f"allocating bits per {per} ({args.policy} policy, {args.avg_bits} bits on average) ...")
+        allocation = _allocate(model, config, calib, args.avg_bits, args.policy, per)
         config = allocation.apply(config)
     float_model = _folded_float(model, calib)
     ui.say(f"quantizing with {args.method} "

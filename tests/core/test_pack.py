@@ -4,7 +4,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specquant.core.pack import pack, packed_nbytes, unpack
+from specquant.core.pack import (
+    code_bits,
+    grid_nbytes,
+    pack,
+    pack_grid,
+    pack_rows,
+    pack_trits,
+    packed_nbytes,
+    packing_for,
+    rows_nbytes,
+    trits_nbytes,
+    unpack,
+    unpack_grid,
+    unpack_rows,
+    unpack_trits,
+)
 
 
 def _random_codes(n: int, bits: int, seed: int) -> torch.Tensor:
@@ -102,3 +117,66 @@ def test_too_short_data():
 def test_bad_numel():
     with pytest.raises(ValueError, match="non-negative"):
         unpack(torch.zeros(4, dtype=torch.uint8), 4, -1)
+
+
+# ---- ternary (five per byte) and per-row layouts ------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, 9, 10, 11, 997])
+def test_trits_round_trip_and_size(n):
+    d = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    p = pack_trits(d)
+    assert p.dtype == torch.uint8 and p.numel() == trits_nbytes(n) == -(-n // 5)
+    assert int(p.max()) <= 242 if n else True
+    assert torch.equal(unpack_trits(p, n), d)
+
+
+def test_trits_layout_is_base3_little_endian():
+    d = torch.tensor([1, 2, 0, 1, 2, 2], dtype=torch.uint8)
+    assert pack_trits(d).tolist() == [1 + 2 * 3 + 0 * 9 + 1 * 27 + 2 * 81, 2]
+
+
+def test_trits_errors_are_one_line():
+    with pytest.raises(ValueError, match="ternary digit"):
+        pack_trits(torch.tensor([0, 3], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="need 2"):
+        unpack_trits(torch.zeros(1, dtype=torch.uint8), 6)
+    with pytest.raises(ValueError, match="exceeds 242"):
+        unpack_trits(torch.tensor([250], dtype=torch.uint8), 5)
+
+
+def test_only_three_level_two_bit_grids_are_trit_packed():
+    assert packing_for(3, 2) == "trits" and code_bits(3, 2) == 1.6
+    assert packing_for(4, 2) == "bits" and code_bits(4, 2) == 2.0
+    assert packing_for(7, 3) == "bits" and code_bits(7, 3) == 3.0
+    codes = torch.tensor([1, 3, 2, 2, 1, 3, 3], dtype=torch.uint8)  # narrow 2-bit grid: codes 1..3
+    p = pack_grid(codes, 3, 2, 1)
+    assert p.numel() == grid_nbytes(7, 3, 2) == 2
+    assert torch.equal(unpack_grid(p, 3, 2, 1, 7), codes)
+    with pytest.raises(ValueError, match="below the grid's smallest code"):
+        pack_grid(torch.tensor([0], dtype=torch.uint8), 3, 2, 1)
+
+
+def _grid(b):  # (levels, qmin) of the default symmetric grid of width b
+    from specquant.core.grid import GridSpec
+
+    g = GridSpec.default(b, True)
+    return g.levels, g.qmin
+
+
+def test_rows_layout_round_trip_and_size():
+    from specquant.core.grid import GridSpec
+
+    g = torch.Generator().manual_seed(0)
+    widths = [2, 8, 3, 2, 1, 4, 8, 2]
+    n = 13
+    rows = []
+    for b in widths:
+        spec = GridSpec.default(b, True)
+        rows.append(torch.randint(spec.qmin, spec.qmax + 1, (n,), generator=g).to(torch.uint8))
+    codes = torch.stack(rows)  # (8, 13)
+    p = pack_rows(codes, widths, _grid)
+    expect = trits_nbytes(3 * n) + sum(packed_nbytes(widths.count(b) * n, b) for b in (1, 3, 4, 8))
+    assert p.numel() == rows_nbytes(widths, n, _grid) == expect
+    assert torch.equal(unpack_rows(p, widths, n, _grid), codes)
+    with pytest.raises(ValueError, match="rows need"):
+        unpack_rows(p[:-1], widths, n, _grid)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from specquant.algorithms import GPFQConfig, RTNConfig
-from specquant.core.pack import packed_nbytes
+from specquant.core.pack import grid_nbytes, packed_nbytes
 from specquant.engine.apply import quantize
 from specquant.io import SQFormatError, load, payload_digest, read_header, save, storage_breakdown
 from specquant.nn import QuantConv2d, QuantLinear, convert
@@ -131,9 +131,9 @@ def test_round_trip_bit_identical(nets, tmp_path, which, bits, method):
 
 
 def _ideal_bytes(fq, scale_bytes=4):
-    """Σ ceil(bits·n/8) + scales (+ zero points) + every tensor that stays float."""
+    """Σ ceil(bits·n/8) (3-level grids: ceil(n/5)) + scales (+ zero points) + every tensor that stays float."""
     qm = _qmods(fq)
-    codes = sum(packed_nbytes(m.qweight.codes.numel(), m.qweight.bits) for m in qm.values())
+    codes = sum(grid_nbytes(m.qweight.codes.numel(), m.qweight.levels, m.qweight.bits) for m in qm.values())
     scales = sum(m.qweight.scale.numel() * scale_bytes for m in qm.values())
     zps = sum(m.qweight.zero_point.numel() for m in qm.values() if not m.qweight.spec.symmetric)
     prefixes = tuple(n + "." for n in qm)
@@ -225,6 +225,60 @@ def conv3(nets):
 def saved(conv3, tmp_path):
     fq, arch = conv3
     return save(fq, tmp_path / "m.sq", arch=arch)
+
+
+def test_round_trip_mixed_row_widths(nets, tmp_path):
+    from specquant.core.grid import GridSpec
+    from specquant.core.pack import rows_nbytes
+
+    model, arch, x = _case(nets, "conv")
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    widths = tuple(int(b) for b in (torch.arange(conv.out_channels) % 4 + 1))  # 1, 2, 3, 4, 1, …
+    fq = _quantized(model, GPFQConfig(bits=3, row_bits={name: widths}), x)
+    path = save(fq, tmp_path / "m.sq", arch=arch)
+    loaded = load(path)
+    layer, qw = dict(loaded.named_modules())[name], dict(fq.named_modules())[name].qweight
+    assert layer.packing == "rows" and layer.row_bits.tolist() == list(widths)
+    assert torch.equal(layer.unpacked_codes(), qw.codes)
+    assert torch.equal(layer.dequantized_weight(), dict(fq.named_modules())[name].weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fq(x))
+    rec = next(r for r in read_header(path)["layers"] if r["name"] == name)
+    assert rec["packing"] == "rows" and rec["bits"] == 4
+    row_len = conv.weight[0].numel()
+    grid = lambda b: (GridSpec.default(b, True).levels, GridSpec.default(b, True).qmin)  # noqa: E731
+    assert layer.codes.numel() == rows_nbytes(widths, row_len, grid)
+    assert again_bytes(loaded, tmp_path) == path.read_bytes()
+
+
+def again_bytes(model, tmp_path):
+    return save(model, tmp_path / "again.sq").read_bytes()
+
+
+def test_ternary_file_written_bit_packed_still_loads(nets, tmp_path):
+    # files written before ternary codes were packed five per byte hold them at 2 bits each and
+    # have no "packing" field: they must load to the same model
+    from specquant.core.pack import pack
+
+    model, arch, x = _case(nets, "conv")
+    fq = _quantized(model, RTNConfig(bits=2), x)
+    path = save(fq, tmp_path / "m.sq", arch=arch)
+    qmods = _qmods(fq)
+
+    def to_bits(h, t):
+        h.get("layer_defaults", {}).pop("packing", None)
+        for rec in h["layers"]:
+            rec.pop("packing", None)
+            t[f"{rec['name']}.codes"] = pack(qmods[rec["name"]].qweight.codes.to(torch.uint8), 2)
+
+    _rewrite(path, to_bits)
+    loaded = load(path)
+    for name, mod in qmods.items():
+        layer = dict(loaded.named_modules())[name]
+        assert layer.packing == "bits"
+        assert torch.equal(layer.unpacked_codes(), mod.qweight.codes)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fq(x))
 
 
 def _split(path):
@@ -324,6 +378,10 @@ def _set_layer(name, **kw):
     (_set_layer("0", bias=False), "'0.bias'"),
     (_set_layer("0", kind="lattice"), "unknown weight kind"),
     (_set_layer("0", levels=99), "levels"),
+    (_set_layer("0", packing="zip"), "unknown code packing 'zip'"),
+    (_set_layer("0", packing="trits"), "'trits' packing on a 7-level grid"),
+    (_set_layer("0", packing="rows"), "'0.row_bits' should be uint8"),
+    (lambda h, t: t.update({"0.row_bits": torch.full((8,), 3, dtype=torch.uint8)}), "'0.row_bits' present"),
     (_set_layer("0", type="Linear"), "header and architecture"),
     (lambda h, t: t.pop("8.running_mean"), "lacks"),  # a float tensor missing
     (lambda h, t: t.update({"8.weight": torch.zeros(17)}), "shape"),

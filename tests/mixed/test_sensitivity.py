@@ -76,3 +76,54 @@ def test_allocate_measures_sensitivities_on_the_first_samples_only():
     assert alloc.sensitivity.n_samples == 40 and alloc.sensitivity.labels == "given"
     with pytest.raises(ValueError, match="sensitivity_samples"):
         allocate(model, x, 3.0, "sensitivity", sensitivity_samples=0)
+
+
+def test_row_costs_split_the_layer_cost_by_each_rows_output_error():
+    model, x = mlp(), data()
+    rep = measure_sensitivity(model, x, (2, 4), RTNConfig())
+    for s in rep.layers:
+        w = dict(model.named_modules())[s.name].weight
+        assert s.row_len == w.shape[1]
+        for b in (2, 4):
+            rc = s.row_costs[b]
+            assert len(rc) == w.shape[0] and min(rc) >= 0
+            assert sum(rc) == pytest.approx(s.costs[b], rel=1e-9)
+    # the split follows ‖X(w_i − ŵ_i)‖² on the layer's float inputs: check the first layer by hand
+    q = copy.deepcopy(model)
+    quantize(q, RTNConfig(bits=2, skip=("2", "4")), x, progress=False)
+    d = model[0].weight - q[0].weight
+    e = (x @ d.t()).double().pow(2).sum(0)
+    first = rep.layers[0]
+    expect = (first.costs[2] * e / e.sum()).tolist()
+    assert first.row_costs[2] == pytest.approx(expect, rel=1e-6)
+    assert measure_sensitivity(model, x, (2,), row_costs=False).layers[0].row_costs is None
+
+
+def test_channel_allocation_fits_the_budget_and_runs_in_the_engine():
+    model, x = mlp(), data()
+    sens = measure_sensitivity(model, x, (2, 3, 4, 8), GPFQConfig())
+    per_layer = allocate(model, x, 2.5, "sensitivity", (2, 3, 4, 8), GPFQConfig(), sensitivity=sens)
+    per_row = allocate(model, x, 2.5, "sensitivity", (2, 3, 4, 8), GPFQConfig(), sensitivity=sens,
+                       granularity="channel")
+    assert per_row.granularity == "channel" and per_row.avg_bits <= 2.5
+    # per-row choice contains every per-layer choice: its predicted cost is never higher
+    assert per_row.predicted_cost <= per_layer.predicted_cost * (1 + 1e-9)
+    assert per_row.row_overrides, "expected some layer to mix widths at 2.5 bits"
+    for a in per_row.layers:
+        if a.row_bits is not None:
+            assert a.bits == max(a.row_bits) and len(a.row_bits) == dict(model.named_modules())[a.name].out_features
+    q = copy.deepcopy(model)
+    report = quantize(q, per_row.apply(GPFQConfig()), x, progress=False)
+    assert report.avg_bits == pytest.approx(per_row.avg_bits)
+    for r in report.layers:
+        assert r.row_bits == (list(per_row.row_overrides[r.name]) if r.name in per_row.row_overrides else None)
+    text = per_row.format_table()
+    assert "per channel" in text and "rows:" in text
+    with pytest.raises(ValueError, match="granularity 'channel' needs policy 'sensitivity'"):
+        allocate(model, x, 2.5, "spectral", granularity="channel")
+    with pytest.raises(ValueError, match="no per-row costs"):
+        allocate(model, x, 2.5, "sensitivity", (2, 4), sensitivity=measure_sensitivity(model, x, (2, 4),
+                                                                                       row_costs=False),
+                 granularity="channel")
+    with pytest.raises(ValueError, match="unknown allocation granularity"):
+        allocate(model, x, 2.5, granularity="block")

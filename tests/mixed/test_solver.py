@@ -97,3 +97,42 @@ def test_auto_matches_dp_and_bad_inputs_are_rejected():
         solve_mckp([[1.0]], [[-1]], 8)
     with pytest.raises(ValueError, match="as many costs"):
         solve_mckp([[1.0, 2.0]], [[1]], 8)
+
+
+@pytest.mark.parametrize("solver", ["dp", "milp"])
+def test_solve_bits_with_packed_storage_is_optimal_against_brute_force(solver):
+    # stored bits per weight s(b): 3-level codes at 8/5 bits; the budget Σ M·s(b) ≤ B·Σ M is exact
+    from fractions import Fraction
+
+    storage = {2: Fraction(8, 5), 3: Fraction(3), 4: Fraction(4), 6: Fraction(6)}
+    rng = random.Random(7)
+    for _ in range(40):
+        n = rng.randint(1, 4)
+        params = [rng.choice([5, 9, 27, 64]) for _ in range(n)]
+        widths = sorted(rng.sample([2, 3, 4, 6], rng.randint(1, 4)))
+        costs = [{b: rng.uniform(0, 10) * 2.0 ** -b for b in widths} for _ in range(n)]
+        lo = sum(m * storage[widths[0]] for m in params) / sum(params)
+        budget = round(rng.uniform(float(lo), 6.5), 2)
+        if budget < lo:
+            continue
+        got = solve_bits(costs, params, budget, solver=solver, storage=storage)
+        best, best_w = math.inf, None
+        for choice in itertools.product(widths, repeat=n):
+            w = sum(m * storage[b] for m, b in zip(params, choice))
+            c = sum(costs[i][b] for i, b in enumerate(choice))
+            if w <= Fraction(repr(budget)) * sum(params) and c < best:
+                best, best_w = c, w
+        assert got.cost == pytest.approx(best, rel=1e-9, abs=1e-12)
+        assert got.total_bits == pytest.approx(float(sum(m * storage[b] for m, b in zip(params, got.bits))))
+        assert got.avg_bits <= budget + 1e-12 and best_w is not None
+
+
+def test_packed_two_bit_storage_fits_more_in_the_same_budget():
+    # two equal layers at 2.5 average bits: 2+3 bits without packing, 1.6+3 (or better) with it
+    from fractions import Fraction
+
+    costs = [{2: 10.0, 3: 1.0, 4: 0.1}, {2: 10.0, 3: 1.0, 4: 0.1}]
+    plain = solve_bits(costs, [100, 100], 2.5)
+    packed = solve_bits(costs, [100, 100], 2.8, storage={2: Fraction(8, 5)})
+    assert sorted(plain.bits) == [2, 3] and plain.avg_bits == 2.5
+    assert sorted(packed.bits) == [2, 4] and packed.avg_bits == pytest.approx(2.8)

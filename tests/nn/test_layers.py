@@ -9,7 +9,7 @@ from torch import nn
 
 from specquant.algorithms import GPFQConfig, RTNConfig
 from specquant.core.intmatmul import int_linear, int_matmul, quantize_activations_dynamic
-from specquant.core.pack import pack, packed_nbytes, unpack
+from specquant.core.pack import grid_nbytes, pack, packed_nbytes, unpack
 from specquant.core.quantizer import quantize_tensor
 from specquant.engine.apply import quantize
 from specquant.nn import QuantConv1d, QuantConv2d, QuantLinear, convert, memory_bytes, unpack_codes
@@ -87,7 +87,8 @@ def test_memory_is_packed_size(bits):
     lin = _linear(96, 64)
     qw = quantize_tensor(lin.weight.detach(), bits=bits, clipping="minmax")
     ql = QuantLinear.from_quantized(lin, qw)
-    packed = packed_nbytes(96 * 64, bits)
+    packed = grid_nbytes(96 * 64, qw.levels, bits)  # 3-level codes five per byte, else bits each
+    assert packed == (packed_nbytes(96 * 64, bits) if bits != 2 else (96 * 64 + 4) // 5)
     assert memory_bytes(ql) == packed + 64 * 4 + 64 * 4  # codes + fp32 scales + fp32 bias
     assert memory_bytes(ql) < memory_bytes(lin) * (bits / 32 + 0.1)
     ql(torch.randn(2, 96))
@@ -199,8 +200,9 @@ def test_convert_matches_fake_quant_model(bits, method):
             assert torch.equal(packed(x), fq(x))
         n_weights = sum(math.prod(mods[n].weight_shape) for n in qnames)
         codes_bytes = sum(mods[n].codes.numel() for n in qnames)
-        assert codes_bytes == sum(packed_nbytes(math.prod(mods[n].weight_shape), bits) for n in qnames)
-        assert codes_bytes <= n_weights * bits / 8 + len(qnames)
+        assert codes_bytes == sum(grid_nbytes(math.prod(mods[n].weight_shape), mods[n].spec.levels, bits)
+                                  for n in qnames)
+        assert codes_bytes <= n_weights * (1.6 if bits == 2 else bits) / 8 + len(qnames)
 
 
 def test_convert_int8_dynamic_model_close_to_fake_quant():

@@ -58,6 +58,7 @@ class QuantConfig:
     overrides: dict = field(default_factory=dict)  # {module name or fnmatch pattern: bits}
     skip: tuple = ()  # module names or fnmatch patterns left in float
     bias_correction: bool = False  # shift each output channel's bias to match the float mean output
+    row_bits: dict = field(default_factory=dict)  # {module name: (width of output row 0, row 1, …)}: mixed rows
 
     method = "base"  # the method's name (class attribute, not a field)
     needs_data = False  # whether the engine must stream calibration statistics
@@ -72,6 +73,25 @@ class QuantConfig:
             if fnmatch.fnmatchcase(name, pat):
                 return int(b)
         return self.bits
+
+    def row_bits_for(self, name: str, rows: int) -> tuple[int, ...] | None:
+        """Per-row widths of module ``name`` (exact name only), checked against its ``rows``; else None.
+
+        Rows mixing widths need per-channel granularity; every row is quantized on the default
+        grid of its own width, and the layer is stored with each row at that width.
+        """
+        if name not in self.row_bits:
+            return None
+        from specquant.core.grid import check_bits
+
+        widths = tuple(self.row_bits[name])
+        if len(widths) != rows:
+            raise ValueError(f"row_bits for layer '{name}' has {len(widths)} widths, the layer has {rows} rows")
+        for b in widths:
+            check_bits(b, f"row width of layer '{name}'")
+        if self.granularity != "channel":
+            raise ValueError(f"layer '{name}': per-row widths need granularity 'channel', not {self.granularity!r}")
+        return tuple(int(b) for b in widths)
 
     def skips(self, name: str) -> bool:
         import fnmatch

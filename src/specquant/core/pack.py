@@ -107,3 +107,139 @@ def unpack(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     for j in range(bits):
         out |= body[:, j] << j
     return out
+
+
+# ---- grid-aware layouts: ternary codes 5 per byte, per-row widths ------------------------------
+#
+# A 3-level grid (the narrow symmetric 2-bit grid: codes 1, 2, 3) carries log2(3) = 1.585 bits
+# per code; bit packing stores it in 2.  "trits" packing stores five codes per byte as a base-3
+# number (3^5 = 243 <= 256), 1.6 bits per code: byte k holds codes 5k … 5k+4 as
+# Σ_j (u_{5k+j} − 1)·3^j, the last byte padded with zero digits.  Every other grid is bit packed.
+#
+# A weight with per-row widths ("rows" layout: row r of the (out, n) code matrix has width
+# b_r) stores, for each distinct width in increasing order, the rows of that width (in row
+# order) packed with that width's own layout, the segments concatenated.
+
+PACKINGS = ("bits", "trits", "rows")
+TRITS_PER_BYTE = 5
+
+
+def packing_for(levels: int, bits: int) -> str:
+    """The layout a grid's codes get: "trits" for 3-level grids in 2 bits, else "bits"."""
+    return "trits" if levels == 3 and bits == 2 else "bits"
+
+
+def code_bits(levels: int, bits: int) -> float:
+    """Stored bits per code of a grid under :func:`packing_for` (1.6 for 3 levels, else bits)."""
+    return 8.0 / TRITS_PER_BYTE if packing_for(levels, bits) == "trits" else float(bits)
+
+
+def trits_nbytes(numel: int) -> int:
+    """Bytes that ``numel`` ternary codes take at five per byte."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative integer, got {numel!r}")
+    return (numel + TRITS_PER_BYTE - 1) // TRITS_PER_BYTE
+
+
+def pack_trits(digits: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 base-3 ``digits`` (values 0, 1, 2; any shape) five per byte (1-D uint8)."""
+    _check_uint8(digits, "digits")
+    flat = digits.reshape(-1)  # (n,)
+    n = flat.numel()
+    bad = flat > 2
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{int(bad.sum())} ternary digit(s) exceed 2; first at flat index {first} "
+                         f"with value {int(flat[first])}")
+    nbytes = trits_nbytes(n)
+    padded = torch.zeros(nbytes * TRITS_PER_BYTE, dtype=torch.int16, device=flat.device)
+    padded[:n] = flat
+    g = padded.reshape(nbytes, TRITS_PER_BYTE)  # (nbytes, 5)
+    weights = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=flat.device)
+    return (g * weights).sum(dim=1).to(torch.uint8)  # ≤ 242
+
+
+def unpack_trits(data: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_trits`: the first ``numel`` digits (1-D uint8, values 0..2)."""
+    _check_uint8(data, "data")
+    nbytes = trits_nbytes(numel)
+    flat = data.reshape(-1)
+    if flat.numel() < nbytes:
+        raise ValueError(f"data holds {flat.numel()} byte(s) but {numel} ternary codes need {nbytes}")
+    flat = flat[:nbytes]
+    if bool((flat > 242).any()):
+        raise ValueError("a byte of ternary codes exceeds 242 (3^5 - 1): the data is not trit-packed")
+    table = torch.arange(243, dtype=torch.int16)  # (243,) every byte value once
+    digits = torch.stack([(table // 3 ** j) % 3 for j in range(TRITS_PER_BYTE)], dim=1).to(torch.uint8)
+    return digits.to(flat.device)[flat.long()].reshape(-1)[:numel]  # (numel,)
+
+
+def grid_nbytes(numel: int, levels: int, bits: int) -> int:
+    """Bytes of ``numel`` codes of a grid under :func:`packing_for`."""
+    if packing_for(levels, bits) == "trits":
+        return trits_nbytes(numel)
+    return packed_nbytes(numel, bits)
+
+
+def pack_grid(codes: torch.Tensor, levels: int, bits: int, qmin: int) -> torch.Tensor:
+    """Pack a grid's codes (values qmin … qmin+levels−1) with the grid's layout."""
+    if packing_for(levels, bits) == "trits":
+        _check_uint8(codes, "codes")
+        if codes.numel() and bool((codes < qmin).any()):
+            raise ValueError(f"a ternary code lies below the grid's smallest code {qmin}")
+        return pack_trits(codes - qmin)
+    return pack(codes, bits)
+
+
+def unpack_grid(data: torch.Tensor, levels: int, bits: int, qmin: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_grid` (1-D uint8 codes)."""
+    if packing_for(levels, bits) == "trits":
+        return unpack_trits(data, numel) + qmin
+    return unpack(data, bits, numel)
+
+
+def _row_widths(row_bits) -> list[int]:
+    widths = [int(b) for b in (row_bits.tolist() if isinstance(row_bits, torch.Tensor) else row_bits)]
+    for b in widths:
+        check_bits(b, "row width")
+    return widths
+
+
+def rows_nbytes(row_bits, row_len: int, grid_of) -> int:
+    """Bytes of the "rows" layout: ``grid_of(b)`` gives (levels, qmin) of width b's grid."""
+    widths = _row_widths(row_bits)
+    return sum(grid_nbytes(widths.count(b) * row_len, grid_of(b)[0], b) for b in sorted(set(widths)))
+
+
+def pack_rows(codes: torch.Tensor, row_bits, grid_of) -> torch.Tensor:
+    """Pack an (out, n) uint8 code matrix whose row r has width ``row_bits[r]`` ("rows" layout)."""
+    _check_uint8(codes, "codes")
+    widths = _row_widths(row_bits)
+    c2 = codes.reshape(len(widths), -1)  # (out, n)
+    bt = torch.tensor(widths)
+    parts = []
+    for b in sorted(set(widths)):
+        levels, qmin = grid_of(b)
+        parts.append(pack_grid(c2[bt == b].contiguous(), levels, b, qmin))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_rows(data: torch.Tensor, row_bits, row_len: int, grid_of) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: the (out, row_len) uint8 code matrix."""
+    _check_uint8(data, "data")
+    widths = _row_widths(row_bits)
+    flat = data.reshape(-1)
+    need = rows_nbytes(widths, row_len, grid_of)
+    if flat.numel() < need:
+        raise ValueError(f"data holds {flat.numel()} byte(s) but the rows need {need}")
+    out = torch.empty(len(widths), row_len, dtype=torch.uint8, device=flat.device)  # (out, n)
+    bt = torch.tensor(widths)
+    pos = 0
+    for b in sorted(set(widths)):
+        sel = bt == b
+        n_rows = int(sel.sum())
+        levels, qmin = grid_of(b)
+        nb = grid_nbytes(n_rows * row_len, levels, b)
+        out[sel] = unpack_grid(flat[pos:pos + nb], levels, b, qmin, n_rows * row_len).reshape(n_rows, row_len)
+        pos += nb
+    return out

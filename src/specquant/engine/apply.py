@@ -35,13 +35,15 @@ class LayerRecord:
     type: str  # Linear / Conv1d / Conv2d
     shape: list  # weight shape
     params: int  # number of weights
-    bits: int  # storage bits per code
-    levels: int  # distinct values of the grid
+    bits: int  # storage bits per code (the widest row's, when rows mix widths)
+    levels: int  # distinct values of the grid (of the widest rows)
     method: str  # algorithm
     bits_per_weight: float  # true storage per weight, scales (fp16) included
     weight_sqnr_db: float  # 10·log10(‖W‖²/‖W − Ŵ‖²)
     rel_output_error: float | None  # ‖XWᵀ − X̃Ŵᵀ‖/‖XWᵀ‖ on the calibration data (None without data)
     seconds: float  # wall time for this layer (statistics + algorithm)
+    code_bits: float = 0.0  # stored code bits per weight (3-level codes take 1.6; mixed rows average)
+    row_bits: list | None = None  # each output row's width when rows mix widths, else None
 
 
 @dataclass
@@ -62,9 +64,10 @@ class QuantReport:
 
     @property
     def avg_bits(self) -> float:
-        """Average code bits per weight over the quantized layers."""
+        """Average stored code bits per weight over the quantized layers (scales not included;
+        3-level layers count 1.6 bits, five codes per byte)."""
         n = self.num_weights
-        return sum(r.bits * r.params for r in self.layers) / n if n else 0.0
+        return sum(r.code_bits * r.params for r in self.layers) / n if n else 0.0
 
     @property
     def bits_per_weight(self) -> float:
@@ -304,25 +307,29 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
     """Run the algorithm on one module (per conv group) and install the result."""
     from specquant.algorithms.common import row_output_error
 
-    bits = config.bits_for(name)
-    cfg = dataclasses.replace(config, bits=bits)
     w = mod.weight.detach()
     out = w.shape[0]
     groups = getattr(mod, "groups", 1)
     W2 = w.reshape(out, -1).float().clone()  # (out, N0·groups⁻¹) conv viewed as (out, in·kh·kw); a copy
     rows = out // groups
-    parts, W_hats = [], []
-    for g in range(groups):
-        Wg = W2[g * rows:(g + 1) * rows]
-        sg = stats[g] if stats is not None else None
-        try:
-            qw = _call(fn, Wg, sg, cfg, name, config.seed)
-        except ValueError as e:
-            msg = _first_line(e)
-            raise ValueError(msg if f"'{name}'" in msg else f"layer '{name}': {msg}") from None
-        parts.append(qw)
-        W_hats.append(qw.dequantize().reshape(Wg.shape).float())
-    qw = _concat_groups(parts) if groups > 1 else parts[0]
+    row_bits = config.row_bits_for(name, out)
+    if row_bits is not None:
+        if groups > 1:
+            raise ValueError(f"layer '{name}': per-row widths are not supported on grouped convolutions")
+        qw = _quantize_mixed_rows(name, W2, stats[0] if stats is not None else None, config, fn, row_bits)
+        W_hats = [qw.dequantize().reshape(W2.shape).float()]
+        bits = qw.bits
+    else:
+        bits = config.bits_for(name)
+        cfg = dataclasses.replace(config, bits=bits)
+        parts, W_hats = [], []
+        for g in range(groups):
+            Wg = W2[g * rows:(g + 1) * rows]
+            sg = stats[g] if stats is not None else None
+            qw = _run(fn, Wg, sg, cfg, name)
+            parts.append(qw)
+            W_hats.append(qw.dequantize().reshape(Wg.shape).float())
+        qw = _concat_groups(parts) if groups > 1 else parts[0]
     W_hat = torch.cat(W_hats)  # (out, N0)
     rel = None
     if stats is not None:
@@ -354,4 +361,60 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
         name=name, type=type(mod).__name__, shape=list(w.shape), params=w.numel(), bits=bits,
         levels=qw.levels, method=config.method, bits_per_weight=qw.bits_per_weight(),
         weight_sqnr_db=sqnr, rel_output_error=rel, seconds=0.0,
+        code_bits=_code_bits(qw) / max(1, w.numel()),
+        row_bits=None if getattr(qw, "row_bits", None) is None else [int(b) for b in qw.row_bits.tolist()],
     )
+
+
+def _code_bits(qw) -> float:
+    """Stored code bits of a result (``QuantizedWeight.code_bits``; other kinds: codes × bits)."""
+    if hasattr(qw, "code_bits"):
+        return float(qw.code_bits())
+    return float(qw.codes.numel() * qw.bits)
+
+
+def _run(fn, W: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, name: str):
+    """The algorithm on one weight matrix; its errors name the layer."""
+    try:
+        return _call(fn, W, stats, cfg, name, cfg.seed)
+    except ValueError as e:
+        msg = _first_line(e)
+        raise ValueError(msg if f"'{name}'" in msg else f"layer '{name}': {msg}") from None
+
+
+def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig, fn,
+                         row_bits: tuple[int, ...]) -> QuantizedWeight:
+    """Rows of width b quantized together by the algorithm at b bits, for each width present.
+
+    Every method of the engine quantizes the rows of W independently given the layer's input
+    statistics (H, G are shared by all rows; the output energies are per row and sliced), so
+    quantizing each width's rows on their own is the same computation as one call per width.
+    """
+    from specquant.core.grid import Granularity, GridSpec
+
+    out = W.shape[0]  # W (out, N0)
+    bt = torch.tensor(row_bits)
+    codes = torch.empty(W.shape, dtype=torch.uint8)  # (out, N0)
+    scale = torch.empty(out, 1)
+    zp = torch.empty(out, 1)
+    method = None
+    for b in sorted(set(row_bits)):
+        idx = torch.nonzero(bt == b).flatten()  # (n_b,)
+        sb = stats
+        if stats is not None and stats.energy is not None:
+            sb = dataclasses.replace(stats, energy=stats.energy[idx])
+        qw = _run(fn, W[idx], sb, dataclasses.replace(config, bits=b), name)
+        grid = GridSpec.default(b, config.symmetric)
+        if type(qw) is not QuantizedWeight or qw.granularity.kind != "channel" or qw.spec != grid:
+            raise ValueError(f"layer '{name}': per-row widths need per-channel uniform codes on the default "
+                             f"grid; method '{config.method}' gave {type(qw).__name__} "
+                             f"({qw.granularity.label()}, {qw.spec.kind})")
+        codes[idx] = qw.codes.reshape(len(idx), -1).to(torch.uint8)
+        scale[idx] = qw.scale.reshape(len(idx), 1).float()
+        zp[idx] = qw.zero_point.reshape(len(idx), 1).float()
+        method = qw.algorithm
+    top = max(row_bits)
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, spec=GridSpec.default(top, config.symmetric),
+                           granularity=Granularity("channel"), algorithm=method or config.method,
+                           info={"row_widths": {str(b): row_bits.count(b) for b in sorted(set(row_bits))}},
+                           row_bits=torch.tensor(row_bits, dtype=torch.uint8))

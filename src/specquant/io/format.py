@@ -8,6 +8,7 @@ Tensors
     ``<layer>.zero_point``  only when the grid does not fix it (asymmetric grids): uint8 when every
                             zero point is an integer in 0..255, else float32
     ``<layer>.bias``        the layer's float bias, when it has one
+    ``<layer>.row_bits``    uint8 (out,): each output row's width, when rows mix widths ("rows" packing)
     every other entry of the model's ``state_dict()`` (biases, BatchNorm parameters and
     statistics, parameters of layers left in float), under its own name and dtype.
 
@@ -20,7 +21,9 @@ Header: the safetensors metadata maps ``"specquant"`` to a JSON object::
                  "grid", "levels", "granularity" ("tensor"/"channel"/"group:G"), "axis",
                  "shape", "codes_shape", "dtype", "scale_dtype", "zero_point"
                  ("implicit"/"uint8"/"float32"), "bias", "algorithm", "info", "frame" (frame kind:
-                 kind, dim, size, seed, order, along)}, ...],
+                 kind, dim, size, seed, order, along), "packing" ("bits": codes bit-packed at
+                 "bits" each; "trits": a 3-level grid's codes five per byte; "rows": per-row widths
+                 in ``<layer>.row_bits``; absent means "bits", as files written before it)}, ...],
      "layer_defaults": {...},        fields shared by most layers, written once: a stored record
                                      is {**layer_defaults, **record} with null meaning "absent"
      "folded_bn": ["bn1", ...],      BatchNorms folded into convs: load replaces them by Identity
@@ -54,7 +57,7 @@ import torch
 from torch import nn
 
 from specquant.core.grid import Granularity, GridSpec
-from specquant.core.pack import packed_nbytes
+from specquant.core.pack import PACKINGS, grid_nbytes, packed_nbytes, packing_for, rows_nbytes
 from specquant.nn.layers import (
     FRAME_KEYS,
     WEIGHT_KINDS,
@@ -230,6 +233,8 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
             tensors[f"{name}.zero_point"] = zp.float().contiguous()
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.detach().contiguous()
+    if layer.row_bits is not None:
+        tensors[f"{name}.row_bits"] = layer.row_bits.contiguous()
     g = layer.granularity
     rec = {
         "name": name, "type": layer.layer_type, "kind": layer.kind, "bits": layer.bits,
@@ -237,6 +242,7 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
         "shape": list(layer.weight_shape), "dtype": _dtype_name(layer.weight_dtype),
         "scale_dtype": _dtype_name(scale.dtype), "zero_point": zp_kind,
         "bias": layer.bias is not None, "algorithm": layer.algorithm, "info": _jsonable(layer.info),
+        "packing": layer.packing,
     }
     if g.kind == "channel":
         rec["axis"] = g.axis
@@ -532,10 +538,30 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
     numel = math.prod(codes_shape)
     codes = tensors.get(f"{name}.codes")
     _need(codes is not None, path, f"layer '{name}' has no codes tensor")
-    need = packed_nbytes(numel, spec.bits)
+    packing = rec.get("packing") or "bits"
+    _need(packing in PACKINGS, path, f"layer '{name}' has unknown code packing {packing!r}")
+    row_bits = tensors.get(f"{name}.row_bits")
+    if packing == "rows":
+        _need(kind == "uniform" and gran.kind == "channel" and gran.axis == 0, path,
+              f"layer '{name}': per-row widths need uniform weights with per-channel scales")
+        _need(row_bits is not None and row_bits.dtype == torch.uint8 and tuple(row_bits.shape) == (shape[0],),
+              path, f"'{name}.row_bits' should be uint8 ({shape[0]},)")
+        _need(bool(((row_bits >= 1) & (row_bits <= 8)).all()) and int(row_bits.max()) == spec.bits, path,
+              f"'{name}.row_bits' must hold widths in 1..8 whose largest is the layer's {spec.bits} bits")
+
+        def grid_of(b, sym=spec.symmetric):
+            g = GridSpec.default(int(b), sym)
+            return g.levels, g.qmin
+
+        need = rows_nbytes(row_bits, numel // shape[0], grid_of)
+    else:
+        _need(row_bits is None, path, f"'{name}.row_bits' present but the layer's packing is {packing!r}")
+        _need(packing != "trits" or packing_for(spec.levels, spec.bits) == "trits", path,
+              f"layer '{name}': 'trits' packing on a {spec.levels}-level grid")
+        need = grid_nbytes(numel, spec.levels, spec.bits) if packing == "trits" else packed_nbytes(numel, spec.bits)
     _need(codes.dtype == torch.uint8 and codes.dim() == 1 and codes.numel() == need, path,
           f"'{name}.codes' is {_dtype_name(codes.dtype)} {tuple(codes.shape)}, expected uint8 ({need},) for "
-          f"{numel} codes of {spec.bits} bits")
+          f"{numel} codes of {spec.bits} bits ({packing} packing)")
     scale = tensors.get(f"{name}.scale")
     try:
         sshape = gran.scale_shape(codes_shape)
@@ -563,6 +589,7 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
         "spec": spec, "granularity": gran, "codes": codes, "scale": scale, "zero_point": zp,
         "bias": bias if has_bias else None, "dtype": dtype, "algorithm": str(rec.get("algorithm", "")),
         "info": rec.get("info") or {}, "kind": kind, "frame": frame, "shape": shape, "type": ltype,
+        "row_bits": row_bits, "packing": packing,
     }
 
 
@@ -645,7 +672,7 @@ def load(path, data_dir=None, *, int8_dynamic: bool | str = False, cache_dequant
                                 f"{tuple(mod.weight.shape)}, the header says {a['shape']}")
         cls = _LAYER_TYPES[a["type"]]
         kw = {k: a[k] for k in ("spec", "granularity", "codes", "scale", "zero_point", "bias", "dtype",
-                                "algorithm", "info", "kind", "frame")}
+                                "algorithm", "info", "kind", "frame", "row_bits", "packing")}
         try:
             if cls is QuantLinear:
                 layer = QuantLinear(mod.in_features, mod.out_features, cache_dequantized=cache_dequantized,
@@ -693,7 +720,7 @@ def storage_breakdown(path) -> dict:
     for rec in header.get("layers", []):
         name = rec["name"]
         n_weights += math.prod(rec["shape"])
-        for suffix in ("codes", "scale", "zero_point"):
+        for suffix in ("codes", "scale", "zero_point", "row_bits"):
             t = tensors.get(f"{name}.{suffix}")
             if t is None:
                 continue
@@ -703,7 +730,7 @@ def storage_breakdown(path) -> dict:
                 codes_b += nb
             elif suffix == "scale":
                 scale_b += nb
-            else:
+            else:  # zero points, and the per-row widths of mixed rows: the grid's other parameters
                 zp_b += nb
     float_b = sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in layer_keys)
     file_b = path.stat().st_size

@@ -5,8 +5,14 @@
     quantize(model, cfg, calib)
 
 The allocation names every layer it covers, so ``config.bits`` only matters for layers it does
-not cover.  The budget counts code bits of the quantized layers only (Σ_l M_l·b_l ≤ B·Σ_l M_l);
-scales and zero points come on top, as for a uniform width.
+not cover.  The budget counts stored code bits of the quantized layers (Σ_l M_l·s(b_l) ≤ B·Σ_l M_l,
+s(b) = b except for the 3-level symmetric 2-bit grid, whose codes are stored five per byte:
+s = 1.6); scales and zero points come on top, as for a uniform width.
+
+``granularity="channel"`` allocates per output row (channel) instead of per layer: every row of
+every layer is a knapsack item with the per-row costs of the sensitivity report, and a layer
+whose rows get different widths is quantized row-group by row-group and stored with each row at
+its own width (``config.row_bits``; one width byte per row on top).
 """
 from __future__ import annotations
 
@@ -30,11 +36,13 @@ from specquant.mixed.policies import (
     fit_spectral_rule,
     protected_indices,
     spectral_costs,
+    storage_map,
 )
 from specquant.mixed.sensitivity import SensitivityReport, measure_sensitivity
 from specquant.mixed.solver import solve_bits
 
 POLICIES = ("sensitivity", "spectral", "spectral-knapsack")
+GRANULARITIES = ("layer", "channel")
 NOTE_COST = "note model Σ_l M_l·(κ_l·2^-b_l)²"
 
 
@@ -48,6 +56,8 @@ class LayerAllocation:
     kappa: float  # condition number of the (BN-folded) weight's matrix view
     cost: float | None  # the policy's predicted cost at this width (see Allocation.cost_model)
     protected: bool  # held at the protection width
+    stored_bits: float = 0.0  # stored code bits per weight (1.6 for 3-level codes; mixed rows averaged)
+    row_bits: tuple[int, ...] | None = None  # each output row's width when the rows differ, else None
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Allocation:
     """Per-layer widths for a budget; ``overrides`` plugs into any config."""
 
     policy: str  # "sensitivity", "spectral" or "spectral-knapsack"
+    granularity: str  # "layer" (one width per layer) or "channel" (one width per output row)
     budget: float  # B, the average bits per weight allowed
     candidates: tuple[int, ...]  # widths a free layer could get
     layers: list[LayerAllocation]
@@ -71,36 +82,47 @@ class Allocation:
 
     @property
     def avg_bits(self) -> float:
-        """Achieved Σ_l M_l·b_l / Σ_l M_l (≤ budget)."""
+        """Achieved stored code bits Σ_l M_l·s(b_l) / Σ_l M_l (≤ budget)."""
         n = self.total_params
-        return sum(a.params * a.bits for a in self.layers) / n if n else 0.0
+        return sum(a.params * a.stored_bits for a in self.layers) / n if n else 0.0
 
     @property
     def overrides(self) -> dict[str, int]:
-        """{module name: bits}: ``dataclasses.replace(config, overrides=alloc.overrides)``."""
+        """{module name: bits} (the widest row's width for layers whose rows differ)."""
         return {a.name: a.bits for a in self.layers}
 
+    @property
+    def row_overrides(self) -> dict[str, tuple[int, ...]]:
+        """{module name: per-row widths} of the layers whose rows differ (``config.row_bits``)."""
+        return {a.name: a.row_bits for a in self.layers if a.row_bits is not None}
+
     def apply(self, config: QuantConfig) -> QuantConfig:
-        """A copy of ``config`` with this allocation as its overrides (its own ones replaced)."""
-        return dataclasses.replace(config, overrides=self.overrides)
+        """A copy of ``config`` with this allocation as its overrides and per-row widths (its own
+        ones replaced)."""
+        return dataclasses.replace(config, overrides=self.overrides, row_bits=self.row_overrides)
 
     def to_dict(self) -> dict:
         """Strict-JSON-safe dict (an infinite κ or cost becomes None)."""
         return _json_safe({
-            "policy": self.policy, "budget": self.budget, "avg_bits": self.avg_bits,
+            "policy": self.policy, "granularity": self.granularity, "budget": self.budget,
+            "avg_bits": self.avg_bits,
             "candidates": list(self.candidates), "cost_model": self.cost_model,
             "predicted_cost": self.predicted_cost, "b_base": self.b_base, "solver": self.solver,
             "protect_bits": self.protect_bits, "overrides": self.overrides,
+            "row_overrides": {k: list(v) for k, v in self.row_overrides.items()},
             "layers": [dataclasses.asdict(a) for a in self.layers],
         })
 
     def format_table(self) -> str:
-        lines = [f"allocation: policy {self.policy}, budget {self.budget:g} bits, achieved {self.avg_bits:.4f}",
-                 f"{'layer':<24}{'params':>9}{'kappa':>11}{'bits':>6}{'cost':>12}"]
+        lines = [f"allocation: policy {self.policy} per {self.granularity}, budget {self.budget:g} bits, "
+                 f"achieved {self.avg_bits:.4f} (stored code bits per weight)",
+                 f"{'layer':<24}{'params':>9}{'kappa':>11}{'bits':>6}{'stored':>8}{'cost':>12}"]
         for a in self.layers:
             cost = "-" if a.cost is None else f"{a.cost:.3g}"
             mark = " (protected)" if a.protected else ""
-            lines.append(f"{a.name:<24}{a.params:>9}{a.kappa:>11.3g}{a.bits:>6}{cost:>12}{mark}")
+            if a.row_bits is not None:
+                mark += "  rows: " + ", ".join(f"{a.row_bits.count(b)}×{b}" for b in sorted(set(a.row_bits)))
+            lines.append(f"{a.name:<24}{a.params:>9}{a.kappa:>11.3g}{a.bits:>6}{a.stored_bits:>8.3f}{cost:>12}{mark}")
         lines.append(f"predicted cost ({self.cost_model}): {self.predicted_cost:.4g}")
         return "\n".join(lines)
 
@@ -126,6 +148,7 @@ def allocate(
     fold_bn: bool = True,
     example_input: torch.Tensor | None = None,
     batch_size: int = 128,
+    granularity: str = "layer",
 ) -> Allocation:
     """Choose a width per layer so that Σ_l M_l·b_l ≤ avg_bits·Σ_l M_l.
 
@@ -147,13 +170,22 @@ def allocate(
         sensitivity_samples: calibration samples used to measure sensitivities (the first ones;
             None: all).  Each (layer, width) costs a forward pass over them.
         solver: knapsack solver, "auto", "dp" or "milp".
+        granularity: "layer" (one width per layer) or "channel" (one width per output row;
+            policy "sensitivity" only, with the report's per-row costs).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown allocation policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown allocation granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+    if granularity == "channel" and policy != "sensitivity":
+        raise ValueError(f"granularity 'channel' needs policy 'sensitivity' (per-row costs), not {policy!r}")
     cands = check_candidates(candidates)
     if isinstance(protect_bits, bool) or not isinstance(protect_bits, int) or not 1 <= protect_bits <= 8:
         raise ValueError(f"protect_bits must be an integer in 1..8, got {protect_bits!r}")
     cfg = method_config if method_config is not None else RTNConfig()
+    if granularity == "channel" and cfg.granularity != "channel":
+        raise ValueError(f"granularity 'channel' needs a per-channel quantizer, the config has {cfg.granularity!r}")
+    storage = storage_map(sorted(set(cands) | {protect_bits}), cfg.symmetric)
     batches = as_batches(calib, batch_size) if calib is not None else None
     example = batches[0] if batches else example_input
     base = copy.deepcopy(model).eval()
@@ -170,6 +202,7 @@ def allocate(
     fixed = {i: protect_bits for i in prot}
 
     b_base = solver_used = None
+    row_widths: list[tuple[int, ...] | None] = [None] * len(names)
     if policy == "sensitivity":
         if sensitivity is None:
             if batches is None:
@@ -197,29 +230,84 @@ def allocate(
             if missing:
                 raise ValueError(f"the sensitivity report lacks widths {missing} for layer '{n}'")
             costs.append({b: table[n][b] for b in cands})
-        choice = solve_bits(costs, params, avg_bits, fixed=fixed, solver=solver)
-        bits, solver_used = list(choice.bits), choice.solver
-        layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
-        cost_model = f"sensitivity ({sensitivity.metric}, {sensitivity.method}), summed over layers"
+        if granularity == "channel":
+            bits, row_widths, layer_costs, solver_used = _solve_rows(
+                names, params, fixed, sensitivity, cands, avg_bits, solver, storage)
+            cost_model = f"sensitivity ({sensitivity.metric}, {sensitivity.method}) split over rows, summed"
+        else:
+            choice = solve_bits(costs, params, avg_bits, fixed=fixed, solver=solver, storage=storage)
+            bits, solver_used = list(choice.bits), choice.solver
+            layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
+            cost_model = f"sensitivity ({sensitivity.metric}, {sensitivity.method}), summed over layers"
     elif policy == "spectral-knapsack":
         costs = spectral_costs(kappas, params, cands)
-        choice = solve_bits(costs, params, avg_bits, fixed=fixed, solver=solver)
+        choice = solve_bits(costs, params, avg_bits, fixed=fixed, solver=solver, storage=storage)
         bits, solver_used = list(choice.bits), choice.solver
         layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
         cost_model = NOTE_COST
     else:
-        fit = fit_spectral_rule(kappas, params, avg_bits, cands, fixed=fixed)
+        fit = fit_spectral_rule(kappas, params, avg_bits, cands, fixed=fixed, storage=storage)
         bits, b_base = list(fit.bits), fit.b_base
         costs = spectral_costs(kappas, params, sorted(set(cands) | {protect_bits}))
         layer_costs = [None if i in fixed else costs[i][b] for i, b in enumerate(bits)]
         cost_model = NOTE_COST
+    def stored(b: int, rows: tuple[int, ...] | None) -> float:
+        if rows is None:
+            return float(storage.get(b, b))
+        return float(sum(storage.get(r, r) for r in rows)) / len(rows)
+
     layers = [
-        LayerAllocation(name=n, params=m, bits=int(b), kappa=k, cost=c, protected=i in fixed)
-        for i, (n, m, b, k, c) in enumerate(zip(names, params, bits, kappas, layer_costs))
+        LayerAllocation(name=n, params=m, bits=int(b), kappa=k, cost=c, protected=i in fixed,
+                        stored_bits=stored(int(b), rw), row_bits=rw)
+        for i, (n, m, b, k, c, rw) in enumerate(zip(names, params, bits, kappas, layer_costs, row_widths))
     ]
     total = sum(c for c in layer_costs if c is not None and math.isfinite(c))
     return Allocation(
-        policy=policy, budget=float(avg_bits), candidates=cands, layers=layers, cost_model=cost_model,
+        policy=policy, granularity=granularity, budget=float(avg_bits), candidates=cands, layers=layers,
+        cost_model=cost_model,
         predicted_cost=float(total), b_base=b_base, solver=solver_used,
         protect_bits=protect_bits if prot else None, sensitivity=sensitivity,
     )
+
+
+def _solve_rows(names, params, fixed, sensitivity: SensitivityReport, cands, avg_bits, solver, storage):
+    """The knapsack with one item per output row (protected layers: one fixed item each).
+
+    Returns per-layer widths (the widest row's), per-layer row widths (None where every row got
+    the same width), per-layer predicted costs (row costs summed; None when protected) and the
+    solver used.
+    """
+    table = {s.name: s for s in sensitivity.layers}
+    costs, sizes, owner, fixed_items = [], [], [], {}
+    for i, n in enumerate(names):
+        if i in fixed:
+            fixed_items[len(costs)] = fixed[i]
+            costs.append({})
+            sizes.append(params[i])
+            owner.append(i)
+            continue
+        s = table.get(n)
+        if s is None or not s.row_costs:
+            raise ValueError(f"the sensitivity report has no per-row costs for layer '{n}' "
+                             f"(measure it with row_costs=True)")
+        missing = [b for b in cands if b not in s.row_costs]
+        if missing:
+            raise ValueError(f"the sensitivity report lacks widths {missing} for layer '{n}'")
+        n_rows = len(s.row_costs[cands[0]])
+        if n_rows * s.row_len != params[i]:
+            raise ValueError(f"layer '{n}': the report's {n_rows} rows of {s.row_len} weights do not match "
+                             f"its {params[i]} weights")
+        for r in range(n_rows):
+            costs.append({b: s.row_costs[b][r] for b in cands})
+            sizes.append(s.row_len)
+            owner.append(i)
+    choice = solve_bits(costs, sizes, avg_bits, fixed=fixed_items, solver=solver, storage=storage)
+    per_layer: list[list[int]] = [[] for _ in names]
+    layer_costs: list[float | None] = [None if i in fixed else 0.0 for i in range(len(names))]
+    for item, (i, b) in enumerate(zip(owner, choice.bits)):
+        per_layer[i].append(int(b))
+        if i not in fixed:
+            layer_costs[i] += costs[item][b]
+    bits = [max(ws) for ws in per_layer]
+    rows = [None if len(set(ws)) == 1 else tuple(ws) for ws in per_layer]
+    return bits, rows, layer_costs, choice.solver

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from specquant.mixed.solver import budget_capacity
 
@@ -54,6 +55,21 @@ def check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
             raise ValueError(f"candidate bit widths must be integers in 1..8, got {b!r}")
     return tuple(sorted(set(cs)))
+
+
+def stored_bits(bits: int, symmetric: bool = True) -> Fraction:
+    """Stored code bits per weight of a width on the default grid: the narrow symmetric 2-bit grid
+    has 3 levels, packed five codes per byte (8/5 bits); every other width stores ``bits``."""
+    from specquant.core.grid import GridSpec
+    from specquant.core.pack import TRITS_PER_BYTE, packing_for
+
+    g = GridSpec.default(bits, symmetric)
+    return Fraction(8, TRITS_PER_BYTE) if packing_for(g.levels, g.bits) == "trits" else Fraction(bits)
+
+
+def storage_map(candidates: Sequence[int], symmetric: bool = True) -> dict[int, Fraction]:
+    """{width: stored bits per weight} for the knapsack (:func:`specquant.mixed.solver.solve_bits`)."""
+    return {int(b): stored_bits(int(b), symmetric) for b in candidates}
 
 
 def lock_bits(kappa: float) -> int | None:
@@ -94,24 +110,30 @@ class RuleFit:
 
     bits: tuple[int, ...]  # width per layer
     b_base: float  # the largest offset β that fits
-    total_bits: int  # Σ_l M_l·b_l
-    capacity: int  # ⌊B·Σ M_l⌋
+    total_bits: float  # Σ_l M_l·s(b_l), s(b) the stored bits per weight (b unless given)
+    capacity: float  # B·Σ M_l
 
 
 def fit_spectral_rule(kappas: Sequence[float], params: Sequence[int], avg_bits: float,
                       candidates: Sequence[int] = DEFAULT_CANDIDATES,
-                      fixed: Mapping[int, int] | None = None) -> RuleFit:
+                      fixed: Mapping[int, int] | None = None,
+                      storage: Mapping[int, Fraction] | None = None) -> RuleFit:
     """The rule b_l = snap(⌈log₂ κ_l + β⌉) with the largest β whose allocation fits the budget.
 
     Widths are non-decreasing in β and change only where log₂ κ_l + β crosses an integer, so
     the largest feasible β is one of those finitely many points (⌈·⌉ keeps the lower width at
-    the crossing itself).  ``fixed`` = {layer index: bits} holds layers out of the rule.
+    the crossing itself).  ``fixed`` = {layer index: bits} holds layers out of the rule;
+    ``storage`` = {width: stored bits per weight} counts packed widths at their true size.
     """
     cs = check_candidates(candidates)
     if len(kappas) != len(params):
         raise ValueError(f"{len(kappas)} condition numbers for {len(params)} layers")
     fixed = dict(fixed or {})
-    cap = budget_capacity(params, avg_bits)
+    store = {b: Fraction(v) for b, v in (storage or {}).items()}
+    den = 1
+    for v in store.values():
+        den = math.lcm(den, v.denominator)
+    cap = budget_capacity([int(m) * den for m in params], avg_bits)
     free = [i for i in range(len(kappas)) if i not in fixed]
 
     def total(beta: float) -> tuple[list[int], int]:
@@ -121,7 +143,7 @@ def fit_spectral_rule(kappas: Sequence[float], params: Sequence[int], avg_bits: 
             bits[i] = b
         for i, b in fixed.items():
             bits[i] = b
-        return bits, sum(int(m) * b for m, b in zip(params, bits))
+        return bits, sum(int(m) * int(store.get(b, Fraction(b)) * den) for m, b in zip(params, bits))
 
     points = set()
     for i in free:
@@ -134,14 +156,14 @@ def fit_spectral_rule(kappas: Sequence[float], params: Sequence[int], avg_bits: 
     for beta in sorted(points, reverse=True):
         bits, t = total(beta)
         if t <= cap:
-            return RuleFit(tuple(bits), beta, t, cap)
+            return RuleFit(tuple(bits), beta, t / den, cap / den)
     bits, t = total(min(points) - 1.0)  # every finite-κ layer at the smallest candidate
     if t <= cap:  # pragma: no cover - the smallest point already gives this allocation
-        return RuleFit(tuple(bits), min(points) - 1.0, t, cap)
+        return RuleFit(tuple(bits), min(points) - 1.0, t / den, cap / den)
     total_w = sum(int(m) for m in params)
     raise ValueError(
         f"infeasible budget: {float(avg_bits):g} average bits is below the spectral rule's smallest "
-        f"allocation ({t / total_w:.4f} bits per weight: singular layers and protected layers are held high)"
+        f"allocation ({t / den / total_w:.4f} bits per weight: singular layers and protected layers are held high)"
     )
 
 

@@ -205,15 +205,16 @@ class BitChoice:
 
     bits: tuple[int, ...]  # chosen width of each layer
     cost: float  # Σ_l cost_l(b_l)
-    total_bits: int  # Σ_l M_l·b_l
-    capacity: int  # ⌊B·Σ M_l⌋
+    total_bits: float  # Σ_l M_l·s(b_l), s(b) the stored bits per weight of width b (b by default)
+    capacity: float  # B·Σ M_l (exact in units of 1/D bit, D the storage denominators' lcm)
     avg_bits: float  # total_bits / Σ M_l
     solver: str
 
 
 def solve_bits(costs: Sequence[Mapping[int, float]], params: Sequence[int], avg_bits: float,
-               fixed: Mapping[int, int] | None = None, solver: str = "auto") -> BitChoice:
-    """Widths b_l minimising Σ_l costs[l][b_l] subject to Σ_l M_l·b_l ≤ avg_bits·Σ_l M_l.
+               fixed: Mapping[int, int] | None = None, solver: str = "auto",
+               storage: Mapping[int, Fraction] | None = None) -> BitChoice:
+    """Widths b_l minimising Σ_l costs[l][b_l] subject to Σ_l M_l·s(b_l) ≤ avg_bits·Σ_l M_l.
 
     Args:
         costs: per layer, {bits: predicted cost}; its keys are the candidate widths of the layer.
@@ -221,6 +222,10 @@ def solve_bits(costs: Sequence[Mapping[int, float]], params: Sequence[int], avg_
         avg_bits: the budget B in average bits per weight.
         fixed: {layer index: bits} held at that width (counted in the budget; the width need not
             be among the layer's candidates; its cost is taken as 0 when not given).
+        storage: {width: stored bits per weight s(b)} as exact fractions (e.g. 8/5 for 3-level
+            codes packed five per byte); widths not listed store b bits.  Every storage weight
+            and the capacity are scaled by the lcm D of the denominators, so the integer
+            knapsack stays exact.
     """
     if len(costs) != len(params):
         raise ValueError(f"{len(costs)} cost tables for {len(params)} layers")
@@ -229,7 +234,17 @@ def solve_bits(costs: Sequence[Mapping[int, float]], params: Sequence[int], avg_
         if not 0 <= i < len(params):
             raise ValueError(f"fixed layer index {i} out of range 0..{len(params) - 1}")
         _check_width(b)
-    cap = budget_capacity(params, avg_bits)
+    store = {b: Fraction(v) for b, v in (storage or {}).items()}
+    scale = 1
+    for v in store.values():
+        if not v > 0:
+            raise ValueError(f"stored bits per weight must be positive, got {v}")
+        scale = math.lcm(scale, v.denominator)
+
+    def units(b: int) -> int:  # stored bits of one weight of width b, in 1/scale bit
+        return int(store.get(b, Fraction(b)) * scale)
+
+    cap = budget_capacity([int(m) * scale for m in params], avg_bits) if params else 0
     total = sum(int(m) for m in params)
     opt_bits, opt_costs, opt_weights = [], [], []
     for i, (table, m) in enumerate(zip(costs, params)):
@@ -247,7 +262,7 @@ def solve_bits(costs: Sequence[Mapping[int, float]], params: Sequence[int], avg_
             cs = [float(table[b]) for b in bs]
         opt_bits.append(bs)
         opt_costs.append(cs)
-        opt_weights.append([int(m) * b for b in bs])
+        opt_weights.append([int(m) * units(b) for b in bs])
     try:
         sol = solve_mckp(opt_costs, opt_weights, cap, solver)
     except ValueError as e:
@@ -256,11 +271,11 @@ def solve_bits(costs: Sequence[Mapping[int, float]], params: Sequence[int], avg_
         lightest = sum(min(w for w, c in zip(ws, cs) if c < math.inf) for ws, cs in zip(opt_weights, opt_costs))
         raise ValueError(
             f"infeasible budget: {float(avg_bits):g} average bits is below the smallest allocation the "
-            f"candidates allow ({lightest / total:.4f} bits per weight)"
+            f"candidates allow ({lightest / scale / total:.4f} bits per weight)"
         ) from None
     bits = tuple(bs[k] for bs, k in zip(opt_bits, sol.choice))
-    return BitChoice(bits=bits, cost=sol.cost, total_bits=sol.weight, capacity=cap, avg_bits=sol.weight / total,
-                     solver=sol.solver)
+    return BitChoice(bits=bits, cost=sol.cost, total_bits=sol.weight / scale, capacity=cap / scale,
+                     avg_bits=sol.weight / scale / total, solver=sol.solver)
 
 
 def _check_width(b) -> None:

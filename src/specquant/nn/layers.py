@@ -6,9 +6,13 @@ A layer holds what ``specquant.save`` writes, nothing more:
 buffer             contents
 =================  ==========================================================================
 ``codes``          bits < 8: the codes bit-packed by ``specquant.core.pack`` (uint8, 1-D,
-                   ceil(numel·bits/8) bytes).  bits == 8: the same bytes with the top bit
-                   flipped, i.e. the int8 values ``u − 128`` in the weight's (out, in·k…)
-                   layout, which torch's int8 kernels take without a copy.
+                   ceil(numel·bits/8) bytes); a 3-level grid (2-bit symmetric) five codes
+                   per byte instead (``packing == "trits"``, ceil(numel/5) bytes); rows of
+                   different widths each at its own width (``packing == "rows"``, widths in
+                   the ``row_bits`` buffer).  bits == 8 ("bits" packing): the same bytes with
+                   the top bit flipped, i.e. the int8 values ``u − 128`` in the weight's
+                   (out, in·k…) layout, which torch's int8 kernels take without a copy.
+``row_bits``       uint8 (out,) width of each output row, "rows" packing only (else ``None``).
 ``scale``          one scale per block, ``granularity.scale_shape(weight_shape)``; float32
                    by default, float16 when loaded from a file saved with ``scale_dtype="fp16"``
                    (upcast to float32 when used).
@@ -56,7 +60,17 @@ from torch import nn
 
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
-from specquant.core.pack import pack, packed_nbytes, unpack
+from specquant.core.pack import (
+    grid_nbytes,
+    pack,
+    pack_grid,
+    pack_rows,
+    packed_nbytes,
+    rows_nbytes,
+    unpack,
+    unpack_grid,
+    unpack_rows,
+)
 from specquant.core.quantized import QuantizedWeight
 
 MODES = ("weight_only", "int8_dynamic")
@@ -108,7 +122,7 @@ def _to_module_shape(qw: QuantizedWeight, shape: tuple[int, ...]) -> QuantizedWe
     return QuantizedWeight(
         codes=qw.codes.reshape(shape), scale=qw.scale.reshape(sshape),
         zero_point=qw.zero_point.reshape(sshape),
-        spec=qw.spec, granularity=g, dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info,
+        spec=qw.spec, granularity=g, dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info, row_bits=qw.row_bits,
     )
 
 
@@ -121,6 +135,30 @@ def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, NotImplementedError):
             pass  # shape or device constraints
     return integer_product(a, b).value
+
+
+def _resolve_packing(packing: str | None, spec: GridSpec, row_bits, kind: str, granularity: Granularity,
+                     codes_shape: tuple[int, ...]) -> str:
+    """The codes' byte layout: the one given, else "rows" with per-row widths, else the grid's own."""
+    from specquant.core.pack import PACKINGS, packing_for
+
+    auto = "rows" if row_bits is not None else (packing_for(spec.levels, spec.bits) if kind == "uniform"
+                                                 else "bits")
+    p = auto if packing is None else packing
+    if p not in PACKINGS:
+        raise ValueError(f"unknown code packing {p!r}; allowed: {', '.join(PACKINGS)}")
+    if p == "rows":
+        if row_bits is None:
+            raise ValueError("the 'rows' packing needs per-row widths (row_bits)")
+        if kind != "uniform" or granularity.kind != "channel" or granularity.axis % len(codes_shape) != 0:
+            raise ValueError("per-row widths need uniform weights with per-output-channel scales")
+        if torch.as_tensor(row_bits).numel() != codes_shape[0]:
+            raise ValueError(f"row_bits has {torch.as_tensor(row_bits).numel()} widths for {codes_shape[0]} rows")
+    elif row_bits is not None:
+        raise ValueError(f"per-row widths need the 'rows' packing, not {p!r}")
+    if p == "trits" and packing_for(spec.levels, spec.bits) != "trits":
+        raise ValueError(f"'trits' packing needs a 3-level grid in 2 bits, not {spec.levels} levels in {spec.bits}")
+    return p
 
 
 class _QuantLayer(nn.Module):
@@ -144,6 +182,8 @@ class _QuantLayer(nn.Module):
         cache_dequantized: bool,
         kind: str = "uniform",
         frame: dict | None = None,
+        row_bits: torch.Tensor | None = None,
+        packing: str | None = None,
     ) -> None:
         """``codes``: packed uint8 bytes (``core.pack`` layout) of the codes (``codes_shape``)."""
         self.weight_shape = tuple(int(s) for s in weight_shape)
@@ -163,11 +203,14 @@ class _QuantLayer(nn.Module):
             self.frame = None
             self.codes_shape = self.weight_shape
         numel = math.prod(self.codes_shape)
-        need = packed_nbytes(numel, spec.bits)
+        self.packing = _resolve_packing(packing, spec, row_bits, kind, granularity, self.codes_shape)
+        self.register_buffer("row_bits", None if row_bits is None else
+                             torch.as_tensor(row_bits).reshape(-1).to(torch.uint8).clone())
+        need = self._code_nbytes()
         if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != need:
             raise ValueError(
                 f"packed codes must be a 1-D uint8 tensor of {need} bytes for {numel} codes of "
-                f"{spec.bits} bits, got {codes.dtype} of shape {tuple(codes.shape)}"
+                f"{spec.bits} bits ({self.packing} layout), got {codes.dtype} of shape {tuple(codes.shape)}"
             )
         sshape = granularity.scale_shape(self.codes_shape)
         if tuple(scale.shape) != sshape:
@@ -177,7 +220,7 @@ class _QuantLayer(nn.Module):
             raise ValueError(f"zero_point has shape {tuple(zero_point.shape)}, expected {sshape}")
         if zero_point is None and not spec.symmetric:
             raise ValueError("an asymmetric grid needs its zero points")
-        if spec.bits == 8:
+        if self._int8_codes:
             # u − 128 as int8 (flip the top bit): the layout of torch's int8 kernels, same bytes.
             stored = (codes ^ 0x80).view(torch.int8).reshape(self.codes_shape[0], -1)  # (out, in·k…)
         else:
@@ -203,15 +246,38 @@ class _QuantLayer(nn.Module):
     def bits(self) -> int:
         return self.spec.bits
 
+    @property
+    def _int8_codes(self) -> bool:
+        """Whether the codes buffer holds int8 values u − 128 (plain 8-bit layout)."""
+        return self.packing == "bits" and self.spec.bits == 8
+
+    def _row_grid(self, b: int) -> tuple[int, int]:
+        g = GridSpec.default(int(b), self.spec.symmetric)
+        return g.levels, g.qmin
+
+    def _code_nbytes(self) -> int:
+        numel = math.prod(self.codes_shape)
+        if self.packing == "rows":
+            return rows_nbytes(self.row_bits, numel // self.codes_shape[0], self._row_grid)
+        if self.packing == "trits":
+            return grid_nbytes(numel, self.spec.levels, self.spec.bits)
+        return packed_nbytes(numel, self.spec.bits)
+
     def packed_codes(self) -> torch.Tensor:
         """The codes in the ``core.pack`` layout (1-D uint8), as ``specquant.save`` writes them."""
-        if self.bits == 8:
+        if self._int8_codes:
             return self.codes.reshape(-1).view(torch.uint8) ^ 0x80
         return self.codes
 
     def unpacked_codes(self) -> torch.Tensor:
         """uint8 codes in ``codes_shape`` (the weight's shape for uniform weights)."""
         n = math.prod(self.codes_shape)
+        if self.packing == "rows":
+            rows = self.codes_shape[0]
+            return unpack_rows(self.codes, self.row_bits, n // rows, self._row_grid).reshape(self.codes_shape)
+        if self.packing == "trits":
+            return unpack_grid(self.codes, self.spec.levels, self.spec.bits, self.spec.qmin, n).reshape(
+                self.codes_shape)
         return unpack_codes(self.packed_codes(), self.bits, n).reshape(self.codes_shape)
 
     def zero_point_tensor(self) -> torch.Tensor:
@@ -237,12 +303,12 @@ class _QuantLayer(nn.Module):
         return QuantizedWeight(
             codes=self.unpacked_codes(), scale=self.scale.float(), zero_point=self.zero_point_tensor(),
             spec=self.spec, granularity=self.granularity, dtype=self.weight_dtype, algorithm=self.algorithm,
-            info=dict(self.info),
+            info=dict(self.info), row_bits=None if self.row_bits is None else self.row_bits.clone(),
         )
 
     def _zero_point_for(self, r0: int | None = None, r1: int | None = None):
         """Zero point matching the stored codes (shifted by 128 at 8 bits), rows r0:r1 if per row."""
-        off = 128.0 if self.bits == 8 else 0.0
+        off = 128.0 if self._int8_codes else 0.0
         if self.zero_point is None:
             return self.zero_point_value - off
         zp = self.zero_point
@@ -261,10 +327,10 @@ class _QuantLayer(nn.Module):
                 self._wcache = w
             return w
         blocked = self.granularity.blocked_shape(self.weight_shape)
-        if self.bits == 8:
+        if self._int8_codes:
             c = self.codes.reshape(blocked)
         else:
-            c = unpack_codes(self.codes, self.bits, math.prod(self.weight_shape)).reshape(blocked)
+            c = self.unpacked_codes().reshape(blocked)
         # (codes − zp)·scale, the subtraction fused with the uint8/int8 → float32 conversion: the
         # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer
         w = (c - self._zero_point_for()) * self.scale.float()
@@ -284,8 +350,9 @@ class _QuantLayer(nn.Module):
         g = self.granularity
         if self.kind != "uniform":
             return f"needs uniform weights, this layer's are {self.kind}-quantized"
-        if self.bits != 8:
-            return f"needs 8-bit weights, this layer has {self.bits}"
+        if not self._int8_codes:
+            return f"needs 8-bit weights, this layer has {self.bits}" + (
+                "" if self.packing == "bits" else f" ({self.packing} layout)")
         if g.kind == "group":
             return "needs per-tensor or per-output-channel scales, not groups"
         if g.kind == "channel" and g.axis % len(self.weight_shape) != 0:
@@ -342,7 +409,7 @@ class _QuantLayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, bits={self.bits}, grid={self.spec.kind}, "
+        return (f"kind={self.kind}, bits={self.bits}, grid={self.spec.kind}, packing={self.packing}, "
                 f"granularity={self.granularity.label()}, mode={self.mode}, bias={self.bias is not None}")
 
     # ---- construction helpers -------------------------------------------------------------
@@ -373,10 +440,20 @@ class _QuantLayer(nn.Module):
             raise ValueError(f"specquant.nn has no packed layer for weights of type {type(qw).__name__}")
         zp = qw.zero_point
         implicit = qw.spec.symmetric and bool(torch.all(zp == qw.spec.symmetric_zero_point))
+        codes = qw.codes.to(torch.uint8)
+        packing = qw.packing if kind == "uniform" else "bits"
+        if packing == "rows":
+            packed = pack_rows(codes.reshape(codes.shape[0], -1),
+                               qw.row_bits, lambda b: (qw.row_grid(b).levels, qw.row_grid(b).qmin))
+        elif packing == "trits":
+            packed = pack_grid(codes, qw.spec.levels, qw.spec.bits, qw.spec.qmin)
+        else:
+            packed = pack(codes, qw.bits)
         return {
-            "spec": qw.spec, "granularity": qw.granularity, "codes": pack(qw.codes.to(torch.uint8), qw.bits),
+            "spec": qw.spec, "granularity": qw.granularity, "codes": packed,
             "scale": qw.scale.float(), "zero_point": None if implicit else zp.float(), "dtype": qw.dtype,
             "algorithm": qw.algorithm, "info": qw.info, "kind": kind, "frame": frame,
+            "row_bits": qw.row_bits if kind == "uniform" else None, "packing": packing,
         }
 
 
@@ -417,12 +494,13 @@ class QuantLinear(_QuantLayer):
                  codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, algorithm: str = "rtn",
                  info: dict | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
-                 kind: str = "uniform", frame: dict | None = None):
+                 kind: str = "uniform", frame: dict | None = None, row_bits: torch.Tensor | None = None,
+                 packing: str | None = None):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self._init_storage((out_features, in_features), spec, granularity, codes, scale, zero_point, bias,
-                           dtype, algorithm, info or {}, mode, cache_dequantized, kind, frame)
+                           dtype, algorithm, info or {}, mode, cache_dequantized, kind, frame, row_bits, packing)
 
     @classmethod
     def from_quantized(cls, module: nn.Linear, qweight: QuantizedWeight | None = None, *,
@@ -443,7 +521,8 @@ class QuantLinear(_QuantLayer):
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*lead, self.out_features)
         n = self.out_features * self.in_features
-        if self._wcache is not None or self.cache_dequantized or n <= CHUNK_WEIGHTS or self.kind != "uniform":
+        if (self._wcache is not None or self.cache_dequantized or n <= CHUNK_WEIGHTS or self.kind != "uniform"
+                or self.packing != "bits"):
             w = self.dequantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return self._chunked_linear(x)
@@ -491,7 +570,8 @@ class _QuantConvNd(_QuantLayer):
                  codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, algorithm: str = "rtn",
                  info: dict | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
-                 kind: str = "uniform", frame: dict | None = None):
+                 kind: str = "uniform", frame: dict | None = None, row_bits: torch.Tensor | None = None,
+                 packing: str | None = None):
         super().__init__()
         d = self._dims
 
@@ -508,7 +588,7 @@ class _QuantConvNd(_QuantLayer):
             self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_storage(shape, spec, granularity, codes, scale, zero_point, bias, dtype, algorithm,
-                           info or {}, mode, cache_dequantized, kind, frame)
+                           info or {}, mode, cache_dequantized, kind, frame, row_bits, packing)
 
     @classmethod
     def from_quantized(cls, module: nn.Module, qweight: QuantizedWeight | None = None, *,
