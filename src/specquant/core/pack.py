@@ -11,9 +11,12 @@ Packing is vectorized: the only Python loops run over at most 8 bit positions.
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 
-from specquant.core.grid import check_bits
+from specquant.core.grid import GridSpec, check_bits
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -129,9 +132,14 @@ def packing_for(levels: int, bits: int) -> str:
     return "trits" if levels == 3 and bits == 2 else "bits"
 
 
+def code_bits_exact(levels: int, bits: int) -> Fraction:
+    """Stored bits per code of a grid under :func:`packing_for`, exactly (8/5 for 3 levels, else bits)."""
+    return Fraction(8, TRITS_PER_BYTE) if packing_for(levels, bits) == "trits" else Fraction(bits)
+
+
 def code_bits(levels: int, bits: int) -> float:
     """Stored bits per code of a grid under :func:`packing_for` (1.6 for 3 levels, else bits)."""
-    return 8.0 / TRITS_PER_BYTE if packing_for(levels, bits) == "trits" else float(bits)
+    return float(code_bits_exact(levels, bits))
 
 
 def trits_nbytes(numel: int) -> int:
@@ -169,9 +177,10 @@ def unpack_trits(data: torch.Tensor, numel: int) -> torch.Tensor:
     flat = flat[:nbytes]
     if bool((flat > 242).any()):
         raise ValueError("a byte of ternary codes exceeds 242 (3^5 - 1): the data is not trit-packed")
-    table = torch.arange(243, dtype=torch.int16)  # (243,) every byte value once
-    digits = torch.stack([(table // 3 ** j) % 3 for j in range(TRITS_PER_BYTE)], dim=1).to(torch.uint8)
-    return digits.to(flat.device)[flat.long()].reshape(-1)[:numel]  # (numel,)
+    digits = torch.empty(nbytes, TRITS_PER_BYTE, dtype=torch.uint8, device=flat.device)  # (nbytes, 5)
+    for j in range(TRITS_PER_BYTE):
+        digits[:, j] = (flat // 3 ** j) % 3  # uint8 arithmetic: values ≤ 242
+    return digits.reshape(-1)[:numel]  # (numel,)
 
 
 def grid_nbytes(numel: int, levels: int, bits: int) -> int:
@@ -243,3 +252,50 @@ def unpack_rows(data: torch.Tensor, row_bits, row_len: int, grid_of) -> torch.Te
         out[sel] = unpack_grid(flat[pos:pos + nb], levels, b, qmin, n_rows * row_len).reshape(n_rows, row_len)
         pos += nb
     return out
+
+
+# ---- one entry point per layout ("bits", "trits", "rows"), rows on the default grids ----------
+
+
+def _default_grids(symmetric: bool):
+    """``grid_of`` for the "rows" layout: (levels, qmin) of the default grid of each width."""
+    def grid_of(b: int) -> tuple[int, int]:
+        g = GridSpec.default(int(b), symmetric)
+        return g.levels, g.qmin
+    return grid_of
+
+
+def layout_nbytes(packing: str, spec: GridSpec, shape: tuple[int, ...], row_bits=None) -> int:
+    """Bytes of a (``shape``) code tensor on grid ``spec`` in layout ``packing``.
+
+    "rows": row r (first axis) has width ``row_bits[r]`` on the default grid of that width
+    (symmetric like ``spec``); "trits" and "bits" as :func:`pack_grid` and :func:`pack`.
+    """
+    numel = math.prod(shape)
+    if packing == "rows":
+        return rows_nbytes(row_bits, numel // shape[0] if shape[0] else 0, _default_grids(spec.symmetric))
+    if packing == "trits":
+        return trits_nbytes(numel)
+    return packed_nbytes(numel, spec.bits)
+
+
+def pack_layout(codes: torch.Tensor, packing: str, spec: GridSpec, row_bits=None) -> torch.Tensor:
+    """Pack uint8 ``codes`` in layout ``packing`` (see :func:`layout_nbytes`)."""
+    if packing == "rows":
+        return pack_rows(codes.reshape(codes.shape[0], -1), row_bits, _default_grids(spec.symmetric))
+    if packing == "trits":
+        return pack_grid(codes, spec.levels, spec.bits, spec.qmin)
+    return pack(codes, spec.bits)
+
+
+def unpack_layout(data: torch.Tensor, packing: str, spec: GridSpec, shape: tuple[int, ...],
+                  row_bits=None) -> torch.Tensor:
+    """Inverse of :func:`pack_layout`: uint8 codes of ``shape``."""
+    numel = math.prod(shape)
+    if packing == "rows":
+        flat = unpack_rows(data, row_bits, numel // shape[0] if shape[0] else 0, _default_grids(spec.symmetric))
+    elif packing == "trits":
+        flat = unpack_grid(data, spec.levels, spec.bits, spec.qmin, numel)
+    else:
+        flat = unpack(data, spec.bits, numel)
+    return flat.reshape(shape)

@@ -64,11 +64,9 @@ class QuantizedWeight:
         if self.row_bits is None:
             return self.codes.numel() * code_bits(self.spec.levels, self.spec.bits)
         row_len = self.codes[0].numel() if self.codes.shape[0] else 0
-        total = 0.0
-        for b in self.row_bits.tolist():
-            g = self.row_grid(int(b))
-            total += row_len * code_bits(g.levels, g.bits)
-        return total
+        widths, counts = torch.unique(self.row_bits, return_counts=True)
+        return sum(int(n) * row_len * code_bits(self.row_grid(int(b)).levels, int(b))
+                   for b, n in zip(widths.tolist(), counts.tolist()))
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -361,16 +361,9 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
         name=name, type=type(mod).__name__, shape=list(w.shape), params=w.numel(), bits=bits,
         levels=qw.levels, method=config.method, bits_per_weight=qw.bits_per_weight(),
         weight_sqnr_db=sqnr, rel_output_error=rel, seconds=0.0,
-        code_bits=_code_bits(qw) / max(1, w.numel()),
-        row_bits=None if getattr(qw, "row_bits", None) is None else [int(b) for b in qw.row_bits.tolist()],
+        code_bits=qw.code_bits() / max(1, w.numel()),
+        row_bits=None if qw.row_bits is None else [int(b) for b in qw.row_bits.tolist()],
     )
-
-
-def _code_bits(qw) -> float:
-    """Stored code bits of a result (``QuantizedWeight.code_bits``; other kinds: codes × bits)."""
-    if hasattr(qw, "code_bits"):
-        return float(qw.code_bits())
-    return float(qw.codes.numel() * qw.bits)
 
 
 def _run(fn, W: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, name: str):

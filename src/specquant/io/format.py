@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from specquant.core.grid import Granularity, GridSpec
-from specquant.core.pack import PACKINGS, grid_nbytes, packed_nbytes, packing_for, rows_nbytes
+from specquant.core.pack import PACKINGS, layout_nbytes, packing_for
 from specquant.nn.layers import (
     FRAME_KEYS,
     WEIGHT_KINDS,
@@ -548,17 +548,11 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
               path, f"'{name}.row_bits' should be uint8 ({shape[0]},)")
         _need(bool(((row_bits >= 1) & (row_bits <= 8)).all()) and int(row_bits.max()) == spec.bits, path,
               f"'{name}.row_bits' must hold widths in 1..8 whose largest is the layer's {spec.bits} bits")
-
-        def grid_of(b, sym=spec.symmetric):
-            g = GridSpec.default(int(b), sym)
-            return g.levels, g.qmin
-
-        need = rows_nbytes(row_bits, numel // shape[0], grid_of)
     else:
         _need(row_bits is None, path, f"'{name}.row_bits' present but the layer's packing is {packing!r}")
         _need(packing != "trits" or packing_for(spec.levels, spec.bits) == "trits", path,
               f"layer '{name}': 'trits' packing on a {spec.levels}-level grid")
-        need = grid_nbytes(numel, spec.levels, spec.bits) if packing == "trits" else packed_nbytes(numel, spec.bits)
+    need = layout_nbytes(packing, spec, codes_shape, row_bits)
     _need(codes.dtype == torch.uint8 and codes.dim() == 1 and codes.numel() == need, path,
           f"'{name}.codes' is {_dtype_name(codes.dtype)} {tuple(codes.shape)}, expected uint8 ({need},) for "
           f"{numel} codes of {spec.bits} bits ({packing} packing)")

@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from specquant.mixed.solver import budget_capacity
+from specquant.mixed.solver import budget_capacity, storage_units
 
 DEFAULT_CANDIDATES = (2, 3, 4, 6, 8)
 
@@ -64,10 +64,10 @@ def stored_bits(bits: int, symmetric: bool = True) -> Fraction:
     """Stored code bits per weight of a width on the default grid: the narrow symmetric 2-bit grid
     has 3 levels, packed five codes per byte (8/5 bits); every other width stores ``bits``."""
     from specquant.core.grid import GridSpec
-    from specquant.core.pack import TRITS_PER_BYTE, packing_for
+    from specquant.core.pack import code_bits_exact
 
     g = GridSpec.default(bits, symmetric)
-    return Fraction(8, TRITS_PER_BYTE) if packing_for(g.levels, g.bits) == "trits" else Fraction(bits)
+    return code_bits_exact(g.levels, g.bits)
 
 
 def storage_map(candidates: Sequence[int], symmetric: bool = True) -> dict[int, Fraction]:
@@ -132,10 +132,7 @@ def fit_spectral_rule(kappas: Sequence[float], params: Sequence[int], avg_bits: 
     if len(kappas) != len(params):
         raise ValueError(f"{len(kappas)} condition numbers for {len(params)} layers")
     fixed = dict(fixed or {})
-    store = {b: Fraction(v) for b, v in (storage or {}).items()}
-    den = 1
-    for v in store.values():
-        den = math.lcm(den, v.denominator)
+    den, units = storage_units(storage)
     cap = budget_capacity([int(m) * den for m in params], avg_bits)
     free = [i for i in range(len(kappas)) if i not in fixed]
 
@@ -146,7 +143,7 @@ def fit_spectral_rule(kappas: Sequence[float], params: Sequence[int], avg_bits: 
             bits[i] = b
         for i, b in fixed.items():
             bits[i] = b
-        return bits, sum(int(m) * int(store.get(b, Fraction(b)) * den) for m, b in zip(params, bits))
+        return bits, sum(int(m) * units(b) for m, b in zip(params, bits))
 
     points = set()
     for i in free:

@@ -21,7 +21,7 @@ weighted split, which did no better).
 
 Cost: one forward pass of the whole network over the calibration inputs per (layer, width),
 plus the method's own cost for one layer (data-driven methods stream that layer's statistics);
-per-row costs add one forward pass per layer to capture its inputs.
+per-row costs add one forward pass per layer, up to that layer, to capture its inputs.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from torch import nn
 from specquant.algorithms import RTNConfig
 from specquant.algorithms.base import QuantConfig
 from specquant.engine.apply import quantize
-from specquant.engine.calibrate import as_batches
+from specquant.engine.calibrate import as_batches, capture_layer_inputs
 from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
 from specquant.mixed.policies import DEFAULT_CANDIDATES, check_candidates
 
@@ -183,7 +183,7 @@ def measure_sensitivity(
         others = tuple(m for m in all_names if m != name)
         costs, rows = {}, {}
         fmod = mods[name]
-        inputs = _layer_inputs(base, fmod, batches) if row_costs else None
+        inputs = capture_layer_inputs(base, fmod, [((x,), {}) for x in batches]) if row_costs else None
         for b in cands:
             q = copy.deepcopy(base)
             cfg = dataclasses.replace(cfg0, bits=b, overrides={}, row_bits={}, skip=tuple(cfg0.skip) + others)
@@ -204,19 +204,6 @@ def measure_sensitivity(
                                               row_len=w.numel() // w.shape[0]))
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _layer_inputs(model: nn.Module, mod: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inputs ``mod`` receives in ``model`` on every batch (one forward pass)."""
-    seen: list[torch.Tensor] = []
-    h = mod.register_forward_hook(lambda _m, a, _o: seen.append(a[0].detach()))
-    try:
-        with torch.inference_mode():
-            for x in batches:
-                model(x)
-    finally:
-        h.remove()
-    return seen
 
 
 def _row_errors(mod: nn.Module, delta: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:

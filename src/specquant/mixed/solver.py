@@ -199,6 +199,22 @@ def budget_capacity(params: Sequence[int], avg_bits: float) -> int:
     return math.floor(b * total)
 
 
+def storage_units(storage: Mapping[int, Fraction] | None):
+    """(D, units): D the lcm of the stored widths' denominators and units(b) = s(b)·D, an integer
+    (s(b) = ``storage[b]``, or b when not listed), so budgets in 1/D bit stay exact integers."""
+    store = {b: Fraction(v) for b, v in (storage or {}).items()}
+    scale = 1
+    for v in store.values():
+        if not v > 0:
+            raise ValueError(f"stored bits per weight must be positive, got {v}")
+        scale = math.lcm(scale, v.denominator)
+
+    def units(b: int) -> int:  # stored bits of one weight of width b, in 1/scale bit
+        return int(store.get(b, Fraction(b)) * scale)
+
+    return scale, units
+
+
 @dataclass(frozen=True)
 class BitChoice:
     """Bits per layer from :func:`solve_bits`."""
@@ -234,16 +250,7 @@ def solve_bits(costs: Sequence[Mapping[int, float]], params: Sequence[int], avg_
         if not 0 <= i < len(params):
             raise ValueError(f"fixed layer index {i} out of range 0..{len(params) - 1}")
         _check_width(b)
-    store = {b: Fraction(v) for b, v in (storage or {}).items()}
-    scale = 1
-    for v in store.values():
-        if not v > 0:
-            raise ValueError(f"stored bits per weight must be positive, got {v}")
-        scale = math.lcm(scale, v.denominator)
-
-    def units(b: int) -> int:  # stored bits of one weight of width b, in 1/scale bit
-        return int(store.get(b, Fraction(b)) * scale)
-
+    scale, units = storage_units(storage)
     cap = budget_capacity([int(m) * scale for m in params], avg_bits) if params else 0
     total = sum(int(m) for m in params)
     opt_bits, opt_costs, opt_weights = [], [], []

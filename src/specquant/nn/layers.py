@@ -60,17 +60,7 @@ from torch import nn
 
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
-from specquant.core.pack import (
-    grid_nbytes,
-    pack,
-    pack_grid,
-    pack_rows,
-    packed_nbytes,
-    rows_nbytes,
-    unpack,
-    unpack_grid,
-    unpack_rows,
-)
+from specquant.core.pack import layout_nbytes, pack_layout, packed_nbytes, unpack, unpack_layout
 from specquant.core.quantized import QuantizedWeight
 
 MODES = ("weight_only", "int8_dynamic")
@@ -251,17 +241,8 @@ class _QuantLayer(nn.Module):
         """Whether the codes buffer holds int8 values u − 128 (plain 8-bit layout)."""
         return self.packing == "bits" and self.spec.bits == 8
 
-    def _row_grid(self, b: int) -> tuple[int, int]:
-        g = GridSpec.default(int(b), self.spec.symmetric)
-        return g.levels, g.qmin
-
     def _code_nbytes(self) -> int:
-        numel = math.prod(self.codes_shape)
-        if self.packing == "rows":
-            return rows_nbytes(self.row_bits, numel // self.codes_shape[0], self._row_grid)
-        if self.packing == "trits":
-            return grid_nbytes(numel, self.spec.levels, self.spec.bits)
-        return packed_nbytes(numel, self.spec.bits)
+        return layout_nbytes(self.packing, self.spec, self.codes_shape, self.row_bits)
 
     def packed_codes(self) -> torch.Tensor:
         """The codes in the ``core.pack`` layout (1-D uint8), as ``specquant.save`` writes them."""
@@ -271,13 +252,9 @@ class _QuantLayer(nn.Module):
 
     def unpacked_codes(self) -> torch.Tensor:
         """uint8 codes in ``codes_shape`` (the weight's shape for uniform weights)."""
+        if self.packing != "bits":
+            return unpack_layout(self.codes, self.packing, self.spec, self.codes_shape, self.row_bits)
         n = math.prod(self.codes_shape)
-        if self.packing == "rows":
-            rows = self.codes_shape[0]
-            return unpack_rows(self.codes, self.row_bits, n // rows, self._row_grid).reshape(self.codes_shape)
-        if self.packing == "trits":
-            return unpack_grid(self.codes, self.spec.levels, self.spec.bits, self.spec.qmin, n).reshape(
-                self.codes_shape)
         return unpack_codes(self.packed_codes(), self.bits, n).reshape(self.codes_shape)
 
     def zero_point_tensor(self) -> torch.Tensor:
@@ -440,15 +417,8 @@ class _QuantLayer(nn.Module):
             raise ValueError(f"specquant.nn has no packed layer for weights of type {type(qw).__name__}")
         zp = qw.zero_point
         implicit = qw.spec.symmetric and bool(torch.all(zp == qw.spec.symmetric_zero_point))
-        codes = qw.codes.to(torch.uint8)
         packing = qw.packing if kind == "uniform" else "bits"
-        if packing == "rows":
-            packed = pack_rows(codes.reshape(codes.shape[0], -1),
-                               qw.row_bits, lambda b: (qw.row_grid(b).levels, qw.row_grid(b).qmin))
-        elif packing == "trits":
-            packed = pack_grid(codes, qw.spec.levels, qw.spec.bits, qw.spec.qmin)
-        else:
-            packed = pack(codes, qw.bits)
+        packed = pack_layout(qw.codes.to(torch.uint8), packing, qw.spec, qw.row_bits)
         return {
             "spec": qw.spec, "granularity": qw.granularity, "codes": packed,
             "scale": qw.scale.float(), "zero_point": None if implicit else zp.float(), "dtype": qw.dtype,
