@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,9 @@ def _repo_default() -> Path:
 def _named_dir(value, source: str) -> Path:
     """A data directory the user named explicitly: it must exist (never replaced by a default)."""
     path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataNotFoundError(f"data directory {str(path)!r} ({source}) is a file, not a folder; "
+                                f"it must be the folder that holds mnist/, cifar10/, models/")
     if not path.is_dir():
         raise DataNotFoundError(
             f"data directory {str(path)!r} ({source}) does not exist; "
@@ -83,6 +87,8 @@ def _resolve(explicit: str | Path | None) -> Path:
 
 def _data_file(root: Path, *parts: str) -> Path:
     path = root.joinpath(*parts)
+    if path.exists() and not path.is_file():
+        raise DataNotFoundError(f"data file {str(path)!r} is a folder or a special file, not a regular file")
     if not path.is_file():
         raise DataNotFoundError(f"missing data file {str(path)!r} in data directory {str(root)!r}")
     return path
@@ -103,6 +109,26 @@ def normalize_cifar(images_u8: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def read_npz(path: Path, keys: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """The arrays ``keys`` of an ``.npz`` file, never unpickling anything; errors name the file."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise ValueError(f"no array {missing[0]!r} (it holds {', '.join(f.files) or 'nothing'})")
+            return tuple(f[k] for k in keys)
+    except ValueError as e:
+        msg = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        if "allow_pickle" in msg:
+            msg = "it holds object arrays, which would need unpickling (refused)"
+        raise ValueError(f"{path}: not a readable .npz data file: {msg}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:  # truncated or not a zip archive
+        raise ValueError(f"{path}: not a readable .npz data file (truncated or corrupted: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e).strip() else ''})") from None
+
+
 def load_cifar10(
     split: str = "test", data_dir: str | Path | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +141,7 @@ def load_cifar10(
         raise ValueError(f"CIFAR-10 split must be one of {sorted(CIFAR10_FILES)}, got {split!r}")
     root = _resolve(data_dir)
     path = _data_file(root, "cifar10", CIFAR10_FILES[split])
-    with np.load(path) as f:
-        images, labels = f["x"], f["y"]
+    images, labels = read_npz(path, ("x", "y"))
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
         raise ValueError(f"{path}: expected x uint8 (N, 32, 32, 3), got {images.dtype} {images.shape}")
     if labels.shape != (images.shape[0],):

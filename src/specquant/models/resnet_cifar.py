@@ -11,6 +11,7 @@ on each side. Module names match the pretrained checkpoints in the data director
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -102,10 +103,31 @@ def resnet32(num_classes: int = 10) -> ResNetCifar:
 def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a legacy checkpoint (a dict with ``state_dict``, keys prefixed ``module.``), strictly.
 
-    The file is a trusted pickle from the read-only data directory, hence ``weights_only=False``.
+    Read with ``torch.load(weights_only=True)``: tensors, numbers and plain containers only, so a
+    crafted pickle in the data folder cannot run code; a file that needs more is refused with a
+    one-line error naming it, and so is a file whose tensors do not fit the architecture.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: the checkpoint is not a regular file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: refused: the checkpoint holds more than tensors and numbers, and loading it "
+                         f"would run code it names ({first[:160]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated or not a torch file: one line naming it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first[:160]})") from None
     state = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path}: the checkpoint holds no state dict of named tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"{path}: the checkpoint does not fit the architecture: "
+                         f"{' '.join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else ''}"[:400]) from None
     return model
