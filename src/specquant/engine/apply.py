@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,15 +17,28 @@ from specquant.core.grid import check_bits, check_finite
 from specquant.core.quantized import QuantizedWeight
 from specquant.engine.calibrate import (
     StreamOptions,
+    all_finite,
     as_batches,
+    batch_starts,
     block_links,
     capture_block_inputs,
     capture_float_layer_inputs,
+    check_calibration_finite,
     find_blocks,
     run_block,
     stream_layer_stats,
 )
-from specquant.engine.walk import FoldedBN, SkippedModule, fold_batchnorm, forward_order, quantizable_layers
+from specquant.engine.walk import (
+    FoldedBN,
+    SkippedModule,
+    fold_batchnorm,
+    forward_order,
+    is_quantizable,
+    parameter_holders,
+    quantizable_layers,
+    resolve_ties,
+    skipped_modules,
+)
 
 
 @dataclass
@@ -40,7 +54,8 @@ class LayerRecord:
     method: str  # algorithm
     bits_per_weight: float  # true storage per weight, scales (fp16) included
     weight_sqnr_db: float  # 10·log10(‖W‖²/‖W − Ŵ‖²)
-    rel_output_error: float | None  # ‖XWᵀ − X̃Ŵᵀ‖/‖XWᵀ‖ on the calibration data (None without data)
+    rel_output_error: float | None  # ‖XWᵀ − X̃Ŵᵀ‖/‖XWᵀ‖ on the calibration data (None without data;
+    #                                  inf when the float output is 0 and the quantized one is not)
     seconds: float  # wall time for this layer (statistics + algorithm)
     code_bits: float = 0.0  # stored code bits per weight (3-level codes take 1.6; mixed rows average)
     row_bits: list | None = None  # each output row's width when rows mix widths, else None
@@ -136,6 +151,24 @@ def _check_forward(model: nn.Module, x: torch.Tensor) -> None:
             h.remove()
 
 
+def _check_model(model: nn.Module, config: QuantConfig) -> None:
+    """Up-front checks of the weights, before any work: one-line errors naming the layer."""
+    for mname, mod in model.named_modules():
+        for pname, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t.is_meta:
+                what = "layer" if is_quantizable(mod) else "module"
+                raise ValueError(f"{what} '{mname}': {pname} is on the meta device (no data); "
+                                 "load real weights before quantizing")
+    for name, mod in quantizable_layers(model):
+        if config.skips(name):
+            continue
+        if mod.weight.numel() == 0:
+            raise ValueError(f"layer '{name}': weight has shape {tuple(mod.weight.shape)}: nothing to quantize")
+        check_finite(mod.weight.detach(), f"layer '{name}' weight")
+        if mod.bias is not None:
+            check_finite(mod.bias.detach(), f"layer '{name}' bias")
+
+
 def _to_module_shape(qw: QuantizedWeight, shape: torch.Size) -> QuantizedWeight:
     """Reshape a 2-D (out, N0) result to the module's weight shape (codes and scales)."""
     if type(qw) is not QuantizedWeight or tuple(qw.codes.shape) == tuple(shape):
@@ -205,12 +238,11 @@ def quantize(
         raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
     fn = algorithm_for(config)
     model.eval()
-    for name, mod in quantizable_layers(model):
-        check_finite(mod.weight.detach(), f"layer '{name}' weight")
-        if mod.bias is not None:
-            check_finite(mod.bias.detach(), f"layer '{name}' bias")
+    _check_model(model, config)
 
     batches = as_batches(calib, batch_size) if (calib is not None or config.needs_data) else None
+    if batches is not None:
+        check_calibration_finite(batches)
     example = batches[0] if batches else example_input
     if example is not None:
         # Structure probes (shape check, BN pairing, call order, block links) keep activations
@@ -226,9 +258,14 @@ def quantize(
     else:
         order = [n for n, _ in quantizable_layers(model)]
     order = [n for n in order if not config.skips(n)]
+    # A weight shared by several modules is quantized once (at its first user) or kept in float.
+    ties = resolve_ties(model, order, config.skips)
+    order = ties.order
+    holders = parameter_holders(model)
     mods = dict(model.named_modules())
     report = QuantReport(method=config.method, config=_config_dict(config), folded_bn=folded,
                          n_calib=sum(b.shape[0] for b in batches) if batches else 0)
+    starts = batch_starts(batches) if batches else None
 
     use_data = batches is not None
     float_model = copy.deepcopy(model) if use_data else None
@@ -262,8 +299,13 @@ def quantize(
             stats: list[LayerStats] | None = None
             if use_data:
                 stats = stream_layer_stats(fmods[name], f_raw.pop(name), qblock, mod, q_in, opts,
-                                           same=not any_quantized, weight=_grouped_weight(mod), keep_f=False)
-            record = _quantize_layer(name, mod, stats, config, fn)
+                                           same=not any_quantized, weight=_grouped_weight(mod), keep_f=False,
+                                           name=name, starts=starts)
+            tied = {id(mods[f]) for f in ties.followers.get(name, ())} | {id(mod)}
+            shared_bias = mod.bias is not None and any(id(m) not in tied for _, m, _ in holders.get(id(mod.bias), ()))
+            record = _quantize_layer(name, mod, stats, config, fn, shared_bias)
+            for f in ties.followers.get(name, ()):  # same Parameter, now dequantized: same codes too
+                mods[f].qweight = mod.qweight
             record.seconds = time.perf_counter() - t0
             report.layers.append(record)
             any_quantized = True
@@ -277,7 +319,7 @@ def quantize(
             del q_in, f_raw
     if bar is not None:
         bar.close()
-    report.skipped = _skipped(model, set(order), {f.bn for f in folded})
+    report.skipped = skipped_modules(model, set(order), {f.bn for f in folded}, ties.reasons)
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -289,12 +331,6 @@ def _grouped_weight(mod: nn.Module) -> torch.Tensor:
     return w.reshape(g, w.shape[0] // g, -1)
 
 
-def _skipped(model, quantized, folded):
-    from specquant.engine.walk import skipped_modules
-
-    return skipped_modules(model, quantized, folded)
-
-
 def _config_dict(config: QuantConfig) -> dict:
     d = dataclasses.asdict(config)
     d["method"] = config.method
@@ -303,8 +339,12 @@ def _config_dict(config: QuantConfig) -> dict:
 
 
 @torch.no_grad()
-def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, config: QuantConfig, fn) -> LayerRecord:
-    """Run the algorithm on one module (per conv group) and install the result."""
+def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, config: QuantConfig, fn,
+                    shared_bias: bool = False) -> LayerRecord:
+    """Run the algorithm on one module (per conv group) and install the result.
+
+    ``shared_bias``: the bias Parameter is also held by a module outside this layer's tie group;
+    bias correction then gives the layer a new bias instead of changing the shared one."""
     from specquant.algorithms.common import row_output_error
 
     w = mod.weight.detach()
@@ -331,6 +371,8 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
             W_hats.append(qw.dequantize().reshape(Wg.shape).float())
         qw = _concat_groups(parts) if groups > 1 else parts[0]
     W_hat = torch.cat(W_hats)  # (out, N0)
+    if not all_finite(W_hat):
+        raise ValueError(f"layer '{name}': method '{config.method}' produced non-finite weights")
     rel = None
     if stats is not None:
         num = den = 0.0
@@ -340,7 +382,7 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
             energy = sg.target_energy(Wg)  # (rows,) ‖X w_i‖²
             num += float(row_output_error(Wg, Hg, sg.H, sg.G, energy).sum())
             den += float(energy.sum())
-        rel = (num / den) ** 0.5 if den > 0 else 0.0
+        rel = _relative_error(name, num, den)
         if config.bias_correction:
             shift = []
             for g in range(groups):
@@ -350,6 +392,8 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
             shift = torch.cat(shift).to(w.dtype)
             if mod.bias is None:
                 mod.bias = nn.Parameter(shift)
+            elif shared_bias:
+                mod.bias = nn.Parameter(mod.bias.detach() + shift)
             else:
                 mod.bias.add_(shift)
     mod.weight.copy_(W_hat.reshape(w.shape).to(w.dtype))
@@ -364,6 +408,17 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
         code_bits=qw.code_bits() / max(1, w.numel()),
         row_bits=None if qw.row_bits is None else [int(b) for b in qw.row_bits.tolist()],
     )
+
+
+def _relative_error(name: str, num: float, den: float) -> float:
+    """sqrt(num / den) from the summed squared output error and float output energy: 0 only when
+    the error is 0, inf when the float output is 0 and the error is not."""
+    if not (math.isfinite(num) and math.isfinite(den)):
+        raise ValueError(f"layer '{name}': the output error is not finite (error {num}, float output energy {den}); "
+                         "the inputs or weights overflow float64, rescale them")
+    if den > 0:
+        return math.sqrt(max(num, 0.0) / den)
+    return math.inf if num > 0 else 0.0
 
 
 def _run(fn, W: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, name: str):

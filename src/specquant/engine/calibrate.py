@@ -63,6 +63,58 @@ def as_batches(calib, batch_size: int) -> list[torch.Tensor]:
     return out
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, cheaply: NaN and inf propagate through one sum, and
+    only when that sum is not finite (it may also overflow on large finite values) is ``x``
+    checked entry by entry."""
+    if not torch.is_floating_point(x) or x.numel() == 0:
+        return True
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
+def _bad_rows(x: torch.Tensor) -> tuple[int, int, int]:
+    """(first index along dim 0 holding a NaN/inf, number of NaN, number of inf) of ``x``."""
+    bad = ~torch.isfinite(x)
+    first = int(torch.nonzero(bad.reshape(x.shape[0], -1).any(1))[0]) if x.dim() else 0
+    n_nan = int(torch.isnan(x).sum())
+    return first, n_nan, int(bad.sum()) - n_nan
+
+
+def batch_starts(batches: list[torch.Tensor]) -> list[int]:
+    """Index of each batch's first sample in the calibration set, and the total at the end."""
+    starts = [0]
+    for b in batches:
+        starts.append(starts[-1] + b.shape[0])
+    return starts
+
+
+def check_calibration_finite(batches: list[torch.Tensor]) -> None:
+    """Raise a one-line ValueError naming the first calibration sample that holds NaN/inf."""
+    starts = batch_starts(batches)
+    for i, x in enumerate(batches):
+        if not all_finite(x):
+            s, n_nan, n_inf = _bad_rows(x)
+            raise ValueError(f"calibration input has NaN/inf at sample {starts[i] + s} (batch {i}): "
+                             f"{n_nan} NaN and {n_inf} inf values in that batch; fix or drop those samples")
+
+
+def _check_layer_input(x: torch.Tensor, name: str, i: int, quantized: bool, starts: list[int] | None) -> None:
+    """Raise naming the layer, batch and sample when the layer's input ``x`` holds NaN/inf."""
+    if all_finite(x):
+        return
+    s, n_nan, n_inf = _bad_rows(x)
+    where = f"batch {i}, index {s} along dim 0 of its {tuple(x.shape)} input"
+    if starts is not None and i + 1 < len(starts) and x.shape[0] == starts[i + 1] - starts[i]:
+        where = f"sample {starts[i] + s} (batch {i})"
+    if quantized:
+        cause = "the layers quantized before it make the activations overflow"
+    else:
+        cause = "the float model itself produces non-finite activations on this finite data"
+    raise ValueError(f"layer '{name}': its input in the {'partly quantized' if quantized else 'float'} model "
+                     f"has NaN/inf at {where} ({n_nan} NaN, {n_inf} inf): {cause}")
+
+
 def layer_cols(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as a (groups, N0, m) matrix of columns (one per row of X), so that
     out = colsᵀ @ Wᵀ per group.  Conv patches keep im2col's layout (positions contiguous), which
@@ -140,6 +192,19 @@ class StatsAccumulator:
         self.sx += Xc.sum(2).double()
         self.sxt += Xtc.sum(2).double()
         self.n += Xc.shape[2]
+
+    def first_nonfinite(self, full: bool = True) -> str | None:
+        """The first statistic that is not finite (float32 overflow of the products), else None.
+
+        ``full=False`` checks only the diagonals of the N0×N0 products (and the vectors): O(N0),
+        cheap enough for every batch; an off-diagonal entry is bounded by its diagonal ones."""
+        def part(t):
+            return t if full or t is None else torch.diagonal(t, dim1=1, dim2=2)
+
+        named = (("H = X̃ᵀX̃", part(self.H)), ("G = X̃ᵀX", part(self.G)), ("F = XᵀX", part(self.F)),
+                 ("the output energies ‖X w_i‖²", self.energy), ("the input sums", self.sx),
+                 ("the input sums", self.sxt))
+        return next((k for k, t in named if t is not None and not all_finite(t)), None)
 
     def stats(self) -> list[LayerStats]:
         n = max(self.n, 1)
@@ -306,6 +371,7 @@ def stream_layer_stats(
     flayer: nn.Module, f_raw: list[torch.Tensor],
     qblock: nn.Module, qlayer: nn.Module, q_inputs,
     opts: StreamOptions, same: bool = False, weight: torch.Tensor | None = None, keep_f: bool = True,
+    name: str = "layer", starts: list[int] | None = None,
 ) -> list[LayerStats]:
     """Statistics of one layer's inputs, streamed batch by batch.
 
@@ -314,17 +380,39 @@ def stream_layer_stats(
 
     ``f_raw``: the layer's raw inputs in the float model, one tensor per batch; the quantized
     model's inputs come from re-running ``qblock`` on its cached inputs up to the layer.
+
+    Each batch's inputs and the running statistics are checked for NaN/inf (one sum each, the
+    products' diagonals per batch and the whole products once at the end): a non-finite input or
+    a float32 overflow in the products raises a ValueError naming the layer ``name`` and the
+    batch (``starts``: each batch's first sample, to name the sample too).
     """
     gen = torch.Generator().manual_seed(opts.seed)
     acc = None
     for i, (qa, qk) in enumerate(q_inputs):
         x_raw = f_raw[i]
+        _check_layer_input(x_raw, name, i, False, starts)
         xt_raw = x_raw if same else capture_layer_inputs(qblock, qlayer, [(qa, qk)])[0]
+        if not same:
+            _check_layer_input(xt_raw, name, i, True, starts)
         # Unfold a few samples at a time: patches are ~k²× the activations, keep them small.
         step = opts.chunk if x_raw.dim() > 2 else x_raw.shape[0]
         for j in range(0, x_raw.shape[0], step):
             acc = _accumulate(acc, flayer, x_raw[j:j + step], xt_raw[j:j + step], same, opts, gen, weight, keep_f)
+        bad = acc.first_nonfinite(full=False)
+        if bad is not None:
+            big = f"|x| up to {max(float(x_raw.abs().max()), float(xt_raw.abs().max())):.3g}"
+            _overflow(name, f"at batch {i} ({bad} is not finite; {big})", acc.weight is not None
+                      and bad.startswith("the output energies"))
+    bad = acc.first_nonfinite(full=True)
+    if bad is not None:
+        _overflow(name, f"({bad} is not finite)", False)
     return acc.stats()
+
+
+def _overflow(name: str, where: str, weights_too: bool) -> None:
+    too_large = "the inputs or the weights are too large" if weights_too else "the inputs are too large"
+    raise ValueError(f"layer '{name}': its input statistics overflow float32 {where}: {too_large}, "
+                     "rescale them (e.g. normalise the calibration data)")
 
 
 def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen, weight=None, keep_f=True):

@@ -5,11 +5,15 @@ networks, transformer blocks, functional glue between modules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
+# Exactly these types are quantized: a subclass may read its weight outside forward() (as
+# nn.MultiheadAttention does with its NonDynamicallyQuantizableLinear out_proj) or use it
+# differently, so a packed replacement could not stand in for it.
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
@@ -30,9 +34,93 @@ class FoldedBN:
     into: str  # conv / linear module name that absorbed it
 
 
+@dataclass
+class TiedWeights:
+    """What the engine does with layers whose weight Parameter other modules also hold."""
+
+    order: list[str]  # layers to quantize, in the given order: one per shared weight
+    followers: dict[str, list[str]] = field(default_factory=dict)  # quantized layer -> layers sharing its weight
+    reasons: dict[str, str] = field(default_factory=dict)  # layer left out because of a tie -> why
+
+
+def is_quantizable(mod: nn.Module) -> bool:
+    """Whether the engine quantizes ``mod``: its type is exactly Linear, Conv1d or Conv2d."""
+    return type(mod) in QUANTIZABLE
+
+
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Linear / Conv1d / Conv2d, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    """(name, module) of every Linear / Conv1d / Conv2d (exact types, subclasses left out), in
+    registration order; a module registered under several names appears once, under its first."""
+    return [(n, m) for n, m in model.named_modules() if is_quantizable(m)]
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(Parameter) -> every (module name, module, attribute) that holds it directly.
+
+    Duplicates are kept: a module registered under two names is listed under both, and a
+    Parameter shared by two modules (tied weights) under each of them."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append((mname, mod, pname))
+    return holders
+
+
+def _distinct_holders(holders: list[tuple[str, nn.Module, str]]) -> list[tuple[str, nn.Module, str]]:
+    """One entry per module object (its first name), in registration order."""
+    seen: set[int] = set()
+    out = []
+    for entry in holders:
+        if id(entry[1]) not in seen:
+            seen.add(id(entry[1]))
+            out.append(entry)
+    return out
+
+
+def shared_weight(holders: dict[int, list], mod: nn.Module) -> bool:
+    """Whether a module other than ``mod`` (itself under another name does not count) holds its weight."""
+    return len(_distinct_holders(holders.get(id(mod.weight), []))) > 1
+
+
+def _label(name: str, mod: nn.Module) -> str:
+    return f"'{name}' ({type(mod).__name__})" if name else f"the top-level module ({type(mod).__name__})"
+
+
+def resolve_ties(model: nn.Module, order: list[str], excluded: Callable[[str], bool]) -> TiedWeights:
+    """Quantize each shared weight once, or not at all.
+
+    ``order``: the layers the engine would quantize, in forward order; ``excluded(name)``: the
+    configuration leaves that layer in float.  A weight held by several modules is quantized at
+    its first holder in ``order`` when every holder is a quantizable layer holding it as its
+    ``weight`` and not excluded; the other holders become that layer's followers (same Parameter,
+    same ``qweight``).  When some holder is not quantized (an Embedding with tied input/output
+    embeddings, an excluded layer, a subclass), no holder is: they all stay in float.
+    """
+    holders = parameter_holders(model)
+    mods = dict(model.named_modules())
+    ties = TiedWeights(order=[])
+    done: set[int] = set()  # ids of shared weights already resolved
+    for name in order:
+        w = mods[name].weight
+        if id(w) in done:
+            continue
+        others = [h for h in _distinct_holders(holders.get(id(w), [])) if h[1] is not mods[name]]
+        if not others:
+            ties.order.append(name)
+            continue
+        done.add(id(w))
+        blockers = [(n, m) for n, m, attr in others if not (is_quantizable(m) and attr == "weight" and not excluded(n))]
+        if blockers:
+            why = f"weight tied to {_label(*blockers[0])}, which is not quantized: kept in float to keep the tie"
+            for n, m, attr in [(name, mods[name], "weight")] + others:
+                if is_quantizable(m) and attr == "weight" and (n, m) not in blockers:
+                    ties.reasons[n] = why
+            continue
+        ties.order.append(name)
+        ties.followers[name] = [n for n, _, _ in others]
+        for n, _, _ in others:
+            ties.reasons[n] = f"weight tied to '{name}': quantized once there, tie kept"
+    return ties
 
 
 def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -56,15 +144,34 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     return order
 
 
-def skipped_modules(model: nn.Module, quantized: set[str], folded: set[str]) -> list[SkippedModule]:
-    """Modules that own parameters but are not quantized, with the reason."""
+def skipped_modules(model: nn.Module, quantized: set[str], folded: set[str],
+                    reasons: dict[str, str] | None = None) -> list[SkippedModule]:
+    """Modules that own parameters but are not quantized, with the reason.
+
+    ``reasons`` gives the reason for particular modules (tied weights); a module registered
+    under a second name is listed under that name too, pointing to its first."""
+    reasons = reasons or {}
+    first: dict[int, str] = {}  # id(module) -> its first name
     out = []
-    for name, mod in model.named_modules():
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in first:
+            if name and any(True for _ in mod.parameters(recurse=False)):
+                done = "quantized once there" if first[id(mod)] in quantized else "treated as there"
+                out.append(SkippedModule(name, type(mod).__name__,
+                                         f"same module as '{first[id(mod)]}', registered under a second name: {done}"))
+            continue
+        first[id(mod)] = name
         if name in quantized or name in folded or name == "":
             continue
         if not any(True for _ in mod.parameters(recurse=False)):
             continue
-        if isinstance(mod, QUANTIZABLE):
+        base = next((t for t in QUANTIZABLE if isinstance(mod, t)), None)
+        if name in reasons:
+            reason = reasons[name]
+        elif base is not None and type(mod) is not base:
+            reason = (f"{type(mod).__name__} is a subclass of {base.__name__} whose weight may be used "
+                      "outside its forward(): kept in float")
+        elif base is not None:
             reason = "excluded by the configuration or never called by forward()"
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             reason = "BatchNorm not directly after a conv/linear: kept in float"
@@ -87,6 +194,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
     The pairing is read from one forward pass: a BN is folded when the tensor it receives is
     the very tensor a conv/linear returned and nothing else reads that tensor.  The BN is
     replaced by ``nn.Identity`` and the producer gains the affine map (a bias if it had none).
+    A producer whose weight another module also holds (tied weights), or a producer or BN that
+    forward() calls more than once, is left alone: folding would change its other uses too.
     Must be called in eval mode (running statistics are used).
     """
     from torch.overrides import TorchFunctionMode
@@ -97,6 +206,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
     inside: list[str] = []  # stack of leaf modules now running (their ops count as one reader)
     n_ops = [0]
     pairs: list[tuple[str, str, int]] = []
+    calls: dict[str, int] = {}  # producer / BatchNorm name -> times forward() called it
     keep: list = []  # every tensor seen stays alive during the pass, so ids are never reused
 
     class CountReads(TorchFunctionMode):
@@ -117,6 +227,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
 
     def out_hook(name):
         def h(_m, _i, out):
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor):
                 keep.append(out)
                 produced[id(out)] = name
@@ -124,6 +235,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
 
     def bn_pre(name):
         def h(_m, inp):
+            calls[name] = calls.get(name, 0) + 1
             keep.append(inp)
             t = inp[0] if inp else None
             if isinstance(t, torch.Tensor) and id(t) in produced:
@@ -143,7 +255,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
         if name and len(list(mod.children())) == 0:
             handles.append(mod.register_forward_pre_hook(enter(name)))
             handles.append(mod.register_forward_hook(leave))
-        if isinstance(mod, QUANTIZABLE):
+        if is_quantizable(mod):
             handles.append(mod.register_forward_hook(out_hook(name)))
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             handles.append(mod.register_forward_pre_hook(bn_pre(name)))
@@ -155,11 +267,14 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
             h.remove()
     folded = []
     seen_bn = set()
+    holders = parameter_holders(model)
     for conv_name, bn_name, tid in pairs:
         if bn_name in seen_bn or readers.get(tid, set()) != {bn_name}:
             continue
         seen_bn.add(bn_name)
         conv, bn = mods[conv_name], mods[bn_name]
+        if calls.get(conv_name, 0) > 1 or calls.get(bn_name, 0) > 1 or shared_weight(holders, conv):
+            continue
         if bn.running_mean is None or not bn.affine and bn.running_var is None:
             continue
         out_ch = conv.weight.shape[0]
@@ -173,6 +288,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
         b = conv.bias if conv.bias is not None else torch.zeros(out_ch, dtype=conv.weight.dtype)
         new_b = (b - bn.running_mean) * factor + beta
         conv.bias = nn.Parameter(new_b.to(conv.weight.dtype))
-        _set_module(model, bn_name, nn.Identity())
+        identity = nn.Identity()
+        for alias, m in list(model.named_modules(remove_duplicate=False)):  # every name the BN is registered under
+            if m is bn:
+                _set_module(model, alias, identity)
         folded.append(FoldedBN(bn=bn_name, into=conv_name))
     return folded
