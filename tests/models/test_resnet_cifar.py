@@ -46,5 +46,5 @@ def test_load_pretrained_strips_module_prefix_and_is_strict(tmp_path):
     for k, v in src.state_dict().items():
         if "num_batches_tracked" not in k:
             assert torch.equal(dst.state_dict()[k], v)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"ckpt\.th: the checkpoint does not fit the architecture"):
         load_pretrained(resnet32(), tmp_path / "ckpt.th")

@@ -36,10 +36,24 @@ and the tensor's bytes.  ``load`` checks it, then checks that header and tensors
 shapes, byte counts), so a truncated, altered or foreign file gives one ``SQFormatError`` line
 (a ``ValueError``) and never a wrong model.
 
-The architecture is rebuilt from the zoo id (``ZooEntry.build``: architecture only, fresh
-weights, no training and no data) or from the entry point ``"module:function"`` (imported and
-called with no arguments: only load files whose entry point you trust).  A file saved from a
-float model has no quantized layers and loads as that float model.
+Ties: a tensor that the model holds under several names (tied weights, e.g. an embedding
+shared with the output layer) is stored once; the header's ``"tied": {"b.weight": "a.weight"}``
+maps each other name to the stored one, and ``load`` puts the very same tensor back under both.
+A quantized layer whose weight is another quantized layer's is recorded as
+``{"name": "b", "tied_to": "a", ...}`` with no codes of its own (its bias is its own).
+
+Trust: loading never imports or calls anything that the file names unless the caller says so.
+The architecture comes, in this order, from a builder the caller passes (``load(path,
+build=fn)``), from the zoo id (specquant's own code, architecture only: fresh weights, no
+training, no data), or from the header's entry point ``"module:function"`` — and that last one
+only when the caller allows exactly that name (``allow_entry_point="pkg.mod:fn"``, or
+``--allow-entry-point`` on the command line; off by default, like ``trust_remote_code``).
+Without it, a file that names an entry point is refused with one line saying how to allow it.
+No pickle is ever read; every header value is type- and range-checked and the tensors are
+checked against it (scales finite and ≥ 0, zero points finite, float tensors finite) before
+any module is built.  Only regular files are read, and the header is checked against the
+file size before any tensor is read.  A file saved from a float model has no quantized layers
+and loads as that float model.  See SECURITY.md.
 """
 from __future__ import annotations
 
@@ -48,6 +62,8 @@ import importlib
 import json
 import math
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Callable
@@ -56,6 +72,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specquant.core.frames import FRAME_KINDS
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.pack import PACKINGS, layout_nbytes, packing_for
 from specquant.nn.layers import (
@@ -128,10 +145,20 @@ def payload_digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+_ENTRY_POINT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*"
+                          r"(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _check_entry_point_name(arch: str) -> str:
+    """``arch`` if it reads ``package.module:function`` (dotted identifiers only), else an error."""
+    if not isinstance(arch, str) or len(arch) > 256 or not _ENTRY_POINT.fullmatch(arch):
+        raise SQFormatError(f"architecture entry point {str(arch)[:80]!r} is not of the form 'module:function'")
+    return arch
+
+
 def _resolve_entry_point(arch: str) -> Callable[[], nn.Module]:
-    mod_name, sep, attr = arch.partition(":")
-    if not sep or not mod_name or not attr:
-        raise SQFormatError(f"architecture entry point {arch!r} is not of the form 'module:function'")
+    """Import the caller-trusted entry point ``arch`` (only ever called for a trusted name)."""
+    mod_name, _, attr = _check_entry_point_name(arch).partition(":")
     try:
         obj = importlib.import_module(mod_name)
         for part in attr.split("."):
@@ -154,35 +181,58 @@ def _arch_string(arch) -> str | None:
     raise ValueError(f"arch must be 'module:function' or a function, got {type(arch).__name__}")
 
 
+def _allowed_names(allow_entry_point) -> frozenset[str]:
+    """The entry points the caller trusts, from None, one name or an iterable of names."""
+    if allow_entry_point is None:
+        return frozenset()
+    names = [allow_entry_point] if isinstance(allow_entry_point, str) else list(allow_entry_point)
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"allow_entry_point must be 'module:function' strings, got {type(n).__name__}")
+    return frozenset(names)
+
+
 def _call_builder(fn: Callable[[], nn.Module], what: str) -> nn.Module:
     try:
-        return fn()
+        model = fn()
     except Exception as e:  # noqa: BLE001 - any failure of the builder is one clear line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise SQFormatError(f"cannot build the architecture ({what}): {type(e).__name__}: {first}") from None
+    if not isinstance(model, nn.Module):
+        raise SQFormatError(f"the architecture builder ({what}) returned {type(model).__name__}, not a module")
+    return model
 
 
-def build_skeleton(model_info: dict, data_dir=None) -> nn.Module:
-    """The float architecture (fresh weights, eval mode) named by a header's ``model`` entry.
+def build_skeleton(model_info: dict, data_dir=None, *, build: Callable[[], nn.Module] | None = None,
+                   allow_entry_point=None, where: str = "") -> nn.Module:
+    """The float architecture (fresh weights, eval mode) for a header's ``model`` entry.
 
-    ``data_dir`` is accepted for zoo entries whose build might need it; none does today.
+    ``build`` (the caller's builder) wins; else the zoo id; else the header's entry point, only
+    when it is one of ``allow_entry_point`` (see the module docstring: the file never chooses
+    code to run).  ``data_dir`` is accepted for zoo entries whose build might need it.
     """
     zoo_id, arch = model_info.get("zoo_id"), model_info.get("arch")
-    if zoo_id is not None:
+    if build is not None:
+        if not callable(build):
+            raise TypeError(f"build must be a function returning the architecture, got {type(build).__name__}")
+        model = _call_builder(build, f"build={getattr(build, '__qualname__', build)!r}")
+    elif zoo_id is not None:
         from specquant.models.zoo import get_entry
 
         try:
             entry = get_entry(zoo_id)
         except ValueError as e:
-            raise SQFormatError(str(e)) from None
+            raise SQFormatError(f"{where}{e}") from None
         model = _call_builder(entry.build, f"zoo id {zoo_id!r}")
     elif arch is not None:
+        if arch not in _allowed_names(allow_entry_point):
+            raise SQFormatError(
+                f"{where}the file names the architecture entry point {arch!r}; loading it would import and run "
+                f"that code, so it is off by default. If you trust the file, pass build=<your function> or "
+                f"allow_entry_point={arch!r} to specquant.load (command line: --allow-entry-point {arch})")
         model = _call_builder(_resolve_entry_point(arch), f"entry point {arch!r}")
-        if not isinstance(model, nn.Module):
-            raise SQFormatError(f"architecture entry point {arch!r} returned {type(model).__name__}, "
-                                f"not a module")
     else:
-        raise SQFormatError("the header names neither a zoo id nor an architecture entry point")
+        raise SQFormatError(f"{where}the header names neither a zoo id nor an architecture entry point")
     return model.eval()
 
 
@@ -252,7 +302,23 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
     return rec, tensors
 
 
-_OWN_FIELDS = ("name", "shape")  # never shared through layer_defaults
+def _weight_ids(mod: nn.Module, src) -> tuple[int, ...]:
+    """Identities of a quantized layer's stored weight: two layers sharing one are tied."""
+    if isinstance(src, _QuantLayer):
+        return (id(src.codes),)
+    return (id(src), id(mod.weight))
+
+
+def _tied_entry(name: str, mod: nn.Module, src, first: str) -> tuple[dict, dict]:
+    """Header record and tensors of a layer whose quantized weight is layer ``first``'s."""
+    layer_type = src.layer_type if isinstance(src, _QuantLayer) else type(mod).__name__
+    shape = src.weight_shape if isinstance(src, _QuantLayer) else tuple(mod.weight.shape)
+    bias = mod.bias
+    rec = {"name": name, "tied_to": first, "type": layer_type, "shape": list(shape), "bias": bias is not None}
+    return rec, ({} if bias is None else {f"{name}.bias": bias.detach().contiguous()})
+
+
+_OWN_FIELDS = ("name", "shape", "tied_to")  # never shared through layer_defaults
 
 
 def _compact_layers(records: list[dict]) -> tuple[dict, list[dict]]:
@@ -278,7 +344,7 @@ def _compact_layers(records: list[dict]) -> tuple[dict, list[dict]]:
 
 def expand_layers(header: dict) -> list[dict]:
     """The full per-layer records of a header (``layer_defaults`` merged in)."""
-    defaults = header.get("layer_defaults") or {}
+    defaults = header.get("layer_defaults", {})
     layers = header.get("layers")
     if not isinstance(defaults, dict) or not isinstance(layers, list):
         raise SQFormatError("corrupted header: 'layers' or 'layer_defaults' is malformed")
@@ -322,6 +388,7 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
         raise ValueError(f"scale_dtype must be 'fp32' or 'fp16', got {scale_dtype!r}")
     sdt = SCALE_DTYPES[scale_dtype]
     model_id = model_id if model_id is not None else getattr(model, "_specquant_model_id", None)
+    arch_given = arch
     arch = _arch_string(arch if arch is not None else getattr(model, "_specquant_arch", None))
     if model_id is None and arch is None:
         raise ValueError("save needs model_id= (a zoo id) or arch= ('module:function') so that load can "
@@ -329,33 +396,53 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     if meta is None:  # a loaded model keeps the meta of its file
         meta = (getattr(model, "specquant_header", None) or {}).get("meta")
     model_info = {"zoo_id": model_id, "arch": arch}
+    # The caller names the architecture here, so building it is the caller's own code; a model
+    # that load() built with the caller's build= keeps that builder for saving again.
+    if callable(arch_given):
+        own_build = arch_given
+    elif arch == getattr(model, "_specquant_arch", None):
+        own_build = getattr(model, "_specquant_build", None)
+    else:
+        own_build = None
     try:
-        skeleton = build_skeleton(model_info)
+        skeleton = build_skeleton(model_info, build=own_build, allow_entry_point=arch)
     except SQFormatError as e:
         raise ValueError(str(e)) from None
     folded = _folded_bns(model, skeleton)
 
     layers, tensors, qnames = [], {}, []
-    for name, mod in model.named_modules():
+    owners: dict[int, str] = {}  # id of a quantized weight's storage -> the layer that stores it
+    for name, mod in model.named_modules(remove_duplicate=False):
         src = _quantized_source(mod)
         if src is None:
             continue
         if name == "":
             raise ValueError("the root module itself is quantized; save a model that contains it")
-        rec, ts = _layer_entry(name, mod, src, sdt)
+        ids = _weight_ids(mod, src)
+        first = next((owners[i] for i in ids if i in owners), None)
+        if first is not None:  # the same quantized weight as an earlier layer: stored once
+            rec, ts = _tied_entry(name, mod, src, first)
+        else:
+            rec, ts = _layer_entry(name, mod, src, sdt)
+            owners.update({i: name for i in ids})
         layers.append(rec)
         tensors.update(ts)
         qnames.append(name)
     prefixes = tuple(n + "." for n in qnames)
-    seen: dict[tuple[int, int], str] = {}
-    for key, t in model.state_dict().items():
+    seen: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
         if key.startswith(prefixes):
             continue
         t = t.detach().cpu()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.numel() and ident in seen:
-            t = t.clone()  # safetensors refuses shared storage (tied weights are stored twice)
-        seen[ident] = key
+        if t.numel():
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if ident in seen:  # the same tensor under a second name: stored once, the tie recorded
+                tied[key] = seen[ident]
+                continue
+            if any(i[0] == ident[0] for i in seen):
+                t = t.clone()  # a different view of shared storage: safetensors wants its own copy
+            seen[ident] = key
         tensors[key] = t.contiguous()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -367,6 +454,8 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     }
     header["layer_defaults"], header["layers"] = _compact_layers(layers)
     header["folded_bn"] = folded
+    if tied:
+        header["tied"] = tied
     header["meta"] = _jsonable(meta or {})
     header["payload_sha256"] = payload_digest(header, tensors)
     from safetensors.torch import save as st_save
@@ -408,23 +497,91 @@ def _write_atomic(path: Path, data: bytes) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_file(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
-    """Parse and check the safetensors framing; returns (header, tensors, header bytes)."""
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _strict_json(text) -> object:
+    """``json.loads`` that refuses NaN/Infinity and turns any failure into ValueError."""
     try:
-        data = path.read_bytes()
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _open_regular(path: Path) -> tuple[object, int]:
+    """Open ``path`` for reading only if it is a regular file; returns (file, size)."""
+    try:
+        st = os.stat(path)
     except FileNotFoundError:
         raise SQFormatError(f"{path}: no such file") from None
     except OSError as e:
         raise SQFormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(data) < 8:
-        raise SQFormatError(f"{path}: not a specquant file (only {len(data)} bytes, no safetensors header)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or n < 2:
-        raise SQFormatError(f"{path}: not a specquant file (no valid safetensors header)")
-    if 8 + n > len(data):
-        raise SQFormatError(f"{path}: truncated file ({len(data)} bytes, its header alone needs {8 + n})")
+    if not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, device or socket)"
+        raise SQFormatError(f"{path}: is {what}; a specquant model is a regular file")
     try:
-        st_header = json.loads(data[8:8 + n].decode("utf-8"))
+        f = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as e:
+        raise SQFormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    size = os.fstat(f.fileno()).st_size
+    return f, size
+
+
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1}  # safetensors dtypes this format uses, and their sizes in bytes
+
+
+def _check_st_entries(path: Path, st_header: dict, n: int, size: int) -> None:
+    """The safetensors tensor table: known dtypes, sane shapes, offsets that tile the payload."""
+    spans = []
+    for key, v in st_header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and _one_of(v.get("dtype"), _ST_DTYPES) and isinstance(v.get("shape"), list)
+              and all(type(d) is int and 0 <= d < 2**40 for d in v["shape"]) and len(v["shape"]) <= 8
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(type(o) is int and o >= 0 for o in v["data_offsets"]))
+        if not ok:
+            raise SQFormatError(f"{path}: corrupted safetensors header (bad entry for tensor {str(key)[:60]!r})")
+        lo, hi = v["data_offsets"]
+        if hi - lo != math.prod(v["shape"]) * _ST_DTYPES[v["dtype"]]:
+            raise SQFormatError(f"{path}: corrupted safetensors header (tensor {str(key)[:60]!r}: its byte range "
+                                f"does not match its shape and dtype)")
+        spans.append((lo, hi))
+    spans.sort()
+    end = 0
+    for lo, hi in spans:
+        if lo != end:
+            raise SQFormatError(f"{path}: corrupted safetensors header (tensor byte ranges overlap or leave gaps)")
+        end = hi
+    expected = 8 + n + end
+    if size < expected:
+        raise SQFormatError(f"{path}: truncated file ({size} bytes, the header describes {expected})")
+    if size > expected:
+        raise SQFormatError(f"{path}: {size - expected} unexpected trailing bytes after the tensors")
+
+
+def _read_file(path: Path, *, with_tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """Parse and check the safetensors framing; returns (header, tensors, header bytes).
+
+    Only a regular file is opened; the header is read and checked against the file size before
+    any tensor byte is read, and tensors are read from a memory map, one at a time.
+    """
+    f, size = _open_regular(path)
+    with f:
+        if size < 8:
+            raise SQFormatError(f"{path}: not a specquant file (only {size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER or n < 2:
+            raise SQFormatError(f"{path}: not a specquant file (no valid safetensors header)")
+        if 8 + n > size:
+            raise SQFormatError(f"{path}: truncated file ({size} bytes, its header alone needs {8 + n})")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise SQFormatError(f"{path}: truncated file (the file changed while it was read)")
+    try:
+        st_header = _strict_json(raw.decode("utf-8"))
         if not isinstance(st_header, dict):
             raise ValueError
     except (UnicodeDecodeError, ValueError):
@@ -432,36 +589,33 @@ def _read_file(path: Path) -> tuple[dict, dict[str, torch.Tensor], int]:
                             ) from None
     meta = st_header.get("__metadata__") or {}
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
-        if b'"specquant' in data[8:8 + n] or b'\\"specquant' in data[8:8 + n]:
+        if b'"specquant' in raw or b'\\"specquant' in raw:
             raise SQFormatError(f"{path}: corrupted header (its specquant metadata cannot be found)")
         raise SQFormatError(f"{path}: not a specquant file (a safetensors file without a specquant header)")
+    _check_st_entries(path, st_header, n, size)
     try:
-        ends = [int(v["data_offsets"][1]) for k, v in st_header.items() if k != "__metadata__"]
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise SQFormatError(f"{path}: corrupted safetensors header (bad tensor entries)") from None
-    expected = 8 + n + max(ends, default=0)
-    if len(data) < expected:
-        raise SQFormatError(f"{path}: truncated file ({len(data)} bytes, the header describes {expected})")
-    if len(data) > expected:
-        raise SQFormatError(f"{path}: {len(data) - expected} unexpected trailing bytes after the tensors")
-    try:
-        header = json.loads(meta[METADATA_KEY])
+        header = _strict_json(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise ValueError
     except (TypeError, ValueError):
         raise SQFormatError(f"{path}: corrupted specquant header (not a JSON object)") from None
     if header.get("format") != FORMAT_NAME:
-        raise SQFormatError(f"{path}: not a specquant file (format {header.get('format')!r})")
+        raise SQFormatError(f"{path}: not a specquant file (format {str(header.get('format'))[:40]!r})")
     version = header.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise SQFormatError(
             f"{path}: unsupported specquant format version {version!r} (this specquant reads version "
             f"{FORMAT_VERSION})"
         )
-    from safetensors.torch import load as st_load
+    if not with_tensors:
+        return header, {}, n
+    from safetensors import safe_open
 
     try:
-        tensors = st_load(data)
+        tensors = {}
+        with safe_open(str(path), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                tensors[key] = sf.get_tensor(key)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SQFormatError(f"{path}: corrupted tensor data ({first})") from None
@@ -501,31 +655,97 @@ def _need(cond: bool, path: Path, msg: str) -> None:
         raise SQFormatError(f"{path}: header and tensors disagree: {msg}")
 
 
+def _bad(path: Path, msg: str) -> SQFormatError:
+    return SQFormatError(f"{path}: corrupted header: {msg}")
+
+
+def _one_of(v, options) -> bool:
+    """``v`` is one of the string ``options`` (safe for any JSON value, hashable or not)."""
+    return isinstance(v, str) and v in options
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _module_name(v) -> bool:
+    """A dotted module path as ``named_modules`` writes it (no empty parts, bounded length)."""
+    return isinstance(v, str) and 0 < len(v) <= 512 and all(part and part.isprintable() for part in v.split("."))
+
+
+def _check_header(path: Path, header: dict) -> dict:
+    """Type- and range-check the top level of an (expanded) header; returns the model entry."""
+    model_info = header.get("model")
+    if not isinstance(model_info, dict) or not set(model_info) <= {"zoo_id", "arch"}:
+        raise _bad(path, "'model' must be an object with 'zoo_id' and 'arch'")
+    zoo_id, arch = model_info.get("zoo_id"), model_info.get("arch")
+    if zoo_id is not None and not (isinstance(zoo_id, str) and 0 < len(zoo_id) <= 128):
+        raise _bad(path, f"zoo id {str(zoo_id)[:60]!r} is not a short string")
+    if arch is not None:
+        try:
+            _check_entry_point_name(arch)
+        except SQFormatError as e:
+            raise _bad(path, str(e)) from None
+    for key, kind in (("layers", list), ("folded_bn", list), ("meta", dict), ("tied", dict)):
+        if key in header and not isinstance(header[key], kind):
+            raise _bad(path, f"'{key}' must be a JSON {'array' if kind is list else 'object'}")
+    if not isinstance(header.get("layers"), list) or not isinstance(header.get("folded_bn"), list):
+        raise _bad(path, "'layers' or 'folded_bn' missing")
+    if not all(_module_name(b) for b in header["folded_bn"]):
+        raise _bad(path, "'folded_bn' must list module names")
+    if not all(_module_name(k) and _module_name(v) and k != v for k, v in (header.get("tied") or {}).items()):
+        raise _bad(path, "'tied' must map tensor names to other tensor names")
+    if "quantized" in header and not isinstance(header["quantized"], bool):
+        raise _bad(path, "'quantized' must be true or false")
+    return model_info
+
+
+_SHAPE_DIMS = {"Linear": 2, "Conv1d": 3, "Conv2d": 4}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
 def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
     """Validate one layer record against its tensors; returns the layer's constructor arguments."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
-        raise SQFormatError(f"{path}: corrupted header: bad layer record {str(rec)[:80]!r}")
+    if not isinstance(rec, dict) or not _module_name(rec.get("name")):
+        raise _bad(path, f"bad layer record {str(rec)[:80]!r}")
     name = rec["name"]
+    ltype = rec.get("type")
+    if not _one_of(ltype, _LAYER_TYPES):
+        raise SQFormatError(f"{path}: header and tensors disagree: layer '{name}' has unknown type "
+                            f"{str(ltype)[:40]!r}")
+    shape = rec.get("shape")
+    if not (isinstance(shape, list) and len(shape) == _SHAPE_DIMS[ltype] and all(_is_int(s, 1, 2**31) for s in shape)
+            and math.prod(shape) <= 2**40):
+        raise _bad(path, f"layer '{name}': shape {str(shape)[:60]} is not {_SHAPE_DIMS[ltype]} positive integers")
+    shape = tuple(shape)
+    if not isinstance(rec.get("bias"), bool):
+        raise _bad(path, f"layer '{name}': 'bias' must be true or false")
+    if "tied_to" in rec:
+        return _check_tied(path, rec, tensors, shape)
+    kind = rec.get("kind")
+    if not _one_of(kind, WEIGHT_KINDS):
+        raise SQFormatError(f"{path}: layer '{name}' has unknown weight kind {str(kind)[:40]!r} "
+                            f"(known: {', '.join(WEIGHT_KINDS)})")
+    if not _is_int(rec.get("bits"), 1, 8):
+        raise _bad(path, f"layer '{name}': bits {str(rec.get('bits'))[:20]} is not an integer in 1..8")
+    if not _one_of(rec.get("dtype"), _FLOAT_DTYPES):
+        raise _bad(path, f"layer '{name}': weight dtype {str(rec.get('dtype'))[:20]!r} is not a float dtype")
+    if not isinstance(rec.get("granularity"), str) or ("axis" in rec and not _is_int(rec["axis"], 0, len(shape) - 1)):
+        raise _bad(path, f"layer '{name}': bad granularity or axis")
+    if not isinstance(rec.get("algorithm", ""), str) or not isinstance(rec.get("info", {}), dict):
+        raise _bad(path, f"layer '{name}': 'algorithm' must be a string and 'info' an object")
     try:
-        kind = rec["kind"]
-        if kind not in WEIGHT_KINDS:
-            raise SQFormatError(f"{path}: layer '{name}' has unknown weight kind {kind!r} "
-                                f"(known: {', '.join(WEIGHT_KINDS)})")
-        spec = GridSpec(int(rec["bits"]), rec["grid"])
-        gran = Granularity.parse(rec["granularity"], axis=int(rec.get("axis", 0)))
-        shape = tuple(int(s) for s in rec["shape"])
+        spec = GridSpec(rec["bits"], rec.get("grid"))
+        gran = Granularity.parse(rec["granularity"], axis=rec.get("axis", 0))
         dtype = _DTYPES[rec["dtype"]]
+        if not _one_of(rec.get("scale_dtype"), _DTYPES):
+            raise ValueError(f"scale dtype {str(rec.get('scale_dtype'))[:20]!r}")
         sdt = _DTYPES[rec["scale_dtype"]]
-        ltype = rec["type"]
         zp_kind = rec["zero_point"]
-        has_bias = bool(rec["bias"])
-    except SQFormatError:
-        raise
     except (KeyError, TypeError, ValueError) as e:
-        raise SQFormatError(f"{path}: corrupted header: layer '{name}': {e}") from None
-    _need(ltype in _LAYER_TYPES, path, f"layer '{name}' has unknown type {ltype!r}")
-    _need(rec.get("levels") == spec.levels, path, f"layer '{name}' has {rec.get('levels')} levels, its grid "
-          f"{spec.kind} at {spec.bits} bits has {spec.levels}")
+        raise _bad(path, f"layer '{name}': {str(e)[:120]}") from None
+    _need(rec.get("levels") == spec.levels, path, f"layer '{name}' has {str(rec.get('levels'))[:20]} levels, its "
+          f"grid {spec.kind} at {spec.bits} bits has {spec.levels}")
     _need(sdt in (torch.float32, torch.float16), path, f"layer '{name}' scale dtype {rec['scale_dtype']}")
     frame = None
     codes_shape = shape
@@ -533,13 +753,22 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
         frame = rec.get("frame")
         _need(isinstance(frame, dict) and set(frame) == set(FRAME_KEYS), path,
               f"layer '{name}' lacks its frame parameters")
-        codes_shape = tuple(int(s) for s in rec.get("codes_shape", ()))
-        _need(len(codes_shape) == 2, path, f"layer '{name}' lacks its codes shape")
+        cs = rec.get("codes_shape")
+        _need(isinstance(cs, list) and len(cs) == 2 and all(_is_int(s, 1, 2**40) for s in cs), path,
+              f"layer '{name}' lacks its codes shape")
+        codes_shape = tuple(cs)
+        _need(_is_int(frame["order"], 1, 2) and _is_int(frame["seed"], 0, 2**63 - 1)
+              and _one_of(frame["kind"], FRAME_KINDS) and _one_of(frame["along"], ("input", "output"))
+              and _is_int(frame["dim"], 1, 2**31) and _is_int(frame["size"], 1, 2**31), path,
+              f"layer '{name}' has invalid frame parameters {str(frame)[:80]}")
+        _need(codes_shape[0] == frame["size"] and codes_shape[0] * codes_shape[1] == math.prod(shape)
+              // frame["dim"] * frame["size"], path, f"layer '{name}': codes shape {codes_shape} does not fit "
+              f"its frame and weight shape")
     numel = math.prod(codes_shape)
     codes = tensors.get(f"{name}.codes")
     _need(codes is not None, path, f"layer '{name}' has no codes tensor")
     packing = rec.get("packing") or "bits"
-    _need(packing in PACKINGS, path, f"layer '{name}' has unknown code packing {packing!r}")
+    _need(_one_of(packing, PACKINGS), path, f"layer '{name}' has unknown code packing {str(packing)[:40]!r}")
     row_bits = tensors.get(f"{name}.row_bits")
     if packing == "rows":
         _need(kind == "uniform" and gran.kind == "channel" and gran.axis == 0, path,
@@ -564,31 +793,54 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
     _need(scale is not None and scale.dtype == sdt and tuple(scale.shape) == sshape, path,
           f"'{name}.scale' should be {rec['scale_dtype']} {sshape}, got "
           f"{'nothing' if scale is None else f'{_dtype_name(scale.dtype)} {tuple(scale.shape)}'}")
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise SQFormatError(f"{path}: layer '{name}' has invalid scales (NaN, infinite or negative): refused")
     zp = tensors.get(f"{name}.zero_point")
     if zp_kind == "implicit":
         _need(zp is None, path, f"'{name}.zero_point' present but the header says the grid fixes it")
         _need(spec.symmetric, path, f"layer '{name}': an asymmetric grid needs stored zero points")
     else:
-        _need(zp_kind in ("uint8", "float32"), path, f"layer '{name}' zero point kind {zp_kind!r}")
+        _need(_one_of(zp_kind, ("uint8", "float32")), path, f"layer '{name}' zero point kind {str(zp_kind)[:20]!r}")
         _need(zp is not None and _dtype_name(zp.dtype) == zp_kind and tuple(zp.shape) == sshape, path,
               f"'{name}.zero_point' should be {zp_kind} {sshape}")
         zp = zp.float()
+        if not bool(torch.isfinite(zp).all()):
+            raise SQFormatError(f"{path}: layer '{name}' has non-finite zero points: refused")
     bias = tensors.get(f"{name}.bias")
-    if has_bias:
-        _need(bias is not None and tuple(bias.shape) == (shape[0],) and bias.is_floating_point(), path,
-              f"'{name}.bias' should be a float tensor of shape ({shape[0]},)")
-    else:
-        _need(bias is None, path, f"'{name}.bias' present but the header says the layer has no bias")
+    _check_bias(path, name, rec["bias"], bias, shape)
     return {
         "spec": spec, "granularity": gran, "codes": codes, "scale": scale, "zero_point": zp,
-        "bias": bias if has_bias else None, "dtype": dtype, "algorithm": str(rec.get("algorithm", "")),
+        "bias": bias if rec["bias"] else None, "dtype": dtype, "algorithm": rec.get("algorithm", ""),
         "info": rec.get("info") or {}, "kind": kind, "frame": frame, "shape": shape, "type": ltype,
         "row_bits": row_bits, "packing": packing,
     }
 
 
-def _set_tensor(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> None:
-    """Put a float tensor of the file in its place in the architecture."""
+def _check_bias(path: Path, name: str, has_bias: bool, bias: torch.Tensor | None, shape: tuple) -> None:
+    if has_bias:
+        _need(bias is not None and tuple(bias.shape) == (shape[0],) and bias.is_floating_point(), path,
+              f"'{name}.bias' should be a float tensor of shape ({shape[0]},)")
+        if not bool(torch.isfinite(bias).all()):
+            raise SQFormatError(f"{path}: '{name}.bias' holds NaN or infinite values: refused")
+    else:
+        _need(bias is None, path, f"'{name}.bias' present but the header says the layer has no bias")
+
+
+def _check_tied(path: Path, rec: dict, tensors: dict, shape: tuple) -> dict:
+    """A layer whose quantized weight is an earlier layer's: only its own bias is stored."""
+    name, first = rec["name"], rec["tied_to"]
+    if not _module_name(first) or first == name:
+        raise _bad(path, f"layer '{name}': 'tied_to' must name another layer")
+    for suffix in ("codes", "scale", "zero_point", "row_bits"):
+        _need(f"{name}.{suffix}" not in tensors, path, f"'{name}.{suffix}' present but layer '{name}' is tied to "
+              f"'{first}'")
+    bias = tensors.get(f"{name}.bias")
+    _check_bias(path, name, rec["bias"], bias, shape)
+    return {"tied_to": first, "shape": shape, "type": rec["type"], "bias": bias if rec["bias"] else None}
+
+
+def _place(model: nn.Module, key: str, path: Path) -> tuple[nn.Module, str, torch.Tensor | None, bool]:
+    """(module, attribute, the architecture's tensor there, is a parameter) for a state-dict key."""
     mod_name, _, attr = key.rpartition(".")
     try:
         mod = model.get_submodule(mod_name) if mod_name else model
@@ -596,30 +848,72 @@ def _set_tensor(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> None
         raise SQFormatError(f"{path}: header and tensors disagree: tensor '{key}' names no module of the "
                             f"architecture") from None
     if attr in mod._parameters:
-        old = mod._parameters[attr]
-        if old is not None and tuple(old.shape) != tuple(t.shape):
-            raise SQFormatError(f"{path}: header and tensors disagree: '{key}' has shape "
-                                f"{tuple(t.shape)}, the architecture expects {tuple(old.shape)}")
+        return mod, attr, mod._parameters[attr], True
+    if attr in mod._buffers:
+        return mod, attr, mod._buffers[attr], False
+    raise SQFormatError(f"{path}: header and tensors disagree: tensor '{key}' has no place in the architecture")
+
+
+def _set_tensor(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> None:
+    """Put a float tensor of the file in its place in the architecture."""
+    mod, attr, old, is_param = _place(model, key, path)
+    if old is not None and (tuple(old.shape) != tuple(t.shape) or old.dtype != t.dtype):
+        raise SQFormatError(f"{path}: header and tensors disagree: '{key}' is {_dtype_name(t.dtype)} "
+                            f"{tuple(t.shape)}, the architecture expects {_dtype_name(old.dtype)} {tuple(old.shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise SQFormatError(f"{path}: tensor '{key}' holds NaN or infinite values: refused")
+    if is_param:
         req = old.requires_grad if old is not None else t.is_floating_point()
         mod._parameters[attr] = nn.Parameter(t, requires_grad=req and t.is_floating_point())
-    elif attr in mod._buffers:
-        old = mod._buffers[attr]
-        if old is not None and tuple(old.shape) != tuple(t.shape):
-            raise SQFormatError(f"{path}: header and tensors disagree: '{key}' has shape "
-                                f"{tuple(t.shape)}, the architecture expects {tuple(old.shape)}")
-        mod._buffers[attr] = t
     else:
-        raise SQFormatError(f"{path}: header and tensors disagree: tensor '{key}' has no place in the "
-                            f"architecture")
+        mod._buffers[attr] = t
 
 
-def load(path, data_dir=None, *, int8_dynamic: bool | str = False, cache_dequantized: bool = False
-         ) -> nn.Module:
+def _tie_tensor(model: nn.Module, key: str, src: str, path: Path) -> None:
+    """Make ``key`` the very tensor already placed at ``src`` (a tie recorded by save)."""
+    smod, sattr, stensor, s_param = _place(model, src, path)
+    mod, attr, old, is_param = _place(model, key, path)
+    if stensor is None or is_param != s_param or (old is not None and (tuple(old.shape) != tuple(stensor.shape)
+                                                                       or old.dtype != stensor.dtype)):
+        raise SQFormatError(f"{path}: header and architecture disagree: '{key}' cannot be tied to '{src}'")
+    (mod._parameters if is_param else mod._buffers)[attr] = stensor
+
+
+def _build_layer(a: dict, mod: nn.Module, cache_dequantized: bool) -> _QuantLayer:
+    """The packed layer for the float module ``mod`` from checked constructor arguments ``a``."""
+    cls = _LAYER_TYPES[a["type"]]
+    kw = {k: a[k] for k in ("spec", "granularity", "codes", "scale", "zero_point", "bias", "dtype",
+                            "algorithm", "info", "kind", "frame", "row_bits", "packing")}
+    if cls is QuantLinear:
+        return QuantLinear(mod.in_features, mod.out_features, cache_dequantized=cache_dequantized, **kw)
+    return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+               mod.groups, mod.padding_mode, cache_dequantized=cache_dequantized, **kw)
+
+
+def _tied_layer(first: _QuantLayer, a: dict, mod: nn.Module, cache_dequantized: bool) -> _QuantLayer:
+    """A packed layer sharing ``first``'s code, scale and zero-point tensors, with its own bias."""
+    kw = {"spec": first.spec, "granularity": first.granularity, "codes": first.packed_codes(),
+          "scale": first.scale, "zero_point": first.zero_point, "bias": a["bias"], "dtype": first.weight_dtype,
+          "algorithm": first.algorithm, "info": first.info, "kind": first.kind, "frame": first.frame,
+          "row_bits": first.row_bits, "packing": first.packing, "type": a["type"]}
+    layer = _build_layer(kw, mod, cache_dequantized)
+    for buf in ("codes", "scale", "zero_point", "row_bits"):
+        layer._buffers[buf] = first._buffers[buf]
+    return layer
+
+
+def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, allow_entry_point=None,
+         int8_dynamic: bool | str = False, cache_dequantized: bool = False) -> nn.Module:
     """Rebuild the model saved in ``path`` (eval mode), quantized layers as packed layers.
 
     Args:
         path: a file written by :func:`save`.
-        data_dir: passed to the zoo when building the architecture (no zoo build needs it today).
+        data_dir: passed to the zoo when building the architecture.
+        build: a function of yours that returns the float architecture (fresh weights are
+            fine); used instead of whatever the file names.
+        allow_entry_point: ``"module:function"`` (or a list of them) that you trust: a file
+            whose header names one of these may have it imported and called to build the
+            architecture.  Without it such a file is refused (the file never picks code to run).
         int8_dynamic: run 8-bit layers on the int8 dynamic path: True/"linear" the Linear layers,
             "all" the Conv2d layers too (as ``specquant.nn.convert``).
         cache_dequantized: let the packed layers keep their dequantized weight after the first call.
@@ -628,20 +922,27 @@ def load(path, data_dir=None, *, int8_dynamic: bool | str = False, cache_dequant
     path = Path(path)
     if int8_dynamic not in (False, True, "linear", "all"):
         raise ValueError(f"int8_dynamic must be False, True, 'linear' or 'all', got {int8_dynamic!r}")
+    _allowed_names(allow_entry_point)  # a bad argument fails before the file is read
     header, tensors, _ = _read_file(path)
     _check_digest(path, header, tensors)
     header = _expanded(path, header)
-    layers = header.get("layers")
-    folded = header.get("folded_bn")
-    model_info = header.get("model")
-    if not isinstance(layers, list) or not isinstance(folded, list) or not isinstance(model_info, dict):
-        raise SQFormatError(f"{path}: corrupted header: 'layers', 'folded_bn' or 'model' missing")
+    model_info = _check_header(path, header)
+    layers, folded = header["layers"], header["folded_bn"]
     args = [_check_layer(path, rec, tensors) for rec in layers]
     names = [rec["name"] for rec in layers]
     if len(set(names)) != len(names):
-        raise SQFormatError(f"{path}: corrupted header: a layer is listed twice")
+        raise _bad(path, "a layer is listed twice")
+    position = {n: i for i, n in enumerate(names)}
+    for n, a in zip(names, args):
+        first = a.get("tied_to")
+        if first is not None and (position.get(first, len(names)) > position[n] or "tied_to" in args[position[first]]):
+            raise _bad(path, f"layer '{n}' is tied to '{first}', which is not an earlier untied layer")
+    tied = header.get("tied") or {}
+    for key, src in tied.items():
+        _need(key not in tensors and src in tensors, path, f"tie '{key}' -> '{src}' does not match the tensors")
 
-    model = build_skeleton(model_info, data_dir)
+    model = build_skeleton(model_info, data_dir, build=build, allow_entry_point=allow_entry_point,
+                           where=f"{path}: ")
     for bn in folded:
         try:
             mod = model.get_submodule(bn)
@@ -652,6 +953,7 @@ def load(path, data_dir=None, *, int8_dynamic: bool | str = False, cache_dequant
                                 f"BatchNorm of the architecture")
         _set_module(model, bn, nn.Identity())
     used: set[str] = set()
+    built: dict[str, _QuantLayer] = {}
     for name, a in zip(names, args):
         try:
             mod = model.get_submodule(name)
@@ -664,28 +966,30 @@ def load(path, data_dir=None, *, int8_dynamic: bool | str = False, cache_dequant
         if tuple(mod.weight.shape) != a["shape"]:
             raise SQFormatError(f"{path}: header and architecture disagree: layer '{name}' weight is "
                                 f"{tuple(mod.weight.shape)}, the header says {a['shape']}")
-        cls = _LAYER_TYPES[a["type"]]
-        kw = {k: a[k] for k in ("spec", "granularity", "codes", "scale", "zero_point", "bias", "dtype",
-                                "algorithm", "info", "kind", "frame", "row_bits", "packing")}
         try:
-            if cls is QuantLinear:
-                layer = QuantLinear(mod.in_features, mod.out_features, cache_dequantized=cache_dequantized,
-                                    **kw)
+            if "tied_to" in a:
+                first = built[a["tied_to"]]
+                if first.weight_shape != a["shape"] or first.layer_type != a["type"]:
+                    raise ValueError(f"it is tied to '{a['tied_to']}', whose weight is a {first.layer_type} "
+                                     f"{first.weight_shape}")
+                layer = _tied_layer(first, a, mod, cache_dequantized)
             else:
-                layer = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                            mod.dilation, mod.groups, mod.padding_mode, cache_dequantized=cache_dequantized,
-                            **kw)
+                layer = _build_layer(a, mod, cache_dequantized)
         except ValueError as e:
             raise SQFormatError(f"{path}: header and tensors disagree: layer '{name}': {e}") from None
         if wants_int8(layer, int8_dynamic):
             layer.set_mode("int8_dynamic")
         _set_module(model, name, layer)
+        built[name] = layer
         for key in layer.state_dict():
             used.add(f"{name}.{key}")
     for key, t in tensors.items():
         if key in used:
             continue
         _set_tensor(model, key, t, path)
+        used.add(key)
+    for key, src in tied.items():
+        _tie_tensor(model, key, src, path)
         used.add(key)
     missing = sorted(set(model.state_dict()) - used)
     if missing:
@@ -695,6 +999,7 @@ def load(path, data_dir=None, *, int8_dynamic: bool | str = False, cache_dequant
     model.eval()
     model._specquant_model_id = model_info.get("zoo_id")
     model._specquant_arch = model_info.get("arch")
+    model._specquant_build = build
     model.specquant_header = {k: v for k, v in header.items() if k != "layers"}
     return model
 
@@ -710,9 +1015,13 @@ def storage_breakdown(path) -> dict:
     path = Path(path)
     header, tensors, n_header = _read_file(path)
     header = _expanded(path, header)
+    _check_header(path, header)
     layer_keys, codes_b, scale_b, zp_b, n_weights = set(), 0, 0, 0, 0
-    for rec in header.get("layers", []):
+    for rec in header["layers"]:
+        _check_layer(path, rec, tensors)
         name = rec["name"]
+        if "tied_to" in rec:  # stores no weight of its own
+            continue
         n_weights += math.prod(rec["shape"])
         for suffix in ("codes", "scale", "zero_point", "row_bits"):
             t = tensors.get(f"{name}.{suffix}")
