@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,10 +133,11 @@ def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys):
 def test_help_of_each_command_explains_every_option(capsys):
     for cmd, options in {
         "quantize": ["--method", "--bits", "--granularity", "--calib", "--seed", "--out", "--json", "--redundancy",
-                     "--avg-bits", "--policy", "--per-channel-bits", "--data-dir", "--quiet", "--limit"],
-        "demo": ["--out", "--calib", "--seed", "--redundancy", "--json", "--quiet"],
-        "eval": ["--json", "--limit", "--data-dir", "--quiet"],
-        "analyze": ["--json", "--calib", "--seed", "--data-dir", "--quiet"],
+                     "--avg-bits", "--policy", "--per-channel-bits", "--data-dir", "--quiet", "--limit",
+                     "--overwrite"],
+        "demo": ["--out", "--calib", "--seed", "--redundancy", "--json", "--quiet", "--overwrite"],
+        "eval": ["--json", "--limit", "--data-dir", "--quiet", "--allow-entry-point"],
+        "analyze": ["--json", "--calib", "--seed", "--data-dir", "--quiet", "--out", "--overwrite"],
     }.items():
         with pytest.raises(SystemExit) as exc:
             cli.main([cmd, "--help"])
@@ -279,3 +281,242 @@ def test_resnet20_quantize_and_eval_on_a_subset(data_dir, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["n_test"] == 200 and res["accuracy"] == m["accuracy"]
     assert Path(out / "index.html").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders appear whole or not at all; eval checks that a folder's files belong together
+# ---------------------------------------------------------------------------------------------
+
+QUICK = ["quantize", "digits-mlp", "--method", "rtn", "--calib", "64", "--limit", "50", "--quiet"]
+
+
+def _quick(out: Path, bits: int = 4, *extra: str) -> int:
+    """One fast quantize run (digits-mlp, RTN, 64 calibration samples, 50 test images) into ``out``."""
+    return cli.main([*QUICK, "--bits", str(bits), "--out", str(out), *extra])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    """Hidden staging (``.NAME.partial-*``) or set-aside (``.NAME.old-*``) folders in ``parent``."""
+    return sorted(n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n)
+
+
+def _eval_json(capsys, folder: Path) -> dict:
+    assert cli.main(["eval", str(folder), "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two finished run folders of different runs: ``w4`` (RTN 4 bits) and ``w2`` (RTN 2 bits)."""
+    base = tmp_path_factory.mktemp("two")
+    assert _quick(base / "w4", 4) == 0 and _quick(base / "w2", 2) == 0
+    return base / "w4", base / "w2"
+
+
+@pytest.mark.parametrize("command", [
+    ["quantize", "digits-mlp", "--method", "rtn", "--bits", "4", "--calib", "64"],
+    ["demo", "--calib", "64"],
+    ["analyze", "digits-mlp"],
+])
+def test_non_empty_out_is_refused_without_overwrite_and_left_unchanged(capsys, tmp_path, command):
+    if command[0] == "analyze":
+        pytest.importorskip("specquant.analyze")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "model.safetensors").write_bytes(b"not yours")
+    before = _snapshot(out)
+    line = _error_line(capsys, [*command, "--out", str(out), "--quiet"])
+    assert str(out) in line and "not empty" in line and "--overwrite" in line
+    assert _snapshot(out) == before and sorted(os.listdir(out)) == ["notes.txt", "sub"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_second_run_into_a_finished_run_folder_is_refused(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert _quick(out, 4) == 0
+    before = _snapshot(out)
+    line = _error_line(capsys, [*QUICK, "--bits", "2", "--out", str(out)])
+    assert "not empty" in line
+    assert _snapshot(out) == before  # the first run's files, untouched: nothing of the second mixed in
+    assert json.loads((out / "config.json").read_text())["bits"] == 4
+
+
+def test_an_existing_empty_folder_is_a_fine_target(capsys, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert _quick(out) == 0
+    assert {"config.json", "metrics.json", "layers.csv", "model.safetensors", "layers.png",
+            "index.html"} <= set(os.listdir(out))
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_the_old_folder_whole(capsys, tmp_path):
+    out = tmp_path / "r"
+    assert _quick(out, 4) == 0
+    old_id = json.loads((out / "metrics.json").read_text())["run_id"]
+    (out / "stale.txt").write_text("from before")
+    assert _quick(out, 2, "--overwrite") == 0
+    names = set(os.listdir(out))
+    assert "stale.txt" not in names  # replaced whole, not merged
+    assert {"config.json", "metrics.json", "layers.csv", "model.safetensors", "layers.png", "index.html"} <= names
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["bits"] == metrics["bits"] == 2 and config["run_id"] == metrics["run_id"] != old_id
+    assert _leftovers(tmp_path) == []
+    assert _eval_json(capsys, out)["verified"] is True
+    assert "--overwrite needs --out" in _error_line(capsys, [*QUICK, "--bits", "4", "--overwrite"])
+
+
+def _fail_after_the_model_is_saved(monkeypatch, exc: BaseException) -> list[tuple[Path, bool]]:
+    """Make index.html, the last file a run writes, raise ``exc``; returns (the folder it was
+    written in, whether model.safetensors and metrics.json were already there) per call."""
+    import specquant.report.html as html
+
+    seen: list[tuple[Path, bool]] = []
+
+    def boom(path, *a, **k):
+        folder = Path(path).parent
+        seen.append((folder, (folder / "model.safetensors").is_file() and (folder / "metrics.json").is_file()))
+        raise exc
+
+    monkeypatch.setattr(html, "write_html", boom)
+    return seen
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("disk on fire"), 2), (KeyboardInterrupt(), 130)])
+def test_a_run_that_fails_midway_leaves_no_folder_at_all(capsys, tmp_path, monkeypatch, exc, status):
+    seen = _fail_after_the_model_is_saved(monkeypatch, exc)
+    out = tmp_path / "r"
+    assert _quick(out) == status
+    [(folder, written)] = seen
+    assert written  # the run failed after the model and the metrics were written ...
+    assert folder.parent == tmp_path and folder.name.startswith(".r.partial-")  # ... beside the target
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []  # no target, no hidden .partial folder either
+    assert capsys.readouterr().out == ""
+
+
+def test_a_failed_overwrite_leaves_the_old_folder_intact(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    assert _quick(out, 4) == 0
+    before = _snapshot(out)
+    _fail_after_the_model_is_saved(monkeypatch, KeyboardInterrupt())
+    assert _quick(out, 2, "--overwrite") == 130
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+def test_a_failed_demo_leaves_nothing_under_runs(capsys, tmp_path, monkeypatch):
+    """The demo's default runs/demo-<timestamp> is built the same way: a failure leaves nothing."""
+    monkeypatch.chdir(tmp_path)
+    real_storage = cli._storage
+
+    def storage_then_fail(model, model_id, path, meta):
+        real_storage(model, model_id, path, meta)  # the first packed model is saved ...
+        raise RuntimeError("out of disk")  # ... then the run fails
+
+    monkeypatch.setattr(cli, "_storage", storage_then_fail)
+    assert cli.main(["demo", "--calib", "64", "--quiet"]) == 2
+    assert "out of disk" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "runs") == []
+
+
+def test_two_runs_into_one_folder_cannot_mix(capsys, tmp_path, monkeypatch):
+    """Run B writes the folder while run A is still working: A fails, B's folder is left whole."""
+    import specquant.report.html as html
+
+    out = tmp_path / "shared"
+    real_write_html = html.write_html
+    nested: list[int] = []
+
+    def write_html_after_another_run(*a, **k):
+        if not nested:  # run A, about to finish: run B starts and finishes first
+            nested.append(-1)
+            nested[0] = _quick(out, 2)
+        return real_write_html(*a, **k)
+
+    monkeypatch.setattr(html, "write_html", write_html_after_another_run)
+    line = _error_line(capsys, [*QUICK, "--bits", "4", "--out", str(out)])
+    assert nested == [0]
+    assert str(out) in line and "another run" in line
+    config = json.loads((out / "config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert config["bits"] == metrics["bits"] == 2 and config["run_id"] == metrics["run_id"]
+    assert _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    assert _eval_json(capsys, out)["verified"] is True
+
+
+def test_run_folder_records_run_id_and_model_sha256(two_runs):
+    import hashlib
+
+    for out in two_runs:
+        config = json.loads((out / "config.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+        digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        assert config["model_sha256"] == metrics["model_sha256"] == digest
+        assert config["run_id"] == metrics["run_id"] and len(metrics["run_id"]) == 32
+    assert json.loads((two_runs[0] / "metrics.json").read_text())["run_id"] != \
+        json.loads((two_runs[1] / "metrics.json").read_text())["run_id"]
+
+
+def test_eval_of_a_good_run_folder_is_verified(capsys, two_runs):
+    res = _eval_json(capsys, two_runs[0])
+    assert res["verified"] is True and res["matches_recorded"] is True
+
+
+def test_eval_detects_a_model_from_another_run(capsys, tmp_path, two_runs):
+    w4, w2 = two_runs
+    folder = tmp_path / "w4"
+    shutil.copytree(w4, folder)
+    shutil.copyfile(w2 / "model.safetensors", folder / "model.safetensors")
+    line = _error_line(capsys, ["eval", str(folder)])
+    assert "inconsistent" in line and str(folder) in line
+    assert "model.safetensors is not the model metrics.json describes (SHA-256 differs)" in line
+
+
+def test_eval_detects_metrics_from_another_run(capsys, tmp_path, two_runs):
+    w4, w2 = two_runs
+    folder = tmp_path / "w4"
+    shutil.copytree(w4, folder)
+    shutil.copyfile(w2 / "metrics.json", folder / "metrics.json")
+    line = _error_line(capsys, ["eval", str(folder)])
+    assert "inconsistent" in line and "metrics.json is from another run" in line
+
+
+def test_eval_of_an_older_run_folder_is_not_verified(capsys, tmp_path, two_runs):
+    folder = tmp_path / "old"
+    shutil.copytree(two_runs[0], folder)
+    for name in ("config.json", "metrics.json"):  # as an older specquant wrote them
+        doc = json.loads((folder / name).read_text())
+        del doc["run_id"], doc["model_sha256"]
+        (folder / name).write_text(json.dumps(doc))
+    res = _eval_json(capsys, folder)
+    assert res["verified"] is False and res["matches_recorded"] is True
+
+
+def test_eval_passes_allow_entry_point_to_the_loader(capsys, two_runs, monkeypatch):
+    import specquant.io
+
+    real_load = specquant.io.load
+    calls: list[dict] = []
+
+    def recording_load(path, *args, **kwargs):
+        calls.append(kwargs)
+        return real_load(path)
+
+    monkeypatch.setattr(specquant.io, "load", recording_load)
+    model = str(two_runs[0] / "model.safetensors")
+    assert cli.main(["eval", model, "--quiet", "--allow-entry-point", "mypkg.models:build",
+                     "--allow-entry-point", "other:make_net"]) == 0
+    assert cli.main(["eval", model, "--quiet"]) == 0
+    assert [c.get("allow_entry_point", "not passed") for c in calls] == [["mypkg.models:build", "other:make_net"],
+                                                                         None]
+    line = _error_line(capsys, ["eval", model, "--allow-entry-point", "not an entry point"])
+    assert "--allow-entry-point" in line and "MODULE:FUNCTION" in line

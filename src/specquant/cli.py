@@ -24,7 +24,12 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specquant.report.run_folder import RunFolder
 
 PROG = "specquant"
 METHODS = ("rtn", "gpfq", "spfq", "gptq", "frame")
@@ -135,6 +140,22 @@ def _frame_default_redundancy() -> float:
     return float(FrameConfig.__dataclass_fields__["redundancy"].default)
 
 
+def _entry_point(text: str) -> str:
+    module, sep, function = text.partition(":")
+    if not (sep and all(part.isidentifier() for part in module.split("."))
+            and all(part.isidentifier() for part in function.split("."))):
+        raise argparse.ArgumentTypeError(f"expected MODULE:FUNCTION (e.g. mypkg.models:build), got {text!r}")
+    return text
+
+
+OUT_HELP = ("the folder is written whole at the end of the run (built under a hidden .NAME.partial-* name "
+            "beside it, removed if the run fails); a folder that exists and is not empty is refused unless "
+            "--overwrite")
+OVERWRITE_HELP = ("let --out replace an existing non-empty folder: the old folder is swapped for the new one only "
+                  "once the run has written every file, so a run that fails leaves the old folder as it was "
+                  "(default: off, a non-empty --out is refused)")
+
+
 def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     p.add_argument("--json", action="store_true",
                    help=json_help + " Human tables still go to stderr. (default: off)")
@@ -167,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "a table (accuracy, true bits per weight, seconds) and write a run folder with the "
                     "packed models, plots and index.html. Needs no data directory."))
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="run folder to write (default: ./runs/demo-<YYYYmmdd-HHMMSS>)")
+                   help=f"run folder to write; {OUT_HELP} (default: ./runs/demo-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
                    help=f"calibration samples drawn from the training split (default: {DEFAULT_CALIB})")
     p.add_argument("--seed", metavar="S", type=_seed, default=0,
@@ -207,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", metavar="S", type=_seed, default=0,
                    help="seed of the calibration draw, stochastic rounding and patch sampling (default: 0)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="write a run folder here (default: none; without it the packed model is only "
-                        "written to a temporary file to measure its size)")
+                   help=f"write a run folder here; {OUT_HELP} (default: none; without it the packed model is "
+                        "only written to a temporary file to measure its size)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--redundancy", metavar="R", type=_redundancy, default=None,
                    help=f"frame redundancy N/d >= 1, --method frame only (default: {_frame_default_redundancy()}, "
                         "FrameConfig's)")
@@ -234,10 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "(written by 'specquant quantize --out DIR') or a .safetensors file written by "
                     "specquant.save gives the saved quantized model's accuracy. A run folder is evaluated "
                     "on the same test images as the run (its --limit), and its recorded accuracy is shown "
-                    "next to the new one."))
+                    "next to the new one. Its files are checked first: config.json and metrics.json must "
+                    "name the same run (run_id) and model.safetensors must have the SHA-256 they record, "
+                    "else eval fails; a folder from an older specquant records neither and is evaluated "
+                    "with \"verified\": false."))
     p.add_argument("target", metavar="MODEL_OR_DIR_OR_FILE", help=f"zoo id ({models}), run folder or file")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
                    help="evaluate on the first N test images only (default: all, or the run folder's limit)")
+    p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
+                   default=None,
+                   help="loading a file that names this architecture builder (instead of a zoo id) will import "
+                        "and call it; only for files you trust; repeat for several (default: off, such files "
+                        "are refused)")
     _add_common(p, json_help="print the result as one JSON object on stdout.")
     p.set_defaults(func=cmd_eval)
 
@@ -251,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also use N calibration samples for the output-error bound (default: none, weights only)")
     p.add_argument("--seed", metavar="S", type=_seed, default=0, help="seed of the calibration draw (default: 0)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="write a run folder here: metrics.json, layers.csv, a κ plot, index.html (default: none)")
+                   help=f"write a run folder here: metrics.json, layers.csv, a κ plot, index.html; {OUT_HELP} "
+                        "(default: none)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_common(p, json_help="print the per-layer rows as one JSON object on stdout.")
     p.set_defaults(func=cmd_analyze)
     return parser
@@ -363,12 +396,15 @@ def _storage(model, model_id: str, path: Path, meta: dict) -> dict:
     return sqio.storage_breakdown(path)
 
 
-def _measure_storage(model, model_id: str, out: Path | None, meta: dict, name: str = "model.safetensors") -> dict:
-    """Storage of the packed model: written into ``out`` when given, else into a temporary folder."""
-    if out is not None:
-        return _storage(model, model_id, out / name, meta)
+def _measure_storage(model, model_id: str, folder: RunFolder | None, meta: dict) -> dict:
+    """Storage of the packed model: saved as the run folder's model file when there is one (into its
+    staging folder), else into a temporary folder that is removed."""
+    from specquant.report.run_folder import MODEL_FILE
+
+    if folder is not None:
+        return _storage(model, model_id, folder.path / MODEL_FILE, meta)
     with tempfile.TemporaryDirectory(prefix="specquant-") as tmp:
-        return _storage(model, model_id, Path(tmp) / name, meta)
+        return _storage(model, model_id, Path(tmp) / MODEL_FILE, meta)
 
 
 def _payload_bpw(storage: dict) -> float | None:
@@ -378,19 +414,28 @@ def _payload_bpw(storage: dict) -> float | None:
     return (storage["codes_bytes"] + storage["scale_bytes"] + storage["zero_point_bytes"]) * 8 / n
 
 
-def _prepare_out(out: str | None) -> Path | None:
+@contextlib.contextmanager
+def _run_folder(out: str | None, overwrite: bool) -> Iterator[RunFolder | None]:
+    """The run folder of ``--out``, written whole or not at all (``report.run_folder.RunFolder``).
+
+    Checks the target at once (a non-empty folder is refused unless ``--overwrite``), so enter
+    it before any long work. Inside the block write into ``folder.path`` (a hidden staging
+    folder); a normal exit renames it to the target, an exception or Ctrl-C removes it. Yields
+    None without ``--out``.
+    """
     if out is None:
-        return None
-    p = Path(out).expanduser()
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"--out {str(p)!r} exists and is not a folder")
+        if overwrite:
+            raise CLIError("--overwrite needs --out DIR")
+        yield None
+        return
+    from specquant.report.run_folder import RunFolder, RunFolderError
+
     try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"cannot create the run folder {str(p)!r}: {e.strerror or e}") from None
-    if not os.access(p, os.W_OK):
-        raise CLIError(f"the run folder {str(p)!r} is not writable")
-    return p
+        folder = RunFolder(out, overwrite=overwrite)
+        with folder:
+            yield folder
+    except RunFolderError as e:
+        raise CLIError(str(e)) from None
 
 
 def _versions() -> dict:
@@ -452,12 +497,10 @@ def _allocate(model, config, calib, avg_bits: float, policy: str, granularity: s
     return allocate(model, calib, avg_bits, policy=policy, method_config=config, granularity=granularity)
 
 
-def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
-    """The work of ``specquant quantize``; returns (metrics, run folder or None)."""
-    import specquant as sq
-    from specquant.models import get_entry, get_model
+def _quantize_config(args):
+    """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
+    from specquant.models import get_entry
 
-    t_total = time.perf_counter()
     entry = get_entry(args.model)
     if args.avg_bits is None and args.bits is None:
         raise CLIError("quantize: give --bits B (uniform) or --avg-bits A with --policy (mixed precision)")
@@ -484,8 +527,19 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
         except ImportError:
             raise CLIError("--avg-bits/--policy: mixed precision is not available yet "
                            "(specquant.mixed.allocate has not landed)") from None
-    out = _prepare_out(args.out)
+    return config
 
+
+def run_quantize(args, argv: list[str], ui: _UI, config, folder: RunFolder | None = None) -> dict:
+    """The work of ``specquant quantize`` with the checked ``config`` (see :func:`_quantize_config`);
+    returns the metrics. With a ``folder`` (:func:`_run_folder`), writes every file of the run
+    folder into its staging folder, ``config.json`` and ``metrics.json`` stamped with its
+    ``run_id`` and the model's SHA-256."""
+    import specquant as sq
+    from specquant.models import get_model
+
+    t_total = time.perf_counter()
+    mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
     model, entry = get_model(args.model, args.data_dir)
     x_test, y_test = _test_set(entry, args.data_dir, args.limit)
@@ -515,7 +569,7 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
     meta = {"model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
             "redundancy": getattr(config, "redundancy", None) if args.method == "frame" else None}
-    storage = _measure_storage(model, args.model, out, meta)
+    storage = _measure_storage(model, args.model, folder, meta)
 
     metrics: dict = {
         "command": "quantize",
@@ -551,7 +605,7 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
         "layers": layers,
     })
 
-    if out is not None:
+    if folder is not None:
         from specquant.report import run_folder as rf
 
         plots = {"layers.png": rf.plot_layers(
@@ -567,8 +621,10 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
             notes.append("frame_redundancy.png: data-free weight error ‖W − Ŵ‖/‖W‖ of the float (BN-folded) "
                          "weights for each redundancy at the run's code width.")
         metrics["peak_rss_mb"] = peak_rss_mb()
+        stamp = folder.stamp()  # run_id and model_sha256, in both files
+        metrics.update(stamp)
         config_json = {
-            "command": "quantize", "command_line": _command_line(argv), "argv": argv,
+            **stamp, "command": "quantize", "command_line": _command_line(argv), "argv": argv,
             "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
             "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir,
@@ -577,9 +633,9 @@ def run_quantize(args, argv: list[str], ui: _UI) -> tuple[dict, Path | None]:
         }
         title = f"specquant: {args.model} · {args.method} · " + (
             f"{args.bits} bits" if not mixed else f"{args.avg_bits} average bits ({args.policy})")
-        rf.write_run_folder(out, config=config_json, metrics=metrics, layers=layers, plots=plots, title=title,
-                            notes=notes)
-    return metrics, out
+        rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layers, plots=plots,
+                            title=title, notes=notes)
+    return metrics
 
 
 def _layer_kappas(model, names):
@@ -592,7 +648,10 @@ def cmd_quantize(args, argv: list[str]) -> int:
     from specquant.report.table import format_table
 
     ui = _UI(args.quiet)
-    metrics, out = run_quantize(args, argv, ui)
+    config = _quantize_config(args)
+    with _run_folder(args.out, args.overwrite) as folder:
+        metrics = run_quantize(args, argv, ui, config, folder)
+    out = folder.target if folder is not None else None
     bits = metrics["bits"] if metrics["bits"] is not None else f"avg {metrics['avg_bits']:.3g}"
     ui.say("")
     ui.say(format_table(metrics["layers"], LAYER_TABLE))
@@ -613,15 +672,13 @@ def cmd_quantize(args, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_demo(args, argv: list[str]) -> int:
+def run_demo(args, argv: list[str], ui: _UI, folder: RunFolder, t_total: float) -> tuple[dict, list[dict]]:
+    """The work of ``specquant demo``: every file of the run folder written into ``folder.path``
+    (the 15 packed models under models/). Returns (metrics, rows of the summary table)."""
     import specquant as sq
     from specquant.models import get_model
     from specquant.report import run_folder as rf
-    from specquant.report.table import format_table
 
-    ui = _UI(args.quiet)
-    t_total = time.perf_counter()
-    out = _prepare_out(args.out or os.path.join("runs", "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     ui.say(f"training {DEMO_MODEL} on scikit-learn's digits ...")
     model, entry = get_model(DEMO_MODEL)
     x_test, y_test = entry.test(None)
@@ -646,7 +703,7 @@ def cmd_demo(args, argv: list[str]) -> int:
                 name = f"{method}-w{bits}.safetensors"
                 meta = {"model": DEMO_MODEL, "method": method, "bits": bits, "calib": args.calib, "seed": args.seed,
                         "redundancy": cfg.redundancy if method == "frame" else None}
-                storage = _storage(m, DEMO_MODEL, out / "models" / name, meta)
+                storage = _storage(m, DEMO_MODEL, folder.path / "models" / name, meta)
                 layers = _layer_rows(report, kappas)
                 runs.append({
                     "model": DEMO_MODEL, "method": method, "bits": bits,
@@ -675,15 +732,16 @@ def cmd_demo(args, argv: list[str]) -> int:
                                                   "and κ"),
         "frame_redundancy.png": rf.plot_frame_redundancy(sweeps),
     }
+    stamp = folder.stamp()  # run_id, in both files
     metrics = {
-        "command": "demo", "model": DEMO_MODEL, "float_accuracy": float_acc, "seed": args.seed,
+        **stamp, "command": "demo", "model": DEMO_MODEL, "float_accuracy": float_acc, "seed": args.seed,
         "n_calib": int(calib.shape[0]), "n_test": int(x_test.shape[0]), "methods": list(METHODS),
         "bits": list(DEMO_BITS), "frame_redundancy_setting": args.redundancy,
         "runs": runs, "frame_redundancy": sweeps,
         "total_seconds": time.perf_counter() - t_total, "peak_rss_mb": peak_rss_mb(),
     }
     config_json = {
-        "command": "demo", "command_line": _command_line(argv), "argv": argv, "model": DEMO_MODEL,
+        **stamp, "command": "demo", "command_line": _command_line(argv), "argv": argv, "model": DEMO_MODEL,
         "methods": list(METHODS), "bits": list(DEMO_BITS), "calib": args.calib, "seed": args.seed,
         "redundancy": args.redundancy, "granularity": "channel",
         "quant_configs": {m: _config_dict(make_config(m, DEMO_BITS[0], "channel", args.seed,
@@ -703,16 +761,29 @@ def cmd_demo(args, argv: list[str]) -> int:
     ]
     metrics["total_seconds"] = time.perf_counter() - t_total
     metrics["peak_rss_mb"] = peak_rss_mb()
-    rf.write_run_folder(out, config=config_json, metrics=metrics, layers=layer_rows, plots=plots, summary=summary,
-                        title=f"specquant demo: {DEMO_MODEL}, every method at 2, 3 and 4 bits", notes=notes)
+    rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layer_rows, plots=plots,
+                        summary=summary, title=f"specquant demo: {DEMO_MODEL}, every method at 2, 3 and 4 bits",
+                        notes=notes)
+    return metrics, summary
+
+
+def cmd_demo(args, argv: list[str]) -> int:
+    from specquant.report.table import format_table
+
+    ui = _UI(args.quiet)
+    t_total = time.perf_counter()
+    out = args.out or os.path.join("runs", "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    with _run_folder(out, args.overwrite) as folder:
+        metrics, summary = run_demo(args, argv, ui, folder, t_total)
     metrics["total_seconds"] = time.perf_counter() - t_total
+    out = folder.target
 
     ui.say("")
     ui.say(format_table(summary, [("method", "method"), ("bits", "bits"), ("accuracy", "accuracy %"),
                                   ("bits_per_weight", "bits/weight (file)"),
                                   ("bits_per_weight_payload", "bits/weight (payload)"),
                                   ("quant_seconds", "seconds")]))
-    ui.say(f"\nfloat accuracy {float_acc:.2f} %; frame uses redundancy {args.redundancy} "
+    ui.say(f"\nfloat accuracy {metrics['float_accuracy']:.2f} %; frame uses redundancy {args.redundancy} "
            f"(bits = bits per code). Total {metrics['total_seconds']:.1f} s.")
     ui.say(f"run folder: {out}  (open {out / 'index.html'})")
     if args.json:
@@ -727,13 +798,20 @@ def cmd_demo(args, argv: list[str]) -> int:
 
 def cmd_eval(args, argv: list[str]) -> int:
     from specquant.models import get_entry, get_model, list_models
-    from specquant.report.run_folder import METRICS_JSON, MODEL_FILE, read_json
+    from specquant.report.run_folder import (
+        CONFIG_JSON,
+        METRICS_JSON,
+        MODEL_FILE,
+        RunFolderError,
+        read_json,
+        verify_run_folder,
+    )
     from specquant.report.table import format_table
 
     ui = _UI(args.quiet)
     target = args.target
     path = Path(target).expanduser()
-    run_config = run_metrics = None
+    folder = run_config = run_metrics = None
     limit = args.limit
     result: dict = {}
     if not path.exists() and target in list_models():
@@ -751,7 +829,7 @@ def cmd_eval(args, argv: list[str]) -> int:
                 raise CLIError(f"{str(folder)!r} holds no {MODEL_FILE} (a run folder of 'specquant quantize --out'"
                                f"; the demo keeps its models under models/)")
             with contextlib.suppress(OSError, ValueError):
-                run_config = read_json(folder / "config.json")
+                run_config = read_json(folder / CONFIG_JSON)
             with contextlib.suppress(OSError, ValueError):
                 run_metrics = read_json(folder / METRICS_JSON)
         elif not path.exists():
@@ -759,9 +837,17 @@ def cmd_eval(args, argv: list[str]) -> int:
                            "or run folder")
         if not os.access(path, os.R_OK):
             raise CLIError(f"cannot read {str(path)!r}: permission denied")
+        verified = False  # a lone file records nothing to check it against
+        if folder is not None:  # do its files belong together? checked before the model is loaded
+            try:
+                verified = verify_run_folder(folder)
+            except RunFolderError as e:
+                raise CLIError(str(e)) from None
+            except OSError as e:
+                raise CLIError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
         sqio = _io()
         t0 = time.perf_counter()
-        model = sqio.load(path)
+        model = sqio.load(path, allow_entry_point=args.allow_entry_point or None)
         load_s = time.perf_counter() - t0
         zoo_id = getattr(model, "_specquant_model_id", None)
         if not zoo_id:
@@ -772,8 +858,9 @@ def cmd_eval(args, argv: list[str]) -> int:
             limit = run_config.get("limit")
         header = getattr(model, "specquant_header", {}) or {}
         storage = sqio.storage_breakdown(path)
-        result.update({"model": zoo_id, "source": str(path), "quantized": bool(header.get("quantized")),
-                       "bits_per_weight": storage["bits_per_weight"], "file_bytes": storage["file_bytes"]})
+        result.update({"model": zoo_id, "source": str(path), "verified": verified,
+                       "quantized": bool(header.get("quantized")), "bits_per_weight": storage["bits_per_weight"],
+                       "file_bytes": storage["file_bytes"]})
         meta = header.get("meta") or {}
         for k in ("method", "bits", "avg_bits", "seed"):
             if meta.get(k) is not None:
@@ -791,7 +878,7 @@ def cmd_eval(args, argv: list[str]) -> int:
     result.update({"load_seconds": load_s, "eval_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
     cols = [("model", "model"), ("source", "source"), ("method", "method"), ("bits", "bits"),
             ("bits_per_weight", "bits/weight"), ("accuracy", "accuracy %"), ("recorded_accuracy", "recorded %"),
-            ("n_test", "test images")]
+            ("n_test", "test images"), ("verified", "verified")]
     ui.say(format_table([result], [c for c in cols if c[0] in result]))
     if args.json:
         _emit_json(result)
@@ -803,20 +890,11 @@ def cmd_eval(args, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_analyze(args, argv: list[str]) -> int:
-    from specquant.models import get_entry, get_model
+def run_analyze(args, argv: list[str], analyze, folder: RunFolder | None, t_total: float):
+    """The work of ``specquant analyze`` (``analyze`` is ``specquant.analyze.analyze``); with a
+    ``folder``, writes the run folder into its staging folder. Returns (result, report)."""
+    from specquant.models import get_model
 
-    try:
-        from specquant.analyze import analyze
-    except ImportError as e:
-        if getattr(e, "name", None) not in ("specquant.analyze", None):
-            raise
-        raise CLIError("analyze is not available yet (specquant.analyze has not landed)") from None
-    ui = _UI(args.quiet)
-    t_total = time.perf_counter()
-    entry = get_entry(args.model)
-    _check_data_dir(entry, args.data_dir)
-    out = _prepare_out(args.out)
     model, entry = get_model(args.model, args.data_dir)
     if args.calib:
         calib = entry.calib(args.calib, args.seed, args.data_dir)
@@ -830,7 +908,7 @@ def cmd_analyze(args, argv: list[str]) -> int:
               "seed": args.seed, "quantizer": full.get("quantizer"), "bits": full.get("bits"),
               "folded_bn": full.get("folded_bn"), "end_to_end": full.get("end_to_end"), "layers": rows,
               "total_seconds": time.perf_counter() - t_total, "peak_rss_mb": peak_rss_mb()}
-    if out is not None:
+    if folder is not None:
         from specquant.report import run_folder as rf
 
         names = [r["name"] for r in rows]
@@ -839,15 +917,35 @@ def cmd_analyze(args, argv: list[str]) -> int:
         plots = {"layers.png": rf.plot_layers(names, ratios, [r.get("kappa") for r in rows],
                                               error_label="measured / bound",
                                               title=f"{args.model}: RTN error against the weight bound, and κ")}
-        config_json = {"command": "analyze", "command_line": _command_line(argv), "argv": argv, "model": args.model,
-                       "calib": args.calib, "seed": args.seed, "data_dir": args.data_dir, "versions": _versions(),
-                       "created": datetime.datetime.now().isoformat(timespec="seconds")}
-        rf.write_run_folder(out, config=config_json, metrics=result, layers=rows, plots=plots,
+        stamp = folder.stamp()  # run_id, in both files
+        result.update(stamp)
+        config_json = {**stamp, "command": "analyze", "command_line": _command_line(argv), "argv": argv,
+                       "model": args.model, "calib": args.calib, "seed": args.seed, "data_dir": args.data_dir,
+                       "versions": _versions(), "created": datetime.datetime.now().isoformat(timespec="seconds")}
+        rf.write_run_folder(folder.path, config=config_json, metrics=result, layers=rows, plots=plots,
                             summary=[{"model": args.model, "seed": args.seed, "layers": len(rows)}],
                             title=f"specquant analyze: {args.model}")
+    return result, report
+
+
+def cmd_analyze(args, argv: list[str]) -> int:
+    from specquant.models import get_entry
+
+    try:
+        from specquant.analyze import analyze
+    except ImportError as e:
+        if getattr(e, "name", None) not in ("specquant.analyze", None):
+            raise
+        raise CLIError("analyze is not available yet (specquant.analyze has not landed)") from None
+    ui = _UI(args.quiet)
+    t_total = time.perf_counter()
+    entry = get_entry(args.model)
+    _check_data_dir(entry, args.data_dir)
+    with _run_folder(args.out, args.overwrite) as folder:
+        result, report = run_analyze(args, argv, analyze, folder, t_total)
     ui.say(report.format_table())
-    if out is not None:
-        ui.say(f"\nrun folder: {out}  (open {out / 'index.html'})")
+    if folder is not None:
+        ui.say(f"\nrun folder: {folder.target}  (open {folder.target / 'index.html'})")
     if args.json:
         _emit_json(result)
     return 0

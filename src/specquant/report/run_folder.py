@@ -7,33 +7,47 @@ A run folder holds
 * ``metrics.json``  the results (the keys of the CLI contract: model, method, bits / avg_bits,
                     bits_per_weight, accuracy, float_accuracy, quant_seconds, peak_rss_mb, seed,
                     layers); re-running the same command with the same seed reproduces it exactly
-                    apart from the keys in :data:`VOLATILE_KEYS` (timings and memory);
+                    apart from the keys in :data:`VOLATILE_KEYS` (timings, memory, run_id);
 * ``layers.csv``    one row per quantized layer;
 * ``model.safetensors`` the packed model (``specquant.io.save``), for ``specquant eval DIR``;
 * ``*.png``         plots (matplotlib, Agg backend);
 * ``index.html``    one self-contained page (see :mod:`specquant.report.html`).
 
-Every file is written atomically: into a temporary file in the same folder, then ``os.replace``,
-so an interrupted run never leaves a half-written file under its final name.
+A run folder appears whole or not at all (:class:`RunFolder`): it is built under a hidden
+temporary name beside the target (``.NAME.partial-<pid>-<random>``) and renamed to the target
+only once every file is written; a failed or interrupted run removes it. An existing non-empty
+target is refused unless the caller asks to overwrite it, and then the old folder is replaced
+only at the very end. Every file inside is also written atomically (a temporary file in the same
+folder, then ``os.replace``).
+
+``config.json`` and ``metrics.json`` carry the same ``run_id`` and the SHA-256 of
+``model.safetensors`` (``model_sha256``), so :func:`verify_run_folder` can tell when the files of
+a folder do not belong together (a model or a metrics file copied in from another run).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import secrets
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
-# Keys whose values change from one run to the next (wall time, memory, dates). They are kept in
-# these clearly named keys only, so that ``strip_volatile(metrics)`` is reproducible.
+# Keys whose values change from one run to the next (wall time, memory, dates, the per-run id).
+# They are kept in these clearly named keys only, so that ``strip_volatile(metrics)`` is reproducible.
 VOLATILE_KEYS = frozenset({
     "quant_seconds", "eval_seconds", "float_eval_seconds", "load_seconds", "total_seconds",
-    "seconds", "peak_rss_mb", "created",
+    "seconds", "peak_rss_mb", "created", "run_id",
 })
 
 CONFIG_JSON = "config.json"
@@ -303,7 +317,9 @@ def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, laye
     ``plots`` maps file names (``"layers.png"``) to PNG bytes; ``summary`` is the rows of the
     summary table of the HTML page (default: one row from ``metrics``). The packed model is
     written by the caller (``specquant.io.save(model, out / MODEL_FILE, ...)``) before this, so
-    that metrics can read its size.
+    that metrics can read its size. ``out`` is meant to be the :attr:`RunFolder.path` of a
+    :class:`RunFolder` (so the folder appears whole or not at all), with ``config`` and
+    ``metrics`` both holding its :meth:`RunFolder.stamp`.
     """
     from specquant.report.html import write_html
 
@@ -323,3 +339,237 @@ def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, laye
 def read_json(path: str | Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-or-nothing run folders, and checking that a folder's files belong together
+# ---------------------------------------------------------------------------------------------
+
+RUN_ID_KEY = "run_id"  # the same uuid4 hex in config.json and metrics.json of one run
+MODEL_SHA256_KEY = "model_sha256"  # hex SHA-256 of model.safetensors, in both files
+PARTIAL_TAG = ".partial-"  # a folder being written: .NAME.partial-<pid>-<random>, beside NAME
+OLD_TAG = ".old-"  # an overwritten folder, moved aside for the moment of the swap
+HASH_CHUNK_BYTES = 1 << 20
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be written where asked, or its files do not belong together (one line)."""
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk_bytes`` at a time (never the whole file at once)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is None
+
+
+def _sibling_name(target: Path, tag: str) -> Path:
+    """A hidden name beside ``target``: ``.NAME<tag><pid>-<random>``."""
+    return target.with_name(f".{target.name}{tag}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable where the platform allows it (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RunFolder:
+    """A run folder that appears whole or not at all.
+
+    ``RunFolder(target, overwrite=...)`` checks the target at once, before any work: a path that
+    exists and is not a folder (or is a symbolic link) is refused, and so is a non-empty folder
+    unless ``overwrite`` (an empty folder is fine). Entering the ``with`` block creates a hidden
+    staging folder beside the target, ``.NAME.partial-<pid>-<random>`` (same parent, so the final
+    rename is atomic); write every file into :attr:`path`. Leaving the block normally renames the
+    staging folder to the target; with ``overwrite`` an existing target is moved aside, the new
+    folder renamed in and the old one removed, so a run that fails before that leaves the old
+    folder as it was. An exception (KeyboardInterrupt included) removes the staging folder; a
+    process killed outright can leave only the hidden staging folder, never a half-written
+    target. Two runs into one target cannot mix: the second to finish finds the target taken and
+    fails (unless ``overwrite``, and then it replaces the first whole). Problems are one-line
+    :class:`RunFolderError` s::
+
+        with RunFolder("runs/r1") as run:
+            specquant.save(model, run.path / MODEL_FILE, model_id="digits-mlp")
+            stamp = run.stamp()  # run_id and the model's SHA-256
+            write_run_folder(run.path, config={**config, **stamp}, metrics={**metrics, **stamp}, layers=rows)
+        # runs/r1 now holds every file, or does not exist
+    """
+
+    def __init__(self, target: str | Path, *, overwrite: bool = False):
+        self.target = Path(os.path.abspath(Path(target).expanduser()))
+        self.overwrite = overwrite
+        self.run_id = uuid.uuid4().hex
+        self._staging: Path | None = None
+        self.check()
+
+    @property
+    def path(self) -> Path:
+        """The staging folder to write into (inside the ``with`` block only)."""
+        if self._staging is None:
+            raise RuntimeError("RunFolder.path exists only inside the 'with' block")
+        return self._staging
+
+    def check(self) -> None:
+        """Refuse a target that cannot be written (see the class docstring); changes nothing."""
+        t = self.target
+        if t.is_symlink():
+            raise RunFolderError(f"run folder {str(t)!r} is a symbolic link; give a real folder")
+        if t.exists() and not t.is_dir():
+            raise RunFolderError(f"run folder {str(t)!r} exists and is not a folder")
+        try:
+            taken = t.is_dir() and not _is_empty_dir(t)
+        except OSError as e:
+            raise RunFolderError(f"cannot read the run folder {str(t)!r}: {e.strerror or e}") from None
+        if taken:
+            if not self.overwrite:
+                raise RunFolderError(f"run folder {str(t)!r} exists and is not empty; choose a new folder or "
+                                     f"pass --overwrite to replace it")
+            real = t.resolve()
+            with contextlib.suppress(OSError):  # the current folder may be gone
+                cwd = Path.cwd().resolve()
+                if real == cwd or real in cwd.parents:
+                    raise RunFolderError(f"refusing to replace {str(t)!r}: it is or holds the current folder")
+            with contextlib.suppress(RuntimeError, KeyError):  # no home folder known
+                if real == Path.home().resolve():
+                    raise RunFolderError(f"refusing to replace {str(t)!r}: it is the home folder")
+        parent = t.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunFolderError(f"cannot create the run folder {str(t)!r}: {str(parent)!r} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise RunFolderError(f"cannot create the run folder {str(t)!r}: {str(parent)!r} is not writable")
+
+    def stamp(self) -> dict:
+        """What config.json and metrics.json record so that :func:`verify_run_folder` can tell
+        their files belong together: ``run_id`` and, once ``model.safetensors`` is written into
+        :attr:`path`, ``model_sha256``."""
+        stamp = {RUN_ID_KEY: self.run_id}
+        model = self.path / MODEL_FILE
+        if model.is_file():
+            stamp[MODEL_SHA256_KEY] = file_sha256(model)
+        return stamp
+
+    def __enter__(self) -> RunFolder:
+        if self._staging is not None:
+            raise RuntimeError("a RunFolder is entered once")
+        self.check()
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                staging = _sibling_name(self.target, PARTIAL_TAG)
+                try:
+                    os.mkdir(staging)  # 0o777 less the umask, like any new folder
+                    break
+                except FileExistsError:
+                    continue
+        except OSError as e:
+            raise RunFolderError(f"cannot create the run folder {str(self.target)!r}: {e.strerror or e}") from None
+        self._staging = staging
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        staging, self._staging = self._staging, None
+        if staging is None:
+            return
+        if exc_type is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        try:
+            self._commit(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _commit(self, staging: Path) -> None:
+        """Rename the finished staging folder to the target (replacing it with ``overwrite``)."""
+        t = self.target
+        taken = (f"run folder {str(t)!r} was written by another run meanwhile; this run's files are discarded "
+                 f"(pass --overwrite to replace it)")
+        if t.is_symlink() or (t.exists() and not t.is_dir()):
+            raise RunFolderError(f"run folder {str(t)!r} was replaced by something that is not a folder meanwhile; "
+                                 f"this run's files are discarded")
+        try:
+            if not t.exists() or _is_empty_dir(t):
+                try:
+                    os.rename(staging, t)  # onto a missing or empty folder: atomic
+                except OSError:
+                    if t.is_dir() and not _is_empty_dir(t):  # filled between the check and the rename
+                        raise RunFolderError(taken) from None
+                    raise
+            elif not self.overwrite:
+                raise RunFolderError(taken)
+            else:
+                aside = _sibling_name(t, OLD_TAG)
+                os.rename(t, aside)
+                try:
+                    os.rename(staging, t)
+                except BaseException:
+                    os.rename(aside, t)
+                    raise
+                shutil.rmtree(aside, ignore_errors=True)
+        except OSError as e:
+            raise RunFolderError(f"cannot move the run folder into place at {str(t)!r}: {e.strerror or e}") from None
+        _fsync_dir(t.parent)
+
+
+def verify_run_folder(folder: str | Path) -> bool:
+    """Check that the files of a run folder belong together.
+
+    Returns True when config.json and metrics.json record the same ``run_id`` and the SHA-256 of
+    model.safetensors is the ``model_sha256`` they record (a folder without a model must record
+    none); False when neither file records a ``run_id`` or ``model_sha256`` (a folder written by a
+    specquant before these keys: nothing to check against). Otherwise raises a one-line
+    :class:`RunFolderError` that names the file that does not belong. The model is hashed in chunks.
+    """
+    folder = Path(folder)
+    where = f"run folder {str(folder)!r} is inconsistent"
+    docs: dict[str, dict | None] = {}
+    for name in (METRICS_JSON, CONFIG_JSON):  # metrics first: it is named first in messages
+        try:
+            doc = read_json(folder / name)
+        except (OSError, ValueError):
+            doc = None
+        docs[name] = doc if isinstance(doc, dict) else None
+    stamped = [n for n, d in docs.items() if d is not None and (RUN_ID_KEY in d or MODEL_SHA256_KEY in d)]
+    if not stamped:
+        return False
+    for name, doc in docs.items():
+        if name not in stamped:
+            other = stamped[0]
+            state = "missing or unreadable" if doc is None else f"from an older run (it records no {RUN_ID_KEY})"
+            raise RunFolderError(f"{where}: {name} is {state}, unlike {other}")
+    meta, conf = docs[METRICS_JSON], docs[CONFIG_JSON]
+    model = folder / MODEL_FILE
+    actual = file_sha256(model) if model.is_file() else None
+    bad = [n for n, d in docs.items() if d.get(MODEL_SHA256_KEY) != actual]
+    if meta.get(RUN_ID_KEY) != conf.get(RUN_ID_KEY):
+        if len(bad) == 1:
+            good = CONFIG_JSON if bad[0] == METRICS_JSON else METRICS_JSON
+            raise RunFolderError(f"{where}: {bad[0]} is from another run (its {RUN_ID_KEY} and model SHA-256 differ "
+                                 f"from {good}'s and {MODEL_FILE}'s)")
+        raise RunFolderError(f"{where}: {CONFIG_JSON} and {METRICS_JSON} are from different runs "
+                             f"({RUN_ID_KEY} differs)")
+    if bad:
+        if actual is None:
+            raise RunFolderError(f"{where}: {MODEL_FILE} is missing but {bad[0]} records one")
+        raise RunFolderError(f"{where}: {MODEL_FILE} is not the model {bad[0]} describes (SHA-256 differs)")
+    return True
