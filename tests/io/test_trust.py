@@ -338,3 +338,33 @@ def test_a_quantized_tie_is_stored_once_and_kept(tmp_path):
     assert loaded[2].codes is loaded[0].codes and loaded[2].scale is loaded[0].scale
     x = torch.randn(5, 8)
     assert torch.equal(loaded(x), m(x))
+
+
+# ---- whatever quantize changes, save/load round-trips ------------------------------------------
+
+
+class WithAttention(nn.Module):
+    """MultiheadAttention reads out_proj.weight directly (never calls its forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):  # x (B, T, 6)
+        h = self.inp(x)
+        a, _ = self.att(h, h, h, need_weights=False)
+        return self.out(a)
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_a_model_with_attention_round_trips(tmp_path, with_data):
+    torch.manual_seed(0)
+    m = WithAttention().eval()
+    x = torch.randn(8, 5, 6)
+    report = quantize(m, RTNConfig(bits=4), calib=x if with_data else None, example_input=x, progress=False)
+    assert "att.out_proj" in {s.name for s in report.skipped}
+    loaded = load(save(m, tmp_path / "a.sq", arch=WithAttention), build=WithAttention)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
