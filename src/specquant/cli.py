@@ -476,7 +476,7 @@ LAYER_TABLE = (("name", "layer"), ("type", "type"), ("shape", "shape"), ("bits",
 
 
 def _emit_json(obj) -> None:
-    from specquant.report.run_folder import dumps
+    from specquant.io.files import dumps
 
     sys.stdout.write(dumps(obj, indent=None) + "\n")
     sys.stdout.flush()
@@ -613,7 +613,9 @@ def run_quantize(args, argv: list[str], ui: _UI, config, folder: RunFolder | Non
             [r["kappa"] for r in layers], title=f"{args.model} {args.method}: per-layer relative output error and κ")}
         notes = []
         if args.method == "frame":
-            sweep = rf.frame_redundancy_sweep(float_model, config.bits, FRAME_SWEEP, order=config.order,
+            from specquant.diagnostics import sweeps
+
+            sweep = sweeps.frame_redundancy_sweep(float_model, config.bits, FRAME_SWEEP, order=config.order,
                                               frame=config.frame, step=config.step, dim=config.dim,
                                               granularity=config.granularity, seed=config.seed)
             metrics["frame_redundancy"] = sweep
@@ -639,7 +641,7 @@ def run_quantize(args, argv: list[str], ui: _UI, config, folder: RunFolder | Non
 
 
 def _layer_kappas(model, names):
-    from specquant.report.run_folder import layer_kappas
+    from specquant.diagnostics.sweeps import layer_kappas
 
     return layer_kappas(model, names)
 
@@ -676,6 +678,7 @@ def run_demo(args, argv: list[str], ui: _UI, folder: RunFolder, t_total: float) 
     """The work of ``specquant demo``: every file of the run folder written into ``folder.path``
     (the 15 packed models under models/). Returns (metrics, rows of the summary table)."""
     import specquant as sq
+    from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
     from specquant.models import get_model
     from specquant.report import run_folder as rf
 
@@ -699,7 +702,7 @@ def run_demo(args, argv: list[str], ui: _UI, folder: RunFolder, t_total: float) 
                 report = sq.quantize(m, cfg, calib=calib, progress=False)
                 acc = evaluate(m, x_test, y_test, _UI(True))
                 if kappas is None:
-                    kappas = rf.layer_kappas(float_model, [r.name for r in report.layers])
+                    kappas = layer_kappas(float_model, [r.name for r in report.layers])
                 name = f"{method}-w{bits}.safetensors"
                 meta = {"model": DEMO_MODEL, "method": method, "bits": bits, "calib": args.calib, "seed": args.seed,
                         "redundancy": cfg.redundancy if method == "frame" else None}
@@ -720,7 +723,7 @@ def run_demo(args, argv: list[str], ui: _UI, folder: RunFolder, t_total: float) 
                 layer_rows.extend({"method": method, "run_bits": bits, **row} for row in layers)
                 bar.update(1)
 
-    sweeps = [rf.frame_redundancy_sweep(float_model, b, FRAME_SWEEP) for b in DEMO_BITS]
+    sweeps = [frame_redundancy_sweep(float_model, b, FRAME_SWEEP) for b in DEMO_BITS]
     names = [r["name"] for r in runs[0]["layers"]]
     mid = DEMO_BITS[len(DEMO_BITS) // 2]
     plots = {
@@ -797,13 +800,13 @@ def cmd_demo(args, argv: list[str]) -> int:
 
 
 def cmd_eval(args, argv: list[str]) -> int:
+    from specquant.io.files import read_json
     from specquant.models import get_entry, get_model, list_models
     from specquant.report.run_folder import (
         CONFIG_JSON,
         METRICS_JSON,
         MODEL_FILE,
         RunFolderError,
-        read_json,
         verify_run_folder,
     )
     from specquant.report.table import format_table
@@ -932,9 +935,9 @@ def cmd_analyze(args, argv: list[str]) -> int:
     from specquant.models import get_entry
 
     try:
-        from specquant.analyze import analyze
+        from specquant.diagnostics.analyze import analyze
     except ImportError as e:
-        if getattr(e, "name", None) not in ("specquant.analyze", None):
+        if getattr(e, "name", None) not in ("specquant.diagnostics.analyze", None):
             raise
         raise CLIError("analyze is not available yet (specquant.analyze has not landed)") from None
     ui = _UI(args.quiet)
