@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from specquant import cli
+from specquant.cli import main
 from specquant.io.files import read_json
 from specquant.report import run_folder as rf
 
@@ -65,8 +65,8 @@ def test_same_command_same_seed_reproduces_metrics_json(tmp_path, capsys):
     """Two runs of the same quantize command: metrics.json equal once the timing keys are removed."""
     args = ["quantize", "digits-mlp", "--method", "spfq", "--bits", "2", "--calib", "128", "--seed", "3", "--quiet"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert cli.main(args + ["--out", str(a)]) == 0
-    assert cli.main(args + ["--out", str(b)]) == 0
+    assert main(args + ["--out", str(a)]) == 0
+    assert main(args + ["--out", str(b)]) == 0
     capsys.readouterr()
     ma = json.loads((a / "metrics.json").read_text())
     mb = json.loads((b / "metrics.json").read_text())
