@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from specquant.algorithms import GPFQConfig, RTNConfig
-from specquant.analyze import analyze
+from specquant.diagnostics.analyze import analyze
 from specquant.engine.apply import quantize
 from specquant.mixed import allocate, measure_sensitivity
 from specquant.models.data import DataNotFoundError, data_dir

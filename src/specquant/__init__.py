@@ -4,16 +4,9 @@ from specquant.core import metrics, spectral
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.quantized import QuantizedWeight
 from specquant.core.quantizer import quantize_tensor
+from specquant.diagnostics.analyze import analyze
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
 from specquant.io import load, save
-
-
-def analyze(model, calib=None, **kwargs):
-    """Per-layer spectral and statistical table (see ``specquant.analyze.analyze``)."""
-    from specquant.analyze import analyze as _analyze
-
-    return _analyze(model, calib, **kwargs)
-
 
 __version__ = "0.1.0"
 

@@ -11,6 +11,7 @@ from specquant.core.spectral import (
     condition_number,
     effective_rank,
     frobenius_error_bound,
+    lock_bits,
     op_error_bound,
     operator_norm,
     singular_values,
@@ -151,3 +152,10 @@ def test_spectral_norm_quantize_absorbs_operator_norm():
                           atol=1e-5)
     zero = spectral_norm_quantize(torch.zeros(3, 3), 4, clipping="minmax")
     assert torch.equal(zero.dequantize(), torch.zeros(3, 3))
+
+
+def test_lock_bits_is_the_ceiling_of_log2_kappa():
+    assert [lock_bits(k) for k in (0.5, 1.0, 1.5, 2.0, 3.0, 1024.0, 1025.0)] == [0, 0, 1, 1, 2, 10, 11]
+    assert lock_bits(math.inf) is None and lock_bits(math.nan) is None
+    lin = torch.diag(torch.tensor([32.0, 4.0, 1.0], dtype=torch.float64))
+    assert lock_bits(condition_number(lin)) == 5

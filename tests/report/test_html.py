@@ -5,7 +5,8 @@ import base64
 import json
 from html.parser import HTMLParser
 
-from specquant import cli
+from specquant.cli import main
+from specquant.cli.common import METHODS
 from specquant.report.html import render_html
 from specquant.report.run_folder import plot_layers
 
@@ -94,7 +95,7 @@ def test_render_html_is_self_contained_and_escapes_text():
 
 def test_index_html_of_a_quantize_run(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["quantize", "digits-mlp", "--method", "gptq", "--bits", "3", "--calib", "128",
+    assert main(["quantize", "digits-mlp", "--method", "gptq", "--bits", "3", "--calib", "128",
                      "--out", str(out), "--json", "--quiet"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     page = parse((out / "index.html").read_text(encoding="utf-8"))
@@ -114,11 +115,11 @@ def test_index_html_of_a_quantize_run(tmp_path, capsys):
 
 def test_index_html_of_the_demo_has_every_plot(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--calib", "64", "--quiet"]) == 0
+    assert main(["demo", "--out", str(out), "--calib", "64", "--quiet"]) == 0
     page = parse((out / "index.html").read_text(encoding="utf-8"))
     _check_images(page, 3)  # accuracy vs bits, per-layer error and κ, frame error vs redundancy
     summary = page.tables["summary"]
     methods = {r[summary[0].index("method")] for r in summary[1:]}
-    assert methods == set(cli.METHODS) and len(summary) == 1 + 15
+    assert methods == set(METHODS) and len(summary) == 1 + 15
     layer_names = {r[page.tables["layers"][0].index("name")] for r in page.tables["layers"][1:]}
     assert layer_names == {"fc1", "fc2", "fc3"}

@@ -1,4 +1,4 @@
-"""Run folders: atomic writers, strict JSON, CSV, plots, the frame sweep, and reproducible metrics."""
+"""Run folders: strict metrics.json, CSV, plots, whole-or-nothing folders, and reproducible metrics."""
 from __future__ import annotations
 
 import csv
@@ -9,44 +9,21 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
-from specquant import cli
+from specquant.cli import main
+from specquant.io.files import read_json
 from specquant.report import run_folder as rf
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
-    p = tmp_path / "sub" / "a.json"
-    rf.atomic_write_text(p, "first")
-    rf.atomic_write_text(p, "second")
-    assert p.read_text() == "second"
-    assert sorted(os.listdir(p.parent)) == ["a.json"]
-    assert oct(p.stat().st_mode & 0o777) == oct(0o644)
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    p = tmp_path / "m.json"
-    rf.atomic_write_text(p, "old")
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(rf.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        rf.atomic_write_text(p, "new")
-    assert p.read_text() == "old"
-    assert sorted(os.listdir(tmp_path)) == ["m.json"]
-
-
-def test_json_is_strict_and_volatile_keys_are_stripped(tmp_path):
+def test_metrics_json_is_strict_and_volatile_keys_are_stripped(tmp_path):
     obj = {"a": math.inf, "b": [1.5, float("nan")], "t": torch.tensor([1, 2]), "shape": (3, 4),
            "quant_seconds": 1.0, "layers": [{"name": "fc1", "seconds": 0.1, "kappa": math.inf}]}
-    rf.write_json(tmp_path / "m.json", obj)
-    back = json.loads((tmp_path / "m.json").read_text())  # parses: no Infinity/NaN tokens
+    rf.write_run_folder(tmp_path, config={}, metrics=obj, layers=[])
+    back = json.loads((tmp_path / rf.METRICS_JSON).read_text())  # parses: no Infinity/NaN tokens
     assert back["a"] is None and back["b"] == [1.5, None] and back["t"] == [1, 2] and back["shape"] == [3, 4]
-    assert "Infinity" not in (tmp_path / "m.json").read_text()
+    assert "Infinity" not in (tmp_path / rf.METRICS_JSON).read_text()
     stripped = rf.strip_volatile(back)
     assert "quant_seconds" not in stripped and stripped["layers"] == [{"name": "fc1", "kappa": None}]
 
@@ -73,27 +50,6 @@ def test_plots_are_png(tmp_path):
     assert rf.plot_frame_redundancy([sweep])[:8] == PNG_MAGIC
 
 
-def test_frame_sweep_error_falls_with_redundancy_and_storage_grows():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
-    before = [p.detach().clone() for p in model.parameters()]
-    sw = rf.frame_redundancy_sweep(model, 2, (1.0, 2.0, 4.0))
-    assert sw["redundancy"] == [1.0, 2.0, 4.0] and set(sw["layers"]) == {"0", "2"}
-    assert sw["overall"][0] > sw["overall"][1] > sw["overall"][2] > 0
-    assert sw["bits_per_weight"][0] < sw["bits_per_weight"][1] < sw["bits_per_weight"][2]
-    assert sw["bits_per_weight"][2] == pytest.approx(2 * 4.0, rel=0.2)  # b·N/d plus the scales
-    for p, q in zip(model.parameters(), before):  # a diagnostic changes nothing
-        assert torch.equal(p, q)
-
-
-def test_layer_kappas_match_the_singular_values():
-    lin = nn.Linear(3, 3, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.diag(torch.tensor([4.0, 2.0, 0.5])))
-    model = nn.Sequential(lin)
-    assert rf.layer_kappas(model, ["0"])["0"] == pytest.approx(8.0)
-
-
 def test_write_run_folder_writes_every_file(tmp_path):
     layers = [{"name": "fc1", "shape": [4, 4], "rel_output_error": 0.1, "kappa": 2.0, "seconds": 0.01}]
     metrics = {"model": "m", "method": "rtn", "bits": 4, "accuracy": 90.0, "layers": layers}
@@ -109,8 +65,8 @@ def test_same_command_same_seed_reproduces_metrics_json(tmp_path, capsys):
     """Two runs of the same quantize command: metrics.json equal once the timing keys are removed."""
     args = ["quantize", "digits-mlp", "--method", "spfq", "--bits", "2", "--calib", "128", "--seed", "3", "--quiet"]
     a, b = tmp_path / "a", tmp_path / "b"
-    assert cli.main(args + ["--out", str(a)]) == 0
-    assert cli.main(args + ["--out", str(b)]) == 0
+    assert main(args + ["--out", str(a)]) == 0
+    assert main(args + ["--out", str(b)]) == 0
     capsys.readouterr()
     ma = json.loads((a / "metrics.json").read_text())
     mb = json.loads((b / "metrics.json").read_text())
@@ -205,7 +161,7 @@ def test_the_second_of_two_runs_into_one_target_fails_and_the_first_stays_whole(
             stamp_b = _write_stamped(b, b"model B")
     assert os.listdir(tmp_path) == ["run"]
     assert (target / rf.MODEL_FILE).read_bytes() == b"model B"
-    assert rf.read_json(target / rf.METRICS_JSON)["run_id"] == stamp_b["run_id"]
+    assert read_json(target / rf.METRICS_JSON)["run_id"] == stamp_b["run_id"]
     assert rf.verify_run_folder(target) is True
 
 

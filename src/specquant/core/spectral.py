@@ -73,6 +73,15 @@ def condition_number(w: torch.Tensor) -> float:
     return math.inf if smin == 0.0 else smax / smin
 
 
+def lock_bits(kappa: float) -> int | None:
+    """The note's "lock" width ⌈log₂ κ⌉ (0 for κ ≤ 1); None when κ is infinite or NaN."""
+    if not math.isfinite(kappa):
+        return None
+    if kappa <= 1.0:
+        return 0
+    return math.ceil(math.log2(kappa))
+
+
 def effective_rank(w: torch.Tensor, tau: float = 1e-3) -> int:
     """Number of singular values σ_i > τ·σ_1 (0 for the zero matrix)."""
     if not tau >= 0:

@@ -127,7 +127,7 @@ class Allocation:
         return "\n".join(lines)
 
 
-from specquant.analyze import _json_safe  # noqa: E402  one strict-JSON helper for both reports
+from specquant.io.files import jsonable as _json_safe  # noqa: E402  the one strict-JSON helper
 
 
 def allocate(

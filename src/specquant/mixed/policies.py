@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from specquant.core.spectral import lock_bits  # noqa: F401  re-exported by specquant.mixed
 from specquant.mixed.solver import budget_capacity, storage_units
 
 DEFAULT_CANDIDATES = (2, 3, 4, 6, 8)
@@ -73,15 +74,6 @@ def stored_bits(bits: int, symmetric: bool = True) -> Fraction:
 def storage_map(candidates: Sequence[int], symmetric: bool = True) -> dict[int, Fraction]:
     """{width: stored bits per weight} for the knapsack (:func:`specquant.mixed.solver.solve_bits`)."""
     return {int(b): stored_bits(int(b), symmetric) for b in candidates}
-
-
-def lock_bits(kappa: float) -> int | None:
-    """The note's "lock" width ⌈log₂ κ⌉ (0 for κ ≤ 1); None when κ is infinite or NaN."""
-    if not math.isfinite(kappa):
-        return None
-    if kappa <= 1.0:
-        return 0
-    return math.ceil(math.log2(kappa))
 
 
 def snap_to_candidates(b: float, candidates: Sequence[int]) -> int:

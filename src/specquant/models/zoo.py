@@ -20,15 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
+from specquant.io.files import atomic_write_bytes, loads
 from specquant.models import data as _data
 from specquant.models.mlp import MLP, train_mlp
 from specquant.models.resnet_cifar import load_pretrained, resnet20, resnet32
@@ -137,31 +139,18 @@ def cache_dir() -> Path:
 
 
 def save_state_atomic(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file in the same folder and ``os.replace``."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is an ordinary readable file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a safetensors file atomically (:func:`specquant.io.files.atomic_write_bytes`)."""
+    atomic_write_bytes(path, st_save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata))
 
 
 def _load_cached(model: nn.Module, path: Path, recipe: dict) -> bool:
     """Load ``path`` into ``model`` when it exists and was made by ``recipe``; False otherwise."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if json.loads(meta.get("recipe", "null")) != recipe:
+            if loads(meta.get("recipe", "null")) != recipe:
                 log.warning("cached %s was made by another recipe; retraining", path)
                 return False
             state = {k: f.get_tensor(k) for k in f.keys()}

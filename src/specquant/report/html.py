@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from specquant.io.files import atomic_write_text, dumps
+
 SUMMARY_COLUMNS = (
     "model", "method", "bits", "avg_bits", "redundancy", "levels", "bits_per_weight", "accuracy",
     "float_accuracy", "quant_seconds", "peak_rss_mb", "seed",
@@ -81,8 +83,6 @@ def _columns(rows: Sequence[Mapping], preferred: Sequence[str] | None = None) ->
 def render_html(*, title: str, summary: Sequence[Mapping], plots: Mapping[str, bytes], layers: Sequence[Mapping],
                 config: Mapping | None = None, notes: Sequence[str] = ()) -> str:
     """The page as a string (see the module docstring)."""
-    from specquant.report.run_folder import dumps
-
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
@@ -111,6 +111,4 @@ def render_html(*, title: str, summary: Sequence[Mapping], plots: Mapping[str, b
 
 def write_html(path: str | Path, **kwargs) -> Path:
     """Render the page (:func:`render_html` arguments) and write it atomically."""
-    from specquant.report.run_folder import atomic_write_text
-
     return atomic_write_text(path, render_html(**kwargs))

@@ -17,8 +17,10 @@ A run folder appears whole or not at all (:class:`RunFolder`): it is built under
 temporary name beside the target (``.NAME.partial-<pid>-<random>``) and renamed to the target
 only once every file is written; a failed or interrupted run removes it. An existing non-empty
 target is refused unless the caller asks to overwrite it, and then the old folder is replaced
-only at the very end. Every file inside is also written atomically (a temporary file in the same
-folder, then ``os.replace``).
+only at the very end. Every file inside is also written atomically
+(:func:`specquant.io.files.atomic_write_bytes`).
+
+This module renders and writes; what the plots show is computed in :mod:`specquant.diagnostics`.
 
 ``config.json`` and ``metrics.json`` carry the same ``run_id`` and the SHA-256 of
 ``model.safetensors`` (``model_sha256``), so :func:`verify_run_folder` can tell when the files of
@@ -30,18 +32,20 @@ import contextlib
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import secrets
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+from specquant.io.files import atomic_write_bytes, atomic_write_text, fsync_dir, read_json, write_json
+from specquant.report import html
 
 # Keys whose values change from one run to the next (wall time, memory, dates, the per-run id).
 # They are kept in these clearly named keys only, so that ``strip_volatile(metrics)`` is reproducible.
@@ -55,62 +59,6 @@ METRICS_JSON = "metrics.json"
 LAYERS_CSV = "layers.csv"
 MODEL_FILE = "model.safetensors"
 INDEX_HTML = "index.html"
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writers
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def jsonable(obj):
-    """A copy of ``obj`` that strict JSON can hold: non-finite floats become None, tuples lists,
-    tensors and NumPy scalars plain numbers, paths strings."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, torch.Tensor):
-        return jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):  # NumPy scalars
-        return jsonable(obj.item())
-    return str(obj)
-
-
-def dumps(obj, indent: int | None = 2) -> str:
-    """Strict JSON (no NaN/Infinity), keys in insertion order."""
-    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, dumps(obj) + "\n")
 
 
 def _cell(v) -> str:
@@ -148,73 +96,14 @@ def strip_volatile(obj):
 
 
 # ---------------------------------------------------------------------------------------------
-# Diagnostics read by the plots (they change nothing)
+# Plots (PNG bytes; matplotlib figures rendered by Agg, no pyplot, no display needed)
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_kappas(model: torch.nn.Module, names: Iterable[str]) -> dict[str, float]:
-    """κ(W) = σ_max/σ_min of each named layer's current weight (conv viewed as (out, in·kh·kw))."""
-    from specquant.core.spectral import condition_number
-
-    mods = dict(model.named_modules())
-    return {n: condition_number(mods[n].weight.detach()) for n in names if n in mods}
-
-
-def frame_redundancy_sweep(model: torch.nn.Module, bits: int, redundancies: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
-                           *, names: Iterable[str] | None = None, **frame_options) -> dict:
-    """Weight error of frame ΣΔ quantization against redundancy, layer by layer (data-free).
-
-    For each redundancy r, every layer's weight W (the float weights of ``model``; conv viewed as
-    (out, in·kh·kw)) is quantized with ``FrameConfig(bits=bits, redundancy=r, **frame_options)``
-    and the relative error ‖W − Ŵ‖_F/‖W‖_F is recorded with the true bits per weight.
-    Returns {"bits", "redundancy": [...], "layers": {name: [err per r]}, "overall": [...],
-    "bits_per_weight": [...]} where "overall" is sqrt(Σ‖W − Ŵ‖²/Σ‖W‖²) over the layers.
-    """
-    from specquant.algorithms.frame import FrameConfig
-    from specquant.algorithms.frame import quantize_weight as frame_quantize
-    from specquant.engine.walk import quantizable_layers
-
-    mods = [(n, m) for n, m in quantizable_layers(model) if names is None or n in set(names)]
-    out = {"bits": bits, "redundancy": [float(r) for r in redundancies], "layers": {n: [] for n, _ in mods},
-           "overall": [], "bits_per_weight": []}
-    for r in redundancies:
-        cfg = FrameConfig(bits=bits, redundancy=float(r), **frame_options)
-        num = den = 0.0
-        storage = weights = 0.0
-        for n, m in mods:
-            W = m.weight.detach().reshape(m.weight.shape[0], -1).double()
-            qw = frame_quantize(W, None, cfg)
-            W_hat = qw.dequantize().reshape(W.shape).double()
-            e2, w2 = float((W - W_hat).pow(2).sum()), float(W.pow(2).sum())
-            out["layers"][n].append((e2 / w2) ** 0.5 if w2 > 0 else 0.0)
-            num, den = num + e2, den + w2
-            storage += qw.bits_per_weight() * W.numel()
-            weights += W.numel()
-        out["overall"].append((num / den) ** 0.5 if den > 0 else 0.0)
-        out["bits_per_weight"].append(storage / weights if weights else 0.0)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots (PNG bytes; matplotlib with the Agg backend, no display needed)
-# ---------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    plt = _pyplot()
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     # A fixed "Software" entry and no date keep the PNG bytes reproducible.
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": "specquant"})
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -222,8 +111,8 @@ def plot_accuracy_vs_bits(runs: Sequence[Mapping], float_accuracy: float | None 
                           title: str = "accuracy against storage") -> bytes:
     """Top-1 accuracy against true bits per weight, one line per method (runs: dicts with
     method, bits_per_weight, accuracy, bits)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     methods = list(dict.fromkeys(r["method"] for r in runs))
     markers = "osD^vP*X"
     labelled: set[tuple[float, int]] = set()
@@ -249,10 +138,10 @@ def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None
                 kappas: Sequence[float] | None = None, error_label: str = "relative output error",
                 title: str = "per-layer error and condition number") -> bytes:
     """Per-layer relative error (one series per label) and, below, κ(W) on a log scale."""
-    plt = _pyplot()
     rows = 2 if kappas is not None else 1
     width = max(6.0, 0.35 * len(names) + 2)
-    fig, axes = plt.subplots(rows, 1, figsize=(width, 3.2 * rows), sharex=True, squeeze=False)
+    fig = Figure(figsize=(width, 3.2 * rows))
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)
     ax = axes[0][0]
     x = list(range(len(names)))
     for label, vals in errors.items():
@@ -279,8 +168,8 @@ def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None
 def plot_frame_redundancy(sweeps: Sequence[Mapping], title: str = "frame ΣΔ: weight error against redundancy") -> bytes:
     """Relative weight error against redundancy N/d (log-log), one line per code width; each
     point is annotated with its true bits per weight (with one sweep, one thin line per layer)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for sw in sweeps:
         r, e = sw["redundancy"], sw["overall"]
         ax.plot(r, e, marker="o", label=f"{sw['bits']}-bit codes (all layers)")
@@ -291,8 +180,6 @@ def plot_frame_redundancy(sweeps: Sequence[Mapping], title: str = "frame ΣΔ: w
                 ax.plot(r, errs, lw=0.8, alpha=0.5, label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
     ax.set_xticks(list(sweeps[0]["redundancy"]) if sweeps else [])
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -321,8 +208,6 @@ def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, laye
     :class:`RunFolder` (so the folder appears whole or not at all), with ``config`` and
     ``metrics`` both holding its :meth:`RunFolder.stamp`.
     """
-    from specquant.report.html import write_html
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plots = dict(plots or {})
@@ -331,14 +216,9 @@ def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, laye
     write_csv(out / LAYERS_CSV, layers)
     write_json(out / CONFIG_JSON, config)
     write_json(out / METRICS_JSON, metrics)
-    write_html(out / INDEX_HTML, title=title, summary=summary if summary is not None else [metrics],
-               plots=plots, layers=layers, config=config, notes=notes)
+    html.write_html(out / INDEX_HTML, title=title, summary=summary if summary is not None else [metrics],
+                    plots=plots, layers=layers, config=config, notes=notes)
     return out
-
-
-def read_json(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,20 +253,6 @@ def _is_empty_dir(path: Path) -> bool:
 def _sibling_name(target: Path, tag: str) -> Path:
     """A hidden name beside ``target``: ``.NAME<tag><pid>-<random>``."""
     return target.with_name(f".{target.name}{tag}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable where the platform allows it (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class RunFolder:
@@ -528,7 +394,7 @@ class RunFolder:
                 shutil.rmtree(aside, ignore_errors=True)
         except OSError as e:
             raise RunFolderError(f"cannot move the run folder into place at {str(t)!r}: {e.strerror or e}") from None
-        _fsync_dir(t.parent)
+        fsync_dir(t.parent)
 
 
 def verify_run_folder(folder: str | Path) -> bool:

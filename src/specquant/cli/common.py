@@ -1,0 +1,210 @@
+"""Helpers shared by the commands of ``specquant``: the error type, human output on stderr and
+progress bars, evaluation, storage measurement, run-folder wiring and JSON emission.
+
+The method list and :func:`make_config` are the CLI's own until the method registry of
+:mod:`specquant.algorithms` lands; then they become ``method_names()`` and
+``make_config(method, **settings)`` from there (see the marked block below).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import platform
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import specquant as sq
+import specquant.io as sqio
+from specquant.algorithms.frame import FrameConfig
+from specquant.engine.walk import fold_batchnorm
+from specquant.io.files import dumps
+from specquant.models.data import data_dir as resolve_data_dir
+from specquant.report.run_folder import MODEL_FILE, RunFolder, RunFolderError
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
+PROG = "specquant"
+FRAME_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)  # redundancies of the frame error-vs-redundancy plot
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods (REGISTRY: replace this block with specquant.algorithms.method_names / make_config)
+# ---------------------------------------------------------------------------------------------
+# The one place the CLI knows the methods. When the registry lands, METHODS becomes
+# method_names() and make_config calls specquant.algorithms.make_config(method, bits=...,
+# granularity=..., seed=..., redundancy=...) keeping these two CLIErrors; the --method help in
+# parser.py then reads get_method(name).summary.
+
+METHODS = ("rtn", "gpfq", "spfq", "gptq", "frame")
+
+
+def make_config(method: str, bits: int, granularity: str = "channel", seed: int = 0,
+                redundancy: float | None = None):
+    """The algorithm config of ``method`` (library defaults for everything not given)."""
+    kw = {"bits": bits, "granularity": granularity, "seed": seed}
+    if method == "frame":
+        if redundancy is not None:
+            kw["redundancy"] = redundancy
+        return FrameConfig(**kw)
+    if redundancy is not None:
+        raise CLIError("--redundancy applies to --method frame only")
+    cls = {"rtn": sq.RTNConfig, "gpfq": sq.GPFQConfig, "spfq": sq.SPFQConfig, "gptq": sq.GPTQConfig}.get(method)
+    if cls is None:
+        raise CLIError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    return cls(**kw)
+
+
+def config_dict(config) -> dict:
+    d = dataclasses.asdict(config)
+    d["method"] = config.method
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Human output, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (``resource.getrusage``), None where unknown."""
+    if resource is None:  # pragma: no cover - Windows
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+class UI:
+    """Where human output goes: stderr, unless --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = not quiet and sys.stderr.isatty()
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def bar(self, total: int, desc: str, unit: str = "it"):
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not self.progress, leave=False)
+
+
+def evaluate(model, x, y, ui: UI, desc: str = "eval", batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent, with a progress bar over batches."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.inference_mode(), ui.bar(x.shape[0], desc, "img") as bar:
+            for s in range(0, x.shape[0], batch_size):
+                logits = model(x[s:s + batch_size])
+                correct += int((logits.argmax(dim=1) == y[s:s + batch_size]).sum())
+                bar.update(min(batch_size, x.shape[0] - s))
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / x.shape[0]
+
+
+def check_data_dir(entry, data_dir) -> None:
+    """Fail early, before any work, when the model needs the data directory and it is missing."""
+    if entry.needs_data_dir:
+        resolve_data_dir(data_dir)
+
+
+def load_test_set(entry, data_dir, limit: int | None):
+    x, y = entry.test(data_dir)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return x, y
+
+
+def folded_float(model, calib):
+    """A float copy with BatchNorm folded as the engine folds it (for κ and the frame sweep)."""
+    m = copy.deepcopy(model).eval()
+    fold_batchnorm(m, calib[: min(8, calib.shape[0])])
+    return m
+
+
+def layer_records(report, kappas: dict) -> list[dict]:
+    rows = []
+    for r in report.layers:
+        d = dataclasses.asdict(r)
+        d["kappa"] = kappas.get(r.name)
+        rows.append(d)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage, run folders, JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def save_and_measure(model, model_id: str, path: Path, meta: dict) -> dict:
+    """Save the packed model to ``path`` and return its storage breakdown (file bits per weight)."""
+    sqio.save(model, path, model_id=model_id, meta=meta)
+    return sqio.storage_breakdown(path)
+
+
+def measure_storage(model, model_id: str, folder: RunFolder | None, meta: dict) -> dict:
+    """Storage of the packed model: saved as the run folder's model file when there is one (into its
+    staging folder), else into a temporary folder that is removed."""
+    if folder is not None:
+        return save_and_measure(model, model_id, folder.path / MODEL_FILE, meta)
+    with tempfile.TemporaryDirectory(prefix="specquant-") as tmp:
+        return save_and_measure(model, model_id, Path(tmp) / MODEL_FILE, meta)
+
+
+def payload_bpw(storage: dict) -> float | None:
+    n = storage.get("quantized_weights")
+    if not n:
+        return None
+    return (storage["codes_bytes"] + storage["scale_bytes"] + storage["zero_point_bytes"]) * 8 / n
+
+
+@contextlib.contextmanager
+def staged_run_folder(out: str | None, overwrite: bool) -> Iterator[RunFolder | None]:
+    """The run folder of ``--out``, written whole or not at all (``report.run_folder.RunFolder``).
+
+    Checks the target at once (a non-empty folder is refused unless ``--overwrite``), so enter
+    it before any long work. Inside the block write into ``folder.path`` (a hidden staging
+    folder); a normal exit renames it to the target, an exception or Ctrl-C removes it. Yields
+    None without ``--out``.
+    """
+    if out is None:
+        if overwrite:
+            raise CLIError("--overwrite needs --out DIR")
+        yield None
+        return
+    try:
+        folder = RunFolder(out, overwrite=overwrite)
+        with folder:
+            yield folder
+    except RunFolderError as e:
+        raise CLIError(str(e)) from None
+
+
+def versions() -> dict:
+    return {"specquant": sq.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join([PROG] + [shlex.quote(a) for a in argv])
+
+
+def emit_json(obj) -> None:
+    """Print ``obj`` as one line of strict JSON on stdout (the only thing a command prints there)."""
+    sys.stdout.write(dumps(obj, indent=None) + "\n")
+    sys.stdout.flush()

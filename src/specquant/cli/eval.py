@@ -1,0 +1,98 @@
+"""``specquant eval``: top-1 accuracy of a zoo model (float), a run folder or a saved file; a run
+folder's files are checked to belong together before its model is loaded."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import specquant.io as sqio
+from specquant.cli.common import UI, CLIError, check_data_dir, emit_json, evaluate, load_test_set, peak_rss_mb
+from specquant.io.files import read_json
+from specquant.models import get_entry, get_model, list_models
+from specquant.report.run_folder import (
+    CONFIG_JSON,
+    METRICS_JSON,
+    MODEL_FILE,
+    RunFolderError,
+    verify_run_folder,
+)
+from specquant.report.table import format_table
+
+
+def cmd_eval(args, argv: list[str]) -> int:
+    ui = UI(args.quiet)
+    target = args.target
+    path = Path(target).expanduser()
+    folder = run_config = run_metrics = None
+    limit = args.limit
+    result: dict = {}
+    if not path.exists() and target in list_models():
+        entry = get_entry(target)
+        check_data_dir(entry, args.data_dir)
+        t0 = time.perf_counter()
+        model, entry = get_model(target, args.data_dir)
+        load_s = time.perf_counter() - t0
+        result.update({"model": target, "source": "zoo", "quantized": False})
+    else:
+        if path.is_dir():
+            folder = path
+            path = folder / MODEL_FILE
+            if not path.is_file():
+                raise CLIError(f"{str(folder)!r} holds no {MODEL_FILE} (a run folder of 'specquant quantize --out'"
+                               f"; the demo keeps its models under models/)")
+            with contextlib.suppress(OSError, ValueError):
+                run_config = read_json(folder / CONFIG_JSON)
+            with contextlib.suppress(OSError, ValueError):
+                run_metrics = read_json(folder / METRICS_JSON)
+        elif not path.exists():
+            raise CLIError(f"{target!r} is neither a zoo id ({', '.join(list_models())}) nor an existing file "
+                           "or run folder")
+        if not os.access(path, os.R_OK):
+            raise CLIError(f"cannot read {str(path)!r}: permission denied")
+        verified = False  # a lone file records nothing to check it against
+        if folder is not None:  # do its files belong together? checked before the model is loaded
+            try:
+                verified = verify_run_folder(folder)
+            except RunFolderError as e:
+                raise CLIError(str(e)) from None
+            except OSError as e:
+                raise CLIError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+        t0 = time.perf_counter()
+        model = sqio.load(path, allow_entry_point=args.allow_entry_point or None)
+        load_s = time.perf_counter() - t0
+        zoo_id = getattr(model, "_specquant_model_id", None)
+        if not zoo_id:
+            raise CLIError(f"{str(path)!r} names no zoo model (it was saved with arch=), so no test set is known")
+        entry = get_entry(zoo_id)
+        check_data_dir(entry, args.data_dir)
+        if limit is None and run_config is not None:
+            limit = run_config.get("limit")
+        header = getattr(model, "specquant_header", {}) or {}
+        storage = sqio.storage_breakdown(path)
+        result.update({"model": zoo_id, "source": str(path), "verified": verified,
+                       "quantized": bool(header.get("quantized")), "bits_per_weight": storage["bits_per_weight"],
+                       "file_bytes": storage["file_bytes"]})
+        meta = header.get("meta") or {}
+        for k in ("method", "bits", "avg_bits", "seed"):
+            if meta.get(k) is not None:
+                result[k] = meta[k]
+    x_test, y_test = load_test_set(entry, args.data_dir, limit)
+    t0 = time.perf_counter()
+    acc = evaluate(model, x_test, y_test, ui, "eval")
+    result["accuracy"] = acc
+    if result["source"] == "zoo":
+        result["float_accuracy"] = acc
+    result["n_test"] = int(x_test.shape[0])
+    if run_metrics is not None and "accuracy" in run_metrics:
+        result["recorded_accuracy"] = run_metrics["accuracy"]
+        result["matches_recorded"] = run_metrics["accuracy"] == acc
+    result.update({"load_seconds": load_s, "eval_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    cols = [("model", "model"), ("source", "source"), ("method", "method"), ("bits", "bits"),
+            ("bits_per_weight", "bits/weight"), ("accuracy", "accuracy %"), ("recorded_accuracy", "recorded %"),
+            ("n_test", "test images"), ("verified", "verified")]
+    ui.say(format_table([result], [c for c in cols if c[0] in result]))
+    if args.json:
+        emit_json(result)
+    return 0

@@ -1,0 +1,251 @@
+"""The argument parser of ``specquant`` and the argument types of its options (each error is one
+line, raised as :class:`~specquant.cli.common.CLIError`)."""
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+
+from specquant.algorithms.frame import FrameConfig
+from specquant.cli.analyze import cmd_analyze
+from specquant.cli.common import METHODS, PROG, CLIError
+from specquant.cli.demo import DEMO_REDUNDANCY, cmd_demo
+from specquant.cli.eval import cmd_eval
+from specquant.cli.quantize import POLICIES, cmd_quantize
+from specquant.models import list_models
+
+DEFAULT_CALIB = 512
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (raised, then printed by ``main``)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sub = self.prog[len(PROG):].strip()
+        where = f"{sub}: " if sub else ""
+        raise CLIError(f"{where}{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=98)
+
+
+def _bits(text: str) -> int:
+    try:
+        b = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {text!r}") from None
+    if not 1 <= b <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {b}")
+    return b
+
+
+def _avg_bits(text: str) -> float:
+    try:
+        a = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"average bits must be a number from 1 to 8, got {text!r}") from None
+    if not (math.isfinite(a) and 1.0 <= a <= 8.0):
+        raise argparse.ArgumentTypeError(f"average bits must be a number from 1 to 8, got {text}")
+    return a
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _seed(text: str) -> int:
+    try:
+        s = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
+    if s < 0:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {s}")
+    return s
+
+
+def _granularity(text: str) -> str:
+    if text in ("channel", "tensor"):
+        return text
+    if text.startswith("group:"):
+        try:
+            g = int(text[len("group:"):])
+        except ValueError:
+            g = 0
+        if g >= 1:
+            return f"group:{g}"
+    raise argparse.ArgumentTypeError(f"granularity must be 'channel', 'tensor' or 'group:G' (G >= 1), got {text!r}")
+
+
+def _redundancy(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        r = float("nan")
+    if not (math.isfinite(r) and r >= 1.0):
+        raise argparse.ArgumentTypeError(f"redundancy must be a number >= 1, got {text!r}")
+    return r
+
+
+def _frame_default_redundancy() -> float:
+    return float(FrameConfig.__dataclass_fields__["redundancy"].default)
+
+
+def _entry_point(text: str) -> str:
+    module, sep, function = text.partition(":")
+    if not (sep and all(part.isidentifier() for part in module.split("."))
+            and all(part.isidentifier() for part in function.split("."))):
+        raise argparse.ArgumentTypeError(f"expected MODULE:FUNCTION (e.g. mypkg.models:build), got {text!r}")
+    return text
+
+
+OUT_HELP = ("the folder is written whole at the end of the run (built under a hidden .NAME.partial-* name "
+            "beside it, removed if the run fails); a folder that exists and is not empty is refused unless "
+            "--overwrite")
+OVERWRITE_HELP = ("let --out replace an existing non-empty folder: the old folder is swapped for the new one only "
+                  "once the run has written every file, so a run that fails leaves the old folder as it was "
+                  "(default: off, a non-empty --out is refused)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=json_help + " Human tables still go to stderr. (default: off)")
+    p.add_argument("--data-dir", metavar="D", default=None,
+                   help="data directory holding mnist/, cifar10/ and models/ (default: $SPECQUANT_DATA, "
+                        "else ../shared/data next to the project; digits-mlp needs none)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing on stderr but errors: no progress bars, status lines or tables "
+                        "(default: off; progress bars are also hidden when stderr is not a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``specquant`` command."""
+    models = ", ".join(list_models())
+    parser = _Parser(
+        prog=PROG, formatter_class=_Formatter,
+        description=_wrap("specquant: post-training weight quantization of PyTorch networks "
+                    "(RTN, GPFQ, SPFQ, GPTQ, frame Sigma-Delta)."),
+        epilog=f"zoo models: {models}\nrun 'specquant COMMAND --help' for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    # demo ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "demo", formatter_class=_Formatter, help="quantize digits-mlp with every method at 2, 3, 4 bits",
+        description=_wrap("Train (in about a second) the digits-mlp classifier on scikit-learn's 8x8 digits, "
+                    "quantize it with every method (rtn, gpfq, spfq, gptq, frame) at 2, 3 and 4 bits, print "
+                    "a table (accuracy, true bits per weight, seconds) and write a run folder with the "
+                    "packed models, plots and index.html. Needs no data directory."))
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help=f"run folder to write; {OUT_HELP} (default: ./runs/demo-<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
+                   help=f"calibration samples drawn from the training split (default: {DEFAULT_CALIB})")
+    p.add_argument("--seed", metavar="S", type=_seed, default=0,
+                   help="seed of the calibration draw and of every random choice (default: 0)")
+    p.add_argument("--redundancy", metavar="R", type=_redundancy, default=DEMO_REDUNDANCY,
+                   help=f"frame redundancy N/d for the frame method (default: {DEMO_REDUNDANCY}); the true "
+                        "storage is about R x the code bits, and the table says so")
+    p.add_argument("--json", action="store_true",
+                   help="print the demo's metrics as one JSON object on stdout (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing on stderr but errors (default: off)")
+    p.set_defaults(func=cmd_demo)
+
+    # quantize --------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "quantize", formatter_class=_Formatter, help="quantize a zoo model and report accuracy and storage",
+        description=_wrap("Quantize the weights of a zoo model layer by layer (every Linear/Conv layer, BatchNorm "
+                    "folded first), evaluate the float and the quantized model on the test set, and print "
+                    "the metrics. With --out, write a run folder: config.json, metrics.json, layers.csv, "
+                    "model.safetensors (evaluate it again with 'specquant eval DIR'), plots, index.html."),
+        epilog=f"zoo models: {models}\n"
+               "example: specquant quantize resnet20-cifar10 --method gpfq --bits 4 --calib 512 --json")
+    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models})")
+    # REGISTRY: with specquant.algorithms' registry, this help is built from get_method(name).summary.
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="rtn: round to nearest; gpfq: greedy path following (Lybrand & Saab); spfq: stochastic "
+                        "path following (Zhang & Saab); gptq: Frantar et al.; frame: Sigma-Delta over tight "
+                        "frames, data-free (Czaja & Na). Required (no default).")
+    p.add_argument("--bits", metavar="B", type=_bits, default=None,
+                   help="bits per weight code, 1..8 (for frame: per Sigma-Delta code) (default: none; "
+                        "required unless --avg-bits is given)")
+    p.add_argument("--granularity", metavar="G", type=_granularity, default="channel",
+                   help="scale granularity: channel (one per output channel), tensor, or group:G "
+                        "(G consecutive inputs per scale) (default: channel)")
+    p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
+                   help="calibration samples drawn from the training split with --seed "
+                        f"(default: {DEFAULT_CALIB})")
+    p.add_argument("--seed", metavar="S", type=_seed, default=0,
+                   help="seed of the calibration draw, stochastic rounding and patch sampling (default: 0)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help=f"write a run folder here; {OUT_HELP} (default: none; without it the packed model is "
+                        "only written to a temporary file to measure its size)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--redundancy", metavar="R", type=_redundancy, default=None,
+                   help=f"frame redundancy N/d >= 1, --method frame only (default: {_frame_default_redundancy()}, "
+                        "FrameConfig's)")
+    p.add_argument("--avg-bits", metavar="A", type=_avg_bits, default=None,
+                   help="mixed precision: average bits per weight over the model, 1..8, with --policy "
+                        "(default: none, uniform --bits)")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="mixed-precision allocation with --avg-bits: sensitivity (measured per-layer output "
+                        "error, budget solved exactly), spectral (the rule ceil(log2 kappa) + b_base fitted to the "
+                        "budget) or spectral-knapsack (the rule's error model solved exactly) (default: none)")
+    p.add_argument("--per-channel-bits", action="store_true",
+                   help="with --policy sensitivity: choose a width per output channel instead of per layer "
+                        "(rows of a layer may then differ; each is stored at its own width) (default: per layer)")
+    p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
+                   help="evaluate on the first N test images only, for quick checks (default: all)")
+    _add_common(p, json_help="print the metrics as one JSON object on stdout.")
+    p.set_defaults(func=cmd_quantize)
+
+    # eval ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "eval", formatter_class=_Formatter, help="top-1 accuracy of a zoo model, a run folder or a saved file",
+        description=_wrap("Evaluate on the test set: a zoo id gives the float model's accuracy; a run folder "
+                    "(written by 'specquant quantize --out DIR') or a .safetensors file written by "
+                    "specquant.save gives the saved quantized model's accuracy. A run folder is evaluated "
+                    "on the same test images as the run (its --limit), and its recorded accuracy is shown "
+                    "next to the new one. Its files are checked first: config.json and metrics.json must "
+                    "name the same run (run_id) and model.safetensors must have the SHA-256 they record, "
+                    "else eval fails; a folder from an older specquant records neither and is evaluated "
+                    "with \"verified\": false."))
+    p.add_argument("target", metavar="MODEL_OR_DIR_OR_FILE", help=f"zoo id ({models}), run folder or file")
+    p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
+                   help="evaluate on the first N test images only (default: all, or the run folder's limit)")
+    p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
+                   default=None,
+                   help="loading a file that names this architecture builder (instead of a zoo id) will import "
+                        "and call it; only for files you trust; repeat for several (default: off, such files "
+                        "are refused)")
+    _add_common(p, json_help="print the result as one JSON object on stdout.")
+    p.set_defaults(func=cmd_eval)
+
+    # analyze ---------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "analyze", formatter_class=_Formatter, help="per-layer spectral and statistics table",
+        description=_wrap("Per-layer diagnostics of a zoo model: norms, condition number, ranks, weight statistics, "
+                    "measured RTN error against the bounds."))
+    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models})")
+    p.add_argument("--calib", metavar="N", type=_positive_int, default=None,
+                   help="also use N calibration samples for the output-error bound (default: none, weights only)")
+    p.add_argument("--seed", metavar="S", type=_seed, default=0, help="seed of the calibration draw (default: 0)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help=f"write a run folder here: metrics.json, layers.csv, a κ plot, index.html; {OUT_HELP} "
+                        "(default: none)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_common(p, json_help="print the per-layer rows as one JSON object on stdout.")
+    p.set_defaults(func=cmd_analyze)
+    return parser

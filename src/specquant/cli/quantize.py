@@ -1,0 +1,189 @@
+"""``specquant quantize``: quantize a zoo model (uniform widths or a mixed-precision budget),
+evaluate it against the float model, measure its true storage, and write the run folder."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+
+import specquant as sq
+from specquant.cli.common import (
+    FRAME_SWEEP,
+    UI,
+    CLIError,
+    check_data_dir,
+    command_line,
+    config_dict,
+    emit_json,
+    evaluate,
+    folded_float,
+    layer_records,
+    load_test_set,
+    make_config,
+    measure_storage,
+    payload_bpw,
+    peak_rss_mb,
+    staged_run_folder,
+    versions,
+)
+from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
+from specquant.mixed import allocate
+from specquant.models import get_entry, get_model
+from specquant.report import run_folder as rf
+from specquant.report.run_folder import RunFolder
+from specquant.report.table import format_table
+
+POLICIES = ("sensitivity", "spectral", "spectral-knapsack")  # specquant.mixed.POLICIES
+
+LAYER_TABLE = (("name", "layer"), ("type", "type"), ("shape", "shape"), ("bits", "bits"), ("levels", "levels"),
+               ("bits_per_weight", "bits/w"), ("weight_sqnr_db", "SQNR dB"), ("rel_output_error", "rel. out err"),
+               ("kappa", "kappa"), ("seconds", "s"))
+
+
+def quantize_config(args):
+    """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
+    entry = get_entry(args.model)
+    if args.avg_bits is None and args.bits is None:
+        raise CLIError("quantize: give --bits B (uniform) or --avg-bits A with --policy (mixed precision)")
+    if args.avg_bits is not None and args.policy is None:
+        raise CLIError("quantize: --avg-bits needs --policy (sensitivity, spectral or spectral-knapsack)")
+    if args.policy is not None and args.avg_bits is None:
+        raise CLIError("quantize: --policy needs --avg-bits A")
+    if args.avg_bits is not None and args.bits is not None:
+        raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
+    if args.redundancy is not None and args.method != "frame":
+        raise CLIError("quantize: --redundancy applies to --method frame only")
+    if args.per_channel_bits and args.policy != "sensitivity":
+        raise CLIError("quantize: --per-channel-bits needs --avg-bits A --policy sensitivity")
+    if args.per_channel_bits and (args.method == "frame" or args.granularity != "channel"):
+        raise CLIError("quantize: --per-channel-bits needs per-channel scales (--granularity channel) and a "
+                       "uniform-grid method (rtn, gpfq, spfq, gptq)")
+    mixed = args.avg_bits is not None
+    base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
+    config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy)
+    check_data_dir(entry, args.data_dir)
+    return config
+
+
+def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None) -> dict:
+    """The work of ``specquant quantize`` with the checked ``config`` (see :func:`quantize_config`);
+    returns the metrics. With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
+    folder into its staging folder, ``config.json`` and ``metrics.json`` stamped with its
+    ``run_id`` and the model's SHA-256."""
+    t_total = time.perf_counter()
+    mixed = args.avg_bits is not None
+    ui.say(f"loading {args.model} ...")
+    model, entry = get_model(args.model, args.data_dir)
+    x_test, y_test = load_test_set(entry, args.data_dir, args.limit)
+    calib = entry.calib(args.calib, args.seed, args.data_dir)
+    t0 = time.perf_counter()
+    float_acc = evaluate(model, x_test, y_test, ui, "float eval")
+    float_eval_s = time.perf_counter() - t0
+    ui.say(f"float model: {float_acc:.2f} % top-1 on {x_test.shape[0]} test images")
+
+    allocation = None
+    if mixed:
+        per = "channel" if args.per_channel_bits else "layer"
+        ui.say(f"allocating bits per {per} ({args.policy} policy, {args.avg_bits} bits on average) ...")
+        allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config, granularity=per)
+        config = allocation.apply(config)
+    float_model = folded_float(model, calib)
+    ui.say(f"quantizing with {args.method} "
+           + (f"at {args.bits} bits" if not mixed else f"at {args.avg_bits} average bits ({args.policy})")
+           + f", {calib.shape[0]} calibration samples ...")
+    report = sq.quantize(model, config, calib=calib, progress=ui.progress)
+    t0 = time.perf_counter()
+    acc = evaluate(model, x_test, y_test, ui, "quantized eval")
+    eval_s = time.perf_counter() - t0
+
+    kappas = layer_kappas(float_model, [r.name for r in report.layers])
+    layers = layer_records(report, kappas)
+    meta = {"model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
+            "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
+            "redundancy": getattr(config, "redundancy", None) if args.method == "frame" else None}
+    storage = measure_storage(model, args.model, folder, meta)
+
+    metrics: dict = {
+        "command": "quantize",
+        "model": args.model,
+        "method": args.method,
+        "bits": args.bits,
+        "avg_bits": report.avg_bits,
+    }
+    if mixed:
+        metrics.update({"target_avg_bits": args.avg_bits, "policy": args.policy,
+                        "allocation": allocation.to_dict()})
+    if args.method == "frame":
+        metrics["redundancy"] = config.redundancy
+    metrics.update({
+        "granularity": args.granularity,
+        "bits_per_weight": storage["bits_per_weight"],
+        "bits_per_weight_payload": payload_bpw(storage),
+        "storage": storage,
+        "accuracy": acc,
+        "float_accuracy": float_acc,
+        "accuracy_drop": float_acc - acc,
+        "n_test": int(x_test.shape[0]),
+        "n_calib": report.n_calib,
+        "num_weights": report.num_weights,
+        "seed": args.seed,
+        "quant_seconds": report.seconds,
+        "eval_seconds": eval_s,
+        "float_eval_seconds": float_eval_s,
+        "total_seconds": time.perf_counter() - t_total,
+        "peak_rss_mb": peak_rss_mb(),
+        "skipped": [dataclasses.asdict(s) for s in report.skipped],
+        "folded_bn": [dataclasses.asdict(f) for f in report.folded_bn],
+        "layers": layers,
+    })
+
+    if folder is not None:
+        plots = {"layers.png": rf.plot_layers(
+            [r["name"] for r in layers], {args.method: [r["rel_output_error"] for r in layers]},
+            [r["kappa"] for r in layers], title=f"{args.model} {args.method}: per-layer relative output error and κ")}
+        notes = []
+        if args.method == "frame":
+            sweep = frame_redundancy_sweep(float_model, config.bits, FRAME_SWEEP, order=config.order,
+                                           frame=config.frame, step=config.step, dim=config.dim,
+                                           granularity=config.granularity, seed=config.seed)
+            metrics["frame_redundancy"] = sweep
+            plots["frame_redundancy.png"] = rf.plot_frame_redundancy([sweep])
+            notes.append("frame_redundancy.png: data-free weight error ‖W − Ŵ‖/‖W‖ of the float (BN-folded) "
+                         "weights for each redundancy at the run's code width.")
+        metrics["peak_rss_mb"] = peak_rss_mb()
+        stamp = folder.stamp()  # run_id and model_sha256, in both files
+        metrics.update(stamp)
+        config_json = {
+            **stamp, "command": "quantize", "command_line": command_line(argv), "argv": argv,
+            "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
+            "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
+            "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir,
+            "quant_config": config_dict(config), "versions": versions(),
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        title = f"specquant: {args.model} · {args.method} · " + (
+            f"{args.bits} bits" if not mixed else f"{args.avg_bits} average bits ({args.policy})")
+        rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layers, plots=plots,
+                            title=title, notes=notes)
+    return metrics
+
+
+def cmd_quantize(args, argv: list[str]) -> int:
+    ui = UI(args.quiet)
+    config = quantize_config(args)
+    with staged_run_folder(args.out, args.overwrite) as folder:
+        metrics = run_quantize(args, argv, ui, config, folder)
+    out = folder.target if folder is not None else None
+    bits = metrics["bits"] if metrics["bits"] is not None else f"avg {metrics['avg_bits']:.3g}"
+    ui.say("")
+    ui.say(format_table(metrics["layers"], LAYER_TABLE))
+    ui.say("")
+    ui.say(format_table([dict(metrics, bits=bits)], [
+        ("model", "model"), ("method", "method"), ("bits", "bits"), ("bits_per_weight", "bits/weight (file)"),
+        ("float_accuracy", "float %"), ("accuracy", "accuracy %"), ("quant_seconds", "quant s"),
+        ("peak_rss_mb", "peak RSS MB")]))
+    if out is not None:
+        ui.say(f"\nrun folder: {out}  (open {out / 'index.html'})")
+    if args.json:
+        emit_json(metrics)
+    return 0
