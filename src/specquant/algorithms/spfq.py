@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, context, register_method
 from specquant.algorithms.common import (
@@ -82,6 +81,8 @@ def perfect_alignment(W: torch.Tensor, stats: LayerStats, layer: str = "layer", 
     same solutions as X̃w̃ = Xw exactly when the latter is solvable; that is checked first
     and a ValueError names the layer when it is not.
     """
+    from scipy.optimize import linprog  # here: scipy.optimize is slow to import, and only this LP needs it
+
     H = stats.H.double()
     G = stats.G.double()
     W = W.double()
