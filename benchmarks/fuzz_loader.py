@@ -30,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from specquant.algorithms import GPFQConfig, RTNConfig
+from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
 from specquant.algorithms.frame import FrameConfig
 from specquant.engine.apply import quantize
 from specquant.io import load, save
@@ -47,7 +47,7 @@ def base_files(folder: Path, data_dir) -> dict[str, tuple[bytes, torch.Tensor]]:
         "digits-rtn3": RTNConfig(bits=3),
         "digits-gpfq2-trits": GPFQConfig(bits=2),
         "digits-asym4": RTNConfig(bits=4, symmetric=False),
-        "digits-rows": RTNConfig(bits=4, row_bits={"fc2": tuple([2, 3, 4, 4] * 16)}),
+        "digits-rows": RTNConfig(bits=4, modules={"fc2": ModuleSettings(row_bits=tuple([2, 3, 4, 4] * 16))}),
         "digits-frame": FrameConfig(bits=2),
         "digits-float": None,
     }

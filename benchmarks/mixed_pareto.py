@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -388,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "mixed_pareto",
-        "quantizer": {"method": "gpfq", **dataclasses.asdict(GPFQConfig(symmetric=args.symmetric))},
+        "quantizer": GPFQConfig(symmetric=args.symmetric).to_dict(),
         "sens_methods": args.sens_methods, "git": git_state(),
         "settings": {k: v for k, v in vars(args).items()}, "seconds": time.perf_counter() - t0,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from specquant.algorithms import GPFQConfig, GPTQConfig, RTNConfig, SPFQConfig, gpfq, gptq, rtn, spfq
+from specquant.algorithms import GPFQConfig, GPTQConfig, QuantContext, RTNConfig, SPFQConfig, gpfq, gptq, rtn, spfq
 from specquant.algorithms.common import relative_output_error, row_output_error
 
 
@@ -81,8 +81,8 @@ def test_spfq_is_unbiased(layer_data, stats_from):
     W, X, Xt = layer_data
     s = stats_from(X, X)
     cfg = SPFQConfig(bits=4, scale_rule="mse", act_order=False)
-    outs = torch.stack([spfq.quantize_weight(W, s, cfg, seed=k).dequantize() for k in range(64)])
-    step = float(spfq.quantize_weight(W, s, cfg, seed=0).scale.max())
+    outs = torch.stack([spfq.quantize_weight(W, s, cfg, QuantContext("fc", seed=k)).dequantize() for k in range(64)])
+    step = float(spfq.quantize_weight(W, s, cfg, QuantContext("fc", seed=0)).scale.max())
     mean_out = (X @ outs.mean(0).T)
     ref = X @ W.T
     single = (X @ outs[0].T - ref).norm()
@@ -120,12 +120,35 @@ def test_perfect_alignment_feasible_and_infeasible(stats_from):
 
 
 def test_dead_inputs_are_handled(layer_data, stats_from):
+    """An input that never fires (X̃_t = 0, so H_tt = 0): GPTQ sets its weights to 0 and gives it no
+    error feedback; GPFQ takes w_t itself as the target (any value gives the same output) and
+    rounds it; SPFQ rounds it stochastically."""
     W, X, Xt = layer_data
     X = X.clone()
     Xt = Xt.clone()
     X[:, 3] = 0
     Xt[:, 3] = 0
     s = stats_from(X, Xt)
-    for mod, cfg in ((gpfq, GPFQConfig(bits=3)), (gptq, GPTQConfig(bits=3)), (spfq, SPFQConfig(bits=3))):
-        W_hat = mod.quantize_weight(W, s, cfg).dequantize()
-        assert torch.isfinite(W_hat).all()
+    assert s.H[3, 3] == 0
+    cfg = GPTQConfig(bits=3)
+    qw = gptq.quantize_weight(W, s, cfg)
+    W_hat = qw.dequantize()
+    assert torch.equal(W_hat[:, 3], torch.zeros(W.shape[0]))  # set to 0, exactly (0 is on the narrow grid)
+    assert torch.equal(qw.codes[:, 3], qw.zero_point.reshape(-1).to(torch.uint8))
+    # no error feedback through the dead input: what its weights were changes nothing else
+    # (negated, so that every row's max |w|, and with it the scale search, is the same)
+    W2 = W.clone()
+    W2[:, 3] = -W[:, 3]
+    other = gptq.quantize_weight(W2, s, cfg)
+    assert torch.equal(other.codes, qw.codes) and torch.equal(other.scale, qw.scale)
+
+    qw = gpfq.quantize_weight(W, s, GPFQConfig(bits=3))
+    scale, zp = qw.scale.double().reshape(-1), qw.zero_point.double().reshape(-1)
+    c = torch.round(W[:, 3].double() / scale + zp).clamp(qw.spec.qmin, qw.spec.qmax)
+    assert torch.equal(qw.codes[:, 3], c.to(torch.uint8))  # nearest grid point to w_t, refinement leaves it
+
+    qw = spfq.quantize_weight(W, s, SPFQConfig(bits=3))
+    c = W[:, 3].double() / qw.scale.double().reshape(-1) + qw.zero_point.double().reshape(-1)
+    c = c.clamp(qw.spec.qmin, qw.spec.qmax)
+    assert ((qw.codes[:, 3].double() - c).abs() < 1).all()  # one of the two grid points around w_t
+    assert torch.isfinite(qw.dequantize()).all()

@@ -6,7 +6,7 @@ import os
 
 import specquant.cli.demo as demo
 from specquant.cli import main
-from specquant.cli.common import METHODS
+from specquant.algorithms import method_names
 
 
 def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_keys):
@@ -15,7 +15,7 @@ def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_ke
     captured = capsys.readouterr()
     m = json.loads(captured.out)
     runs = {(r["method"], r["bits"]): r for r in m["runs"]}
-    assert set(runs) == {(meth, b) for meth in METHODS for b in (2, 3, 4)}
+    assert set(runs) == {(meth, b) for meth in method_names() for b in (2, 3, 4)}
     for r in runs.values():
         assert contract_keys <= set(r)
         assert (out / r["file"]).is_file()
@@ -28,7 +28,7 @@ def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_ke
                  "config.json", "layers.csv"):
         assert (out / name).is_file(), name
     # The table on stderr lists every method.
-    for meth in METHODS:
+    for meth in method_names():
         assert f"\n{meth} " in captured.err
 
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import specquant as sq
-from specquant.algorithms import GPFQConfig, GPTQConfig, RTNConfig, SPFQConfig
+from specquant.algorithms import GPFQConfig, GPTQConfig, ModuleSettings, RTNConfig, SPFQConfig
 from specquant.engine.apply import quantize
 from specquant.nn import convert
 
@@ -79,9 +79,14 @@ def test_gpfq_end_to_end_error_beats_rtn_on_same_grid():
     assert errs["gpfq"] < errs["rtn"]
 
 
-def test_overrides_and_skip():
+def skip(*names):
+    return {n: ModuleSettings(skip=True) for n in names}
+
+
+def test_per_module_bits_and_skip():
     model = make()
-    cfg = GPFQConfig(bits=2, overrides={"blocks.1.*": 4, "fc": 8}, skip=("blocks.0.b",))
+    cfg = GPFQConfig(bits=2, modules={"blocks.1.*": ModuleSettings(bits=4), "fc": ModuleSettings(bits=8),
+                                      **skip("blocks.0.b")})
     report = quantize(model, cfg, calib())
     bits = {r.name: r.bits for r in report.layers}
     assert bits == {"stem": 2, "blocks.0.a": 2, "blocks.1.a": 4, "blocks.1.b": 4, "fc": 8}
@@ -91,6 +96,43 @@ def test_overrides_and_skip():
         "stem": 1.6, "blocks.0.a": 1.6, "blocks.1.a": 4.0, "blocks.1.b": 4.0, "fc": 8.0}
     assert report.avg_bits == pytest.approx(
         sum(r.code_bits * r.params for r in report.layers) / sum(r.params for r in report.layers))
+
+
+def test_per_module_granularity_is_that_layers_own():
+    # blocks.1.b at per-tensor scales, the rest per channel: the layer comes out exactly as when the
+    # whole model is quantized per tensor with only that layer (same inputs: the layers before are
+    # quantized the same way in both runs)
+    x = calib()
+    model = make()
+    quantize(model, GPTQConfig(bits=3, modules={"blocks.1.b": ModuleSettings(granularity="tensor")}), x,
+             progress=False)
+    assert model.get_submodule("blocks.1.b").qweight.granularity.kind == "tensor"
+    assert all(model.get_submodule(n).qweight.granularity.kind == "channel"
+               for n in ("stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "fc"))
+    ref = make()
+    quantize(ref, GPTQConfig(bits=3, granularity="tensor", modules={
+        **{n: ModuleSettings(granularity="channel") for n in ("stem", "blocks.0.a", "blocks.0.b", "blocks.1.a")},
+        **skip("fc")}), x, progress=False)
+    assert torch.equal(model.blocks[1].b.qweight.codes, ref.blocks[1].b.qweight.codes)
+    assert torch.equal(model.blocks[1].b.qweight.scale, ref.blocks[1].b.qweight.scale)
+
+
+def test_old_config_keywords_build_the_same_map():
+    # skip=, overrides= and row_bits= (before the map existed) still construct, deprecated,
+    # and quantize exactly like the map they stand for
+    widths = (2, 4, 3, 2, 8, 4, 1, 3)
+    with pytest.warns(DeprecationWarning, match="modules="):
+        old = GPFQConfig(bits=2, overrides={"blocks.1.*": 4, "fc": 8}, skip=("blocks.0.b",),
+                         row_bits={"stem": widths})
+    assert old.modules == {"stem": ModuleSettings(row_bits=widths), "blocks.0.b": ModuleSettings(skip=True),
+                           "blocks.1.*": ModuleSettings(bits=4), "fc": ModuleSettings(bits=8)}
+    new = GPFQConfig(bits=2, modules=dict(old.modules))
+    a, b = make(), make()
+    ra, rb = quantize(a, old, calib(), progress=False), quantize(b, new, calib(), progress=False)
+    assert [(r.name, r.bits, r.rel_output_error) for r in ra.layers] == [(r.name, r.bits, r.rel_output_error)
+                                                                          for r in rb.layers]
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
+        GPFQConfig(skip=("fc",), modules={"stem": ModuleSettings(bits=3)})
 
 
 def test_reproducible_with_seed():
@@ -134,8 +176,8 @@ def test_bad_inputs_name_the_problem():
         quantize(bad, GPFQConfig(bits=3), calib())
     with pytest.raises(ValueError, match="1..8"):
         quantize(make(), GPFQConfig(bits=9), calib())
-    with pytest.raises(ValueError, match="bits override"):
-        quantize(make(), GPFQConfig(bits=3, overrides={"fc": 0}), calib())
+    with pytest.raises(ValueError, match="ModuleSettings.bits must be an integer in 1..8, got 0"):
+        ModuleSettings(bits=0)
 
 
 def test_public_api_names():
@@ -153,7 +195,8 @@ def test_per_row_widths_equal_each_width_on_its_own_rows(cfg):
     widths = (2, 4, 3, 2, 8, 4, 1, 3)
     others = ("blocks.*", "fc")
     mixed = make()
-    rep = quantize(mixed, dataclasses.replace(cfg, row_bits={"stem": widths}, skip=others), calib(), progress=False)
+    rep = quantize(mixed, dataclasses.replace(cfg, modules={"stem": ModuleSettings(row_bits=widths), **skip(*others)}),
+                   calib(), progress=False)
     qw = mixed.stem.qweight
     assert qw.row_bits.tolist() == list(widths) and qw.bits == 8 and qw.packing == "rows"
     rec = rep.layers[0]
@@ -164,7 +207,7 @@ def test_per_row_widths_equal_each_width_on_its_own_rows(cfg):
     assert rep.avg_bits == pytest.approx(rec.code_bits)
     for b in sorted(set(widths)):
         ref = make()
-        quantize(ref, dataclasses.replace(cfg, bits=b, skip=others), calib(), progress=False)
+        quantize(ref, dataclasses.replace(cfg, bits=b, modules=skip(*others)), calib(), progress=False)
         rows = [i for i, w in enumerate(widths) if w == b]
         assert torch.equal(qw.codes[rows], ref.stem.qweight.codes[rows]), b
         assert torch.equal(qw.scale[rows], ref.stem.qweight.scale[rows]), b
@@ -182,7 +225,8 @@ def test_per_row_widths_with_a_stochastic_method_are_seeded_and_on_each_rows_gri
     runs = []
     for _ in range(2):
         m = make()
-        quantize(m, SPFQConfig(row_bits={"stem": widths}, skip=("blocks.*", "fc")), calib(), progress=False)
+        quantize(m, SPFQConfig(modules={"stem": ModuleSettings(row_bits=widths), **skip("blocks.*", "fc")}), calib(),
+                 progress=False)
         runs.append(m.stem.qweight)
     assert torch.equal(runs[0].codes, runs[1].codes)
     for r, b in enumerate(widths):
@@ -193,10 +237,12 @@ def test_per_row_widths_with_a_stochastic_method_are_seeded_and_on_each_rows_gri
 
 def test_per_row_widths_errors_name_the_layer():
     with pytest.raises(ValueError, match="row_bits for layer 'stem' has 3 widths, the layer has 8 rows"):
-        quantize(make(), RTNConfig(row_bits={"stem": (2, 3, 4)}), calib())
-    with pytest.raises(ValueError, match="row width of layer 'stem' must be an integer in 1..8, got 9"):
-        quantize(make(), RTNConfig(row_bits={"stem": (9,) * 8}), calib())
-    with pytest.raises(ValueError, match="layer 'stem': per-row widths need granularity 'channel'"):
-        quantize(make(), RTNConfig(granularity="tensor", row_bits={"stem": (2,) * 8}), calib())
+        quantize(make(), RTNConfig(modules={"stem": ModuleSettings(row_bits=(2, 3, 4))}), calib())
+    with pytest.raises(ValueError, match="row width must be an integer in 1..8, got 9"):
+        ModuleSettings(row_bits=(9,) * 8)
+    with pytest.raises(ValueError, match="layer 'stem': per-row widths need granularity 'channel', not 'tensor'"):
+        quantize(make(), RTNConfig(granularity="tensor", modules={"stem": ModuleSettings(row_bits=(2,) * 8)}), calib())
+    with pytest.raises(ValueError, match="layer 'stem': per-row widths need granularity 'channel', not 'group:3'"):
+        quantize(make(), RTNConfig(modules={"stem": ModuleSettings(row_bits=(2,) * 8, granularity="group:3")}), calib())
     with pytest.raises(ValueError, match="layer 'blocks.0.a': per-row widths are not supported on grouped"):
-        quantize(make(), RTNConfig(row_bits={"blocks.0.a": (2,) * 8}), calib())
+        quantize(make(), RTNConfig(modules={"blocks.0.a": ModuleSettings(row_bits=(2,) * 8)}), calib())

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.algorithms import GPFQConfig, GPTQConfig, RTNConfig, SPFQConfig
+from specquant.algorithms import GPFQConfig, GPTQConfig, ModuleSettings, RTNConfig, SPFQConfig
 from specquant.engine.apply import quantize
 from specquant.engine.walk import fold_batchnorm
 from specquant.nn import convert
@@ -213,7 +213,8 @@ def test_weight_tied_to_an_excluded_layer_stays_float():
     torch.manual_seed(0)
     model = Tied().eval()
     w0 = model.a.weight.detach().clone()
-    rep = quantize(model, GPFQConfig(bits=3, skip=("b",)), torch.randn(32, 8, generator=gen()), progress=False)
+    cfg = GPFQConfig(bits=3, modules={"b": ModuleSettings(skip=True)})
+    rep = quantize(model, cfg, torch.randn(32, 8, generator=gen()), progress=False)
     assert [r.name for r in rep.layers] == ["mid"]
     reasons = {s.name: s.reason for s in rep.skipped}
     assert reasons["a"] == "weight tied to 'b' (Linear), which is not quantized: kept in float to keep the tie"

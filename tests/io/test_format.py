@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from specquant.algorithms import GPFQConfig, RTNConfig
+from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
 from specquant.core.pack import grid_nbytes, packed_nbytes
 from specquant.engine.apply import quantize
 from specquant.io import SQFormatError, load, payload_digest, read_header, save, storage_breakdown
@@ -242,7 +242,7 @@ def test_round_trip_mixed_row_widths(nets, tmp_path):
     model, arch, x = _case(nets, "conv")
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     widths = tuple(int(b) for b in (torch.arange(conv.out_channels) % 4 + 1))  # 1, 2, 3, 4, 1, …
-    fq = _quantized(model, GPFQConfig(bits=3, row_bits={name: widths}), x)
+    fq = _quantized(model, GPFQConfig(bits=3, modules={name: ModuleSettings(row_bits=widths)}), x)
     path = save(fq, tmp_path / "m.sq", arch=arch)
     loaded = _load(path)
     layer, qw = dict(loaded.named_modules())[name], dict(fq.named_modules())[name].qweight

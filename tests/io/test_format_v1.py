@@ -20,7 +20,7 @@ FIXTURES = Path(__file__).parent / "v1"
 
 
 def _cases() -> dict:
-    from specquant.algorithms import GPFQConfig, GPTQConfig, RTNConfig, SPFQConfig
+    from specquant.algorithms import GPFQConfig, GPTQConfig, ModuleSettings, RTNConfig, SPFQConfig
     from specquant.algorithms.frame import FrameConfig
 
     widths = tuple([2, 3, 4, 4] * 16)  # fc2 has 64 output rows
@@ -28,7 +28,7 @@ def _cases() -> dict:
         "rtn4": (RTNConfig(bits=4), {}),
         "gpfq2-trits": (GPFQConfig(bits=2), {}),
         "gptq3-asym-fp16": (GPTQConfig(bits=3, symmetric=False), {"scale_dtype": "fp16"}),
-        "gpfq-rows": (GPFQConfig(bits=4, row_bits={"fc2": widths}), {}),
+        "gpfq-rows": (GPFQConfig(bits=4, modules={"fc2": ModuleSettings(row_bits=widths)}), {}),
         "spfq3-group16": (SPFQConfig(bits=3, granularity="group:16", seed=3), {}),
         "frame2": (FrameConfig(bits=2), {}),
     }

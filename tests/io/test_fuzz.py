@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from specquant.algorithms import GPFQConfig, RTNConfig
+from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
 from specquant.algorithms.frame import FrameConfig
 from specquant.engine.apply import quantize
 from specquant.io import load, save
@@ -39,7 +39,8 @@ CASES = {  # name: (builder, example input, config, save options)
     "conv-rtn3": (_conv, _conv_input, RTNConfig(bits=3), {}),
     "conv-gpfq2-trits": (_conv, _conv_input, GPFQConfig(bits=2), {}),
     "mlp-asym4-fp16": (_mlp, _mlp_input, RTNConfig(bits=4, symmetric=False), {"scale_dtype": "fp16"}),
-    "mlp-rows": (_mlp, _mlp_input, RTNConfig(bits=4, row_bits={"2": (2, 4, 3, 4, 2) * 3 + (4,)}), {}),
+    "mlp-rows": (_mlp, _mlp_input,
+                 RTNConfig(bits=4, modules={"2": ModuleSettings(row_bits=(2, 4, 3, 4, 2) * 3 + (4,))}), {}),
     "mlp-frame": (_mlp, _mlp_input, FrameConfig(bits=2), {}),
     "mlp-float": (_mlp, _mlp_input, None, {}),
 }

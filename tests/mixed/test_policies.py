@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from specquant.algorithms import RTNConfig
+from specquant.algorithms import ModuleSettings, RTNConfig
 from specquant.core import spectral
 from specquant.engine.apply import quantize
 from specquant.mixed import allocate, fit_spectral_rule, lock_bits, spectral_costs, spectral_rule_bits
@@ -101,9 +101,27 @@ def test_allocate_spectral_orders_widths_by_kappa_and_plugs_into_the_engine():
         assert [bits[i] for i in order] == sorted(bits)  # more bits for larger κ
         assert alloc.avg_bits <= 4.0
         cfg = alloc.apply(RTNConfig(bits=8))
+        assert cfg.modules == {a.name: ModuleSettings(bits=a.bits) for a in alloc.layers}
         report = quantize(model_copy(model), cfg, x, progress=False)
-        assert {r.name: r.bits for r in report.layers} == alloc.overrides
+        assert [(r.name, r.bits) for r in report.layers] == [(a.name, a.bits) for a in alloc.layers]
         assert report.avg_bits == pytest.approx(alloc.avg_bits)
+
+
+def test_apply_replaces_the_configs_widths_and_keeps_its_other_settings():
+    model = chain([2.0, 300.0, 20.0, 3.0], [32, 32, 32, 32, 32])
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    cfg0 = RTNConfig(bits=8, modules={"0": ModuleSettings(skip=True), "4": ModuleSettings(bits=5),
+                                      "*": ModuleSettings(bits=3, granularity="tensor")})
+    alloc = allocate(model, x, 4.0, "spectral", method_config=cfg0)
+    assert [a.name for a in alloc.layers] == ["2", "4", "6"]  # the skipped layer is not allocated
+    cfg = alloc.apply(cfg0)
+    assert cfg.modules["0"] == ModuleSettings(skip=True) and cfg.modules["*"] == ModuleSettings(granularity="tensor")
+    for a in alloc.layers:  # exact entries: each allocated width, and the granularity its entry gave
+        s = cfg.settings_for(a.name)
+        assert (s.bits, s.skip, s.row_bits) == (a.bits, False, None)
+        assert s.granularity.kind == ("channel" if a.name == "4" else "tensor")
+    report = quantize(model_copy(model), cfg, x, progress=False)
+    assert [(r.name, r.bits) for r in report.layers] == [(a.name, a.bits) for a in alloc.layers]
 
 
 def test_allocate_protection_holds_first_and_last_layers():
@@ -134,4 +152,4 @@ def test_allocation_to_dict_is_strict_json_with_a_singular_layer():
     alloc = allocate(model, None, 5.0, "spectral", example_input=torch.randn(2, 8))
     assert math.isinf(alloc.layers[1].kappa) and alloc.layers[1].bits == 8
     d = json.loads(json.dumps(alloc.to_dict(), allow_nan=False))
-    assert d["layers"][1]["kappa"] is None and d["overrides"] == alloc.overrides
+    assert d["layers"][1]["kappa"] is None and d["overrides"] == {a.name: a.bits for a in alloc.layers}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from specquant.algorithms import GPFQConfig, RTNConfig
+from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
 from specquant.engine.apply import quantize
 from specquant.mixed import allocate, measure_sensitivity
 
@@ -90,7 +90,8 @@ def test_row_costs_split_the_layer_cost_by_each_rows_output_error():
             assert sum(rc) == pytest.approx(s.costs[b], rel=1e-9)
     # the split follows ‖X(w_i − ŵ_i)‖² on the layer's float inputs: check the first layer by hand
     q = copy.deepcopy(model)
-    quantize(q, RTNConfig(bits=2, skip=("2", "4")), x, progress=False)
+    quantize(q, RTNConfig(bits=2, modules={"2": ModuleSettings(skip=True), "4": ModuleSettings(skip=True)}), x,
+             progress=False)
     d = model[0].weight - q[0].weight
     e = (x @ d.t()).double().pow(2).sum(0)
     first = rep.layers[0]
@@ -108,7 +109,9 @@ def test_channel_allocation_fits_the_budget_and_runs_in_the_engine():
     assert per_row.granularity == "channel" and per_row.avg_bits <= 2.5
     # per-row choice contains every per-layer choice: its predicted cost is never higher
     assert per_row.predicted_cost <= per_layer.predicted_cost * (1 + 1e-9)
-    assert per_row.row_overrides, "expected some layer to mix widths at 2.5 bits"
+    mixed_rows = {a.name: a.row_bits for a in per_row.layers if a.row_bits is not None}
+    assert mixed_rows, "expected some layer to mix widths at 2.5 bits"
+    assert per_row.modules == {a.name: ModuleSettings(bits=a.bits, row_bits=a.row_bits) for a in per_row.layers}
     for a in per_row.layers:
         if a.row_bits is not None:
             assert a.bits == max(a.row_bits) and len(a.row_bits) == dict(model.named_modules())[a.name].out_features
@@ -116,7 +119,7 @@ def test_channel_allocation_fits_the_budget_and_runs_in_the_engine():
     report = quantize(q, per_row.apply(GPFQConfig()), x, progress=False)
     assert report.avg_bits == pytest.approx(per_row.avg_bits)
     for r in report.layers:
-        assert r.row_bits == (list(per_row.row_overrides[r.name]) if r.name in per_row.row_overrides else None)
+        assert r.row_bits == (list(mixed_rows[r.name]) if r.name in mixed_rows else None)
     text = per_row.format_table()
     assert "per channel" in text and "rows:" in text
     with pytest.raises(ValueError, match="granularity 'channel' needs policy 'sensitivity'"):

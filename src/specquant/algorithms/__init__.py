@@ -1,23 +1,30 @@
-"""The quantization methods: one file each, each a pure ``quantize_weight(W, stats, config)``."""
-from specquant.algorithms.base import LayerStats, QuantConfig
+"""The quantization methods: one file each, each a pure ``quantize_weight(W, stats, config, ctx)``
+registered with its config type (see ``algorithms.base``).  Importing this package imports the
+built-in methods, which registers them, in this order: rtn, gpfq, spfq, gptq, frame."""
+# isort: off
+# Importing a method's module registers it: this order is the order of method_names().
+from specquant.algorithms import rtn, gpfq, spfq, gptq, frame  # noqa: F401
+# isort: on
+from specquant.algorithms.base import (
+    LayerStats,
+    Method,
+    ModuleSettings,
+    QuantConfig,
+    QuantContext,
+    ResolvedSettings,
+    get_method,
+    make_config,
+    method_names,
+    register_method,
+)
+from specquant.algorithms.frame import FrameConfig
 from specquant.algorithms.gpfq import GPFQConfig
 from specquant.algorithms.gptq import GPTQConfig
 from specquant.algorithms.rtn import RTNConfig
 from specquant.algorithms.spfq import SPFQConfig
 
-
-def registry() -> dict:
-    """Method name → ``quantize_weight`` function."""
-    from specquant.algorithms import gpfq, gptq, rtn, spfq
-
-    reg = {"rtn": rtn.quantize_weight, "gpfq": gpfq.quantize_weight, "spfq": spfq.quantize_weight,
-           "gptq": gptq.quantize_weight}
-    try:
-        from specquant.algorithms import frame
-    except ImportError:  # pragma: no cover - frame quantization lands separately
-        return reg
-    reg["frame"] = frame.quantize_weight
-    return reg
-
-
-__all__ = ["LayerStats", "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "registry"]
+__all__ = [
+    "LayerStats", "QuantConfig", "ModuleSettings", "ResolvedSettings", "QuantContext", "Method",
+    "register_method", "get_method", "method_names", "make_config",
+    "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "FrameConfig",
+]

@@ -1,9 +1,33 @@
-"""What the engine hands an algorithm: second-moment statistics of a layer's inputs."""
+"""What every method shares: the statistics the engine hands an algorithm, the settings every
+config has (with its per-module map), and the registry of methods.
+
+A method is a pure function ``quantize_weight(W, stats, config, ctx) -> QuantizedWeight`` and a
+config dataclass (a ``QuantConfig`` subclass whose class attribute ``method`` is its name).  Its
+module registers the pair when imported::
+
+    register_method("rtn", RTNConfig, quantize_weight, "round-to-nearest on a calibrated grid")
+
+``specquant.algorithms`` imports the built-in methods, so importing specquant registers them;
+a method defined elsewhere registers the same way (``tests/algorithms/test_registry.py`` adds a
+toy method from a test file and runs it through ``specquant.quantize``).
+"""
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import inspect
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from specquant.algorithms.common import target_energy
+from specquant.core.grid import Granularity, check_bits
+
+if TYPE_CHECKING:
+    from specquant.core.quantized import QuantizedWeight
 
 
 @dataclass
@@ -27,8 +51,6 @@ class LayerStats:
         """‖X w_i‖² per row of ``W`` (out, N0): from F when kept, else the recorded energies
         (which belong to the layer's own weights; K stacked copies of them are accepted)."""
         if self.F is not None:
-            from specquant.algorithms.common import target_energy
-
             return target_energy(W, self.F)
         if self.energy is None:
             raise ValueError("these statistics hold neither F = XᵀX nor output energies")
@@ -43,57 +65,251 @@ class LayerStats:
         return self.H.shape[0]
 
 
+# --------------------------------------------------------------------------- per-module settings
+
+
+@dataclass(frozen=True)
+class ModuleSettings:
+    """Settings for the modules one key of ``QuantConfig.modules`` names.
+
+    A field left at None takes the config's own value (``config.bits``, ``config.granularity``).
+    """
+
+    bits: int | None = None  # storage bits per code, 1..8
+    skip: bool = False  # leave the module in float (then no other setting may be given)
+    row_bits: tuple[int, ...] | None = None  # width of output row 0, row 1, …: mixed rows (granularity "channel")
+    granularity: Granularity | None = None  # "channel", "tensor", "group:G" or a Granularity
+
+    def __post_init__(self) -> None:
+        if self.bits is not None:
+            check_bits(self.bits, "ModuleSettings.bits")
+        if not isinstance(self.skip, bool):
+            raise ValueError(f"ModuleSettings.skip must be True or False, got {self.skip!r}")
+        if self.row_bits is not None:
+            if isinstance(self.row_bits, (str, bytes)) or not hasattr(self.row_bits, "__iter__"):
+                raise ValueError(f"ModuleSettings.row_bits must be a sequence of widths, got {self.row_bits!r}")
+            widths = tuple(self.row_bits)
+            if not widths:
+                raise ValueError("ModuleSettings.row_bits needs one width per output row, got none")
+            for b in widths:
+                check_bits(b, "row width")
+            object.__setattr__(self, "row_bits", widths)
+        if self.granularity is not None:
+            object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
+        if self.skip and (self.bits is not None or self.row_bits is not None or self.granularity is not None):
+            raise ValueError("a skipped module takes no other settings (bits, row_bits, granularity)")
+
+    def to_dict(self) -> dict:
+        """The fields that are set (granularity as its label): strict-JSON-safe."""
+        d = {}
+        if self.bits is not None:
+            d["bits"] = self.bits
+        if self.skip:
+            d["skip"] = True
+        if self.row_bits is not None:
+            d["row_bits"] = list(self.row_bits)
+        if self.granularity is not None:
+            d["granularity"] = self.granularity.label()
+        return d
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """What applies to one module: its ``modules`` entry, completed by the config's defaults."""
+
+    bits: int  # storage bits per code (rows of mixed width: see row_bits)
+    skip: bool  # left in float
+    row_bits: tuple[int, ...] | None  # per-row widths, or None for one width
+    granularity: Granularity  # scale granularity
+
+
+def _check_modules(modules) -> dict[str, ModuleSettings]:
+    if not isinstance(modules, Mapping):
+        raise ValueError(f"modules must be a dict {{module name or pattern: ModuleSettings}}, got {modules!r}")
+    out = {}
+    for key, s in modules.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"modules keys must be module names or fnmatch patterns, got {key!r}")
+        if not isinstance(s, ModuleSettings):
+            raise ValueError(f"modules[{key!r}] must be a ModuleSettings, got {type(s).__name__}")
+        out[key] = s
+    return out
+
+
+def _plain_name(key: str) -> bool:
+    return not any(c in key for c in "*?[")
+
+
+def _legacy_modules(skip, overrides, row_bits) -> dict[str, ModuleSettings]:
+    """The ``modules`` map that resolves every name as the old ``skip`` (patterns left in float,
+    winning over everything), ``overrides`` (pattern → bits, exact name first) and ``row_bits``
+    (exact name → widths) did."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip or ())
+    overrides = dict(overrides or {})
+
+    def skipped(name: str) -> bool:
+        return any(name == p or fnmatch.fnmatchcase(name, p) for p in skip)
+
+    out: dict[str, ModuleSettings] = {}
+    for name, widths in dict(row_bits or {}).items():
+        out[name] = ModuleSettings(skip=True) if skipped(name) else ModuleSettings(row_bits=widths)
+    for p in skip:  # patterns: before every bits entry, so that a skip wins
+        out.setdefault(p, ModuleSettings(skip=True))
+    for p, b in overrides.items():  # an exact name is found first anyway: it carries its skip
+        out.setdefault(p, ModuleSettings(skip=True) if _plain_name(p) and skipped(p) else ModuleSettings(bits=b))
+    return out
+
+
+class _ConfigType(type):
+    """Metaclass of the configs.  ``SomeConfig(skip=…, overrides=…, row_bits=…)``, the keywords
+    used before the per-module map existed, still builds the equivalent ``modules`` map (with a
+    DeprecationWarning); they are not fields."""
+
+    def __call__(cls, *args, skip=None, overrides=None, row_bits=None, **kwargs):
+        if skip is None and overrides is None and row_bits is None:
+            return super().__call__(*args, **kwargs)
+        warnings.warn("the config keywords skip=, overrides= and row_bits= are deprecated; use "
+                      "modules={name or pattern: ModuleSettings(...)}", DeprecationWarning, stacklevel=2)
+        if kwargs.get("modules"):
+            raise ValueError("give modules= or the old skip=/overrides=/row_bits= keywords, not both")
+        kwargs["modules"] = _legacy_modules(skip, overrides, row_bits)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class QuantConfig:
+class QuantConfig(metaclass=_ConfigType):
     """Settings shared by every method; each method's config extends it.
 
-    Per-layer overrides give mixed precision: ``overrides={"layer1.*": 8}`` (fnmatch pattern
-    or exact module name → bits).
+    ``modules`` maps a module name or an fnmatch pattern to ``ModuleSettings``: mixed precision,
+    modules left in float, per-row widths, another granularity.  Which entry applies to a module
+    (:meth:`settings_for`): the entry whose key is the module's name; otherwise the first entry,
+    in the map's order, whose key matches the name as a pattern; otherwise none.  Only that one
+    entry applies, and the fields it leaves at None come from the config (``bits``,
+    ``granularity``).  Example::
+
+        GPFQConfig(bits=3, modules={"fc": ModuleSettings(bits=8), "layer1.*": ModuleSettings(skip=True)})
     """
 
     bits: int = 4  # storage bits per weight code, 1..8 (codes always fit in this many bits)
-    granularity: str = "channel"  # "channel" (per output channel), "tensor", or "group:G"
+    granularity: Granularity = Granularity("channel")  # "channel" (per output channel), "tensor", "group:G"
     symmetric: bool = True  # narrow symmetric grid (2^b − 1 levels; binary at 1 bit) or asymmetric
     seed: int = 0  # seed for every random choice (stochastic rounding, patch subsampling)
-    overrides: dict = field(default_factory=dict)  # {module name or fnmatch pattern: bits}
-    skip: tuple = ()  # module names or fnmatch patterns left in float
     bias_correction: bool = False  # shift each output channel's bias to match the float mean output
-    row_bits: dict = field(default_factory=dict)  # {module name: (width of output row 0, row 1, …)}: mixed rows
+    modules: dict[str, ModuleSettings] = field(default_factory=dict)  # {module name or pattern: settings}
 
-    method = "base"  # the method's name (class attribute, not a field)
+    method = "base"  # the method's name (class attribute, not a field; the registry checks it)
     needs_data = False  # whether the engine must stream calibration statistics
 
-    def bits_for(self, name: str) -> int:
-        """Bits for the module ``name`` after applying ``overrides`` (exact name wins over patterns)."""
-        import fnmatch
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "config.bits")
+        self.granularity = Granularity.parse(self.granularity)  # a string is accepted for convenience
+        self.modules = _check_modules(self.modules)
 
-        if name in self.overrides:
-            return int(self.overrides[name])
-        for pat, b in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pat):
-                return int(b)
-        return self.bits
+    def settings_for(self, name: str) -> ResolvedSettings:
+        """The settings of module ``name`` (see the class docstring for which entry applies)."""
+        entry = self.modules.get(name)
+        if entry is None:
+            entry = next((s for key, s in self.modules.items() if fnmatch.fnmatchcase(name, key)), None)
+        if entry is None:
+            return ResolvedSettings(bits=self.bits, skip=False, row_bits=None, granularity=self.granularity)
+        gran = entry.granularity if entry.granularity is not None else self.granularity
+        if entry.row_bits is not None and gran.kind != "channel":
+            raise ValueError(f"layer '{name}': per-row widths need granularity 'channel', not {gran.label()!r}")
+        return ResolvedSettings(bits=entry.bits if entry.bits is not None else self.bits, skip=entry.skip,
+                                row_bits=entry.row_bits, granularity=gran)
 
-    def row_bits_for(self, name: str, rows: int) -> tuple[int, ...] | None:
-        """Per-row widths of module ``name`` (exact name only), checked against its ``rows``; else None.
+    def to_dict(self) -> dict:
+        """Every field plus ``method``, strict-JSON-safe (granularities as their labels)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["granularity"] = self.granularity.label()
+        d["modules"] = {k: s.to_dict() for k, s in self.modules.items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        d["method"] = self.method
+        return d
 
-        Rows mixing widths need per-channel granularity; every row is quantized on the default
-        grid of its own width, and the layer is stored with each row at that width.
-        """
-        if name not in self.row_bits:
-            return None
-        from specquant.core.grid import check_bits
 
-        widths = tuple(self.row_bits[name])
-        if len(widths) != rows:
-            raise ValueError(f"row_bits for layer '{name}' has {len(widths)} widths, the layer has {rows} rows")
-        for b in widths:
-            check_bits(b, f"row width of layer '{name}'")
-        if self.granularity != "channel":
-            raise ValueError(f"layer '{name}': per-row widths need granularity 'channel', not {self.granularity!r}")
-        return tuple(int(b) for b in widths)
+# --------------------------------------------------------------------------- the registry
 
-    def skips(self, name: str) -> bool:
-        import fnmatch
 
-        return any(name == p or fnmatch.fnmatchcase(name, p) for p in self.skip)
+@dataclass(frozen=True)
+class QuantContext:
+    """What the engine tells an algorithm about one call besides the weights, statistics and config."""
+
+    layer: str  # module name (for messages)
+    seed: int  # seed of this call's random choices (the engine passes config.seed)
+
+
+def context(ctx: QuantContext | None, config: QuantConfig) -> QuantContext:
+    """``ctx``, or for a call outside the engine (``ctx=None``) layer "layer" and ``config.seed``."""
+    return ctx if ctx is not None else QuantContext(layer="layer", seed=config.seed)
+
+
+QuantizeWeight = Callable[[torch.Tensor, "LayerStats | None", QuantConfig, "QuantContext | None"], "QuantizedWeight"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method."""
+
+    name: str  # what configs (``config.method``), the CLI and reports call it
+    config_type: type[QuantConfig]  # its config dataclass
+    quantize_weight: QuantizeWeight  # (W (out, N0), stats or None, config, ctx) -> QuantizedWeight; pure
+    summary: str  # one line for help text
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config_type: type[QuantConfig], quantize_weight: QuantizeWeight,
+                    summary: str) -> Method:
+    """Register a method under ``name`` (``config_type.method`` must be ``name``); returns it.
+
+    Registering the same name again is an error, unless it is the same function and config
+    type (a module imported twice)."""
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise ValueError(f"a method name must be a non-empty word, got {name!r}")
+    if not (isinstance(config_type, type) and issubclass(config_type, QuantConfig)
+            and dataclasses.is_dataclass(config_type)):
+        raise ValueError(f"method {name!r}: the config type must be a QuantConfig dataclass, got {config_type!r}")
+    if config_type.method != name:
+        raise ValueError(f"method {name!r}: {config_type.__name__}.method is {config_type.method!r}, not {name!r}")
+    try:
+        inspect.signature(quantize_weight).bind(None, None, None, None)
+    except (TypeError, ValueError):
+        raise ValueError(f"method {name!r}: quantize_weight must take (W, stats, config, ctx)") from None
+    if not isinstance(summary, str) or not summary.strip() or "\n" in summary:
+        raise ValueError(f"method {name!r}: the summary must be one non-empty line")
+    method = Method(name, config_type, quantize_weight, summary.strip())
+    old = _METHODS.get(name)
+    if old is not None:
+        if old != method:
+            raise ValueError(f"method {name!r} is already registered (by {old.config_type.__module__})")
+        return old
+    _METHODS[name] = method
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    """Registered names in registration order: rtn, gpfq, spfq, gptq, frame, then any added later."""
+    return tuple(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; a one-line ValueError listing the allowed names otherwise."""
+    method = _METHODS.get(name) if isinstance(name, str) else None
+    if method is None:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(_METHODS)}")
+    return method
+
+
+def make_config(method: str, **settings) -> QuantConfig:
+    """The config of ``method`` with ``settings`` (its field names; defaults for the rest).
+
+    An unknown method or setting is a one-line ValueError naming it; a bad value raises the
+    config's own error."""
+    cls = get_method(method).config_type
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in settings:
+        if key not in allowed:
+            raise ValueError(f"unknown setting {key!r} for method {method!r}; allowed: {', '.join(allowed)}")
+    return cls(**settings)

@@ -27,12 +27,13 @@ or as one step for the whole tensor (``granularity="tensor"``, the maximum of th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
 from specquant.core.frames import FRAME_KINDS, check_frame_size, frame_size, make_frame
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
 from specquant.core.quantized import QuantizedWeight
@@ -62,6 +63,7 @@ class FrameConfig(QuantConfig):
     needs_data = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate_config(self)
 
 
@@ -84,10 +86,10 @@ def validate_config(config: FrameConfig) -> None:
         raise ValueError(f"step_scale must be a finite number > 0, got {s!r}")
     if config.dim not in FRAME_DIMS:
         raise ValueError(f"unknown dim {config.dim!r}; allowed: {', '.join(FRAME_DIMS)}")
-    if config.granularity not in ("channel", "tensor"):
+    if config.granularity.kind not in ("channel", "tensor"):
         raise ValueError(
             f"frame quantization supports granularity 'channel' (one step per vector) or 'tensor', "
-            f"got {config.granularity!r}"
+            f"got {config.granularity.label()!r}"
         )
 
 
@@ -161,13 +163,13 @@ def _quantize_vectors(
     rho = stable_input_bound(config.bits, config.order)
     ref = X.abs().amax(dim=0) if config.step == "max" else V.norm(dim=0)  # (M,)
     delta = ref / rho * config.step_scale
-    if config.granularity == "tensor":
+    if config.granularity.kind == "tensor":
         delta = delta.max().expand(M)
     delta = delta.float().double()  # the step that is stored is the step that is used
     res = sigma_delta(X, delta, config.bits, order=config.order)
     K = 1 << (config.bits - 1)
-    scale_shape = (1, 1) if config.granularity == "tensor" else (1, M)
-    scale = delta[:1] if config.granularity == "tensor" else delta
+    scale_shape = (1, 1) if config.granularity.kind == "tensor" else (1, M)
+    scale = delta[:1] if config.granularity.kind == "tensor" else delta
     spec = GridSpec(config.bits, "binary" if config.bits == 1 else "midrise")
     max_state = res.max_state / delta.clamp_min(torch.finfo(torch.float64).tiny)  # in units of δ
     return FrameQuantizedWeight(
@@ -175,7 +177,7 @@ def _quantize_vectors(
         scale=scale.float().reshape(scale_shape),
         zero_point=torch.full(scale_shape, K - 0.5, dtype=torch.float32),
         spec=spec,
-        granularity=Granularity("tensor" if config.granularity == "tensor" else "channel", axis=1),
+        granularity=Granularity("tensor" if config.granularity.kind == "tensor" else "channel", axis=1),
         dtype=dtype,
         algorithm="frame",
         info={
@@ -201,7 +203,8 @@ def _quantize_vectors(
     )
 
 
-def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: FrameConfig) -> FrameQuantizedWeight:
+def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: FrameConfig,
+                    ctx: QuantContext | None = None) -> FrameQuantizedWeight:
     """Frame ΣΔ quantization of one weight tensor (Czaja & Na 2024, arXiv:2404.08131).
 
     Args:
@@ -209,6 +212,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: FrameConf
         stats: ignored (the method is data-free); accepted for the common signature.
         config: a ``FrameConfig``.  With ``dim="input"`` each row (length d = in·kh·kw) is one
             vector; with ``dim="output"`` each column (length d = out) is.
+        ctx: the seed of a random frame is ``ctx.seed`` (the engine passes ``config.seed``, the
+            seed used when ``ctx`` is None).
 
     Returns a ``FrameQuantizedWeight`` holding N = ceil(redundancy·d) ΣΔ codes per vector (uint8,
     (N, M)), the steps δ and the frame parameters; its ``bits_per_weight()`` is
@@ -217,6 +222,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: FrameConf
     if not isinstance(config, FrameConfig):
         raise TypeError(f"config must be a FrameConfig, got {type(config).__name__}")
     validate_config(config)
+    if ctx is not None and ctx.seed != config.seed:
+        config = dataclasses.replace(config, seed=ctx.seed)
     _check_tensor(W, "weight", 2)
     W2 = W.detach().to(torch.float64).reshape(W.shape[0], -1)  # (out, d)
     V = W2.transpose(0, 1) if config.dim == "input" else W2  # (d, M): one vector per column
@@ -233,3 +240,7 @@ def quantize_bias(b: torch.Tensor, config: FrameConfig) -> FrameQuantizedWeight:
         raise ValueError(f"bias must be 1-D, got shape {tuple(b.shape)}")
     V = b.detach().to(torch.float64).reshape(-1, 1)  # (out, 1)
     return _quantize_vectors(V, config, tuple(b.shape), b.dtype, "bias")
+
+
+register_method("frame", FrameConfig, quantize_weight,
+                "Sigma-Delta over unit-norm tight frames, data-free (Czaja & Na)")

@@ -19,10 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from specquant.algorithms.base import LayerStats, QuantConfig
-from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
+from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
+from specquant.algorithms.common import (
+    choose_scales,
+    column_order,
+    per_column,
+    row_output_error,
+    to_quantized_weight,
+)
 from specquant.algorithms.refine import refine_codes
-from specquant.core.grid import Granularity, GridSpec
+from specquant.core.grid import GridSpec
 from specquant.core.rounding import round_values
 
 
@@ -101,11 +107,11 @@ def path_follow(
     return Q.T[:, inv]
 
 
-def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits: int | None = None):
-    """GPFQ on one layer: ``W`` (out, N0) and its input statistics → QuantizedWeight.  Pure function."""
-    b = config.bits if bits is None else bits
-    spec = GridSpec.default(b, config.symmetric)
-    gran = Granularity.parse(config.granularity)
+def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, ctx: QuantContext | None = None):
+    """GPFQ on one layer: ``W`` (out, N0) and its input statistics → QuantizedWeight.  Pure function
+    (deterministic: ``ctx`` is not used)."""
+    spec = GridSpec.default(config.bits, config.symmetric)
+    gran = config.granularity
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, config.c_alpha)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
@@ -123,8 +129,6 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, bits
 def _search_steps(W, stats, scale, zp, spec, order, config):
     """Run the path once per step multiplier (all candidates stacked as extra rows, since rows
     are independent) and keep, per output channel, the step with the smallest output error."""
-    from specquant.algorithms.common import row_output_error
-
     mults = (1.0,) + tuple(m for m in config.search if m != 1.0)
     K, (out, n) = len(mults), W.shape
     s0 = scale.reshape(out, 1).double()
@@ -139,3 +143,6 @@ def _search_steps(W, stats, scale, zp, spec, order, config):
     W_hat = Q.reshape(K, out, n)[best, idx]
     m = torch.tensor(mults, dtype=torch.float64)[best].reshape(scale.shape)
     return (scale.double() * m).float(), zp, W_hat
+
+
+register_method("gpfq", GPFQConfig, quantize_weight, "greedy path following (Lybrand & Saab)")

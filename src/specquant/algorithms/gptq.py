@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, context, register_method
 from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
 from specquant.algorithms.refine import refine_codes
-from specquant.core.grid import Granularity, GridSpec
+from specquant.core.grid import GridSpec
 
 
 @dataclass
@@ -77,20 +77,24 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor
     return Q[:, inv]
 
 
-def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, bits: int | None = None,
-                    layer: str = "layer"):
-    """GPTQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function."""
-    b = config.bits if bits is None else bits
-    spec = GridSpec.default(b, config.symmetric)
-    gran = Granularity.parse(config.granularity)
+def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx: QuantContext | None = None):
+    """GPTQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function
+    (deterministic; ``ctx.layer`` names the layer in errors)."""
+    ctx = context(ctx, config)
+    spec = GridSpec.default(config.bits, config.symmetric)
+    gran = config.granularity
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     order = column_order(stats.H, config.act_order)
-    W_hat = gptq_core(W, stats.H, S, Z, spec, order, config.damp, config.block_size, layer)
+    W_hat = gptq_core(W, stats.H, S, Z, spec, order, config.damp, config.block_size, ctx.layer)
     dead = torch.diagonal(stats.H) == 0
     W_live = torch.where(dead[None, :], torch.zeros_like(W), W)  # GPTQ's target: dead inputs' weights are 0
     W_hat = refine_codes(W_live, W_hat, stats.H, stats.H, S, Z, spec, config.refine_sweeps, order, config.block_size)
     info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule,
             "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)
+
+
+register_method("gptq", GPTQConfig, quantize_weight,
+                "one-shot quantization with second-order error feedback (GPTQ, Frantar et al.)")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specquant.algorithms.base import LayerStats, QuantConfig
+from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
 from specquant.algorithms.common import choose_scales, to_quantized_weight
-from specquant.core.grid import Granularity, GridSpec, fake_quantize
+from specquant.core.grid import GridSpec, fake_quantize
 from specquant.core.quantized import QuantizedWeight
 
 
@@ -24,14 +24,18 @@ class RTNConfig(QuantConfig):
     needs_data = False
 
 
-def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: RTNConfig, bits: int | None = None
+def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: RTNConfig, ctx: QuantContext | None = None
                     ) -> QuantizedWeight:
-    """Round each weight of ``W`` (out, N0) to the nearest grid point.  Pure function."""
-    b = config.bits if bits is None else bits
-    spec = GridSpec.default(b, config.symmetric)
-    gran = Granularity.parse(config.granularity)
+    """Round each weight of ``W`` (out, N0) to the nearest grid point.  Pure function.
+
+    ``stats`` is used only by the "output-mse" scale rule; ``ctx`` is not used."""
+    spec = GridSpec.default(config.bits, config.symmetric)
+    gran = config.granularity
     H = stats.H if stats is not None else None
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, H)
     blocked = W.double().reshape(gran.blocked_shape(tuple(W.shape)))
     W_hat = fake_quantize(blocked, scale.double(), zp.double(), spec).reshape(W.shape)
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "rtn", {"scale_rule": config.scale_rule}, W.dtype)
+
+
+register_method("rtn", RTNConfig, quantize_weight, "round-to-nearest on a calibrated grid (data-free)")

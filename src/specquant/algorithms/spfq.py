@@ -18,10 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specquant.algorithms.base import LayerStats, QuantConfig
-from specquant.algorithms.common import choose_scales, column_order, per_column, to_quantized_weight
+from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, context, register_method
+from specquant.algorithms.common import (
+    choose_scales,
+    column_order,
+    per_column,
+    row_output_error,
+    to_quantized_weight,
+)
 from specquant.algorithms.gpfq import path_follow
-from specquant.core.grid import Granularity, GridSpec
+from specquant.core.grid import GridSpec
 from specquant.core.rounding import make_generator
 
 
@@ -43,8 +49,6 @@ class SPFQConfig(QuantConfig):
 
 def alignment_error(W, W_tilde, stats: LayerStats) -> torch.Tensor:
     """‖X w_i − X̃ w̃_i‖² per row."""
-    from specquant.algorithms.common import row_output_error
-
     return row_output_error(W, W_tilde, stats.H, stats.G, stats.target_energy(W))
 
 
@@ -77,7 +81,7 @@ def perfect_alignment(W: torch.Tensor, stats: LayerStats, layer: str = "layer", 
     same solutions as X̃w̃ = Xw exactly when the latter is solvable; that is checked first
     and a ValueError names the layer when it is not.
     """
-    from scipy.optimize import linprog
+    from scipy.optimize import linprog  # here: scipy.optimize is slow to import, and only this LP needs it
 
     H = stats.H.double()
     G = stats.G.double()
@@ -112,21 +116,21 @@ def perfect_alignment(W: torch.Tensor, stats: LayerStats, layer: str = "layer", 
     return out
 
 
-def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, bits: int | None = None,
-                    layer: str = "layer", seed: int | None = None):
-    """SPFQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function."""
-    b = config.bits if bits is None else bits
-    spec = GridSpec.default(b, config.symmetric)
-    gran = Granularity.parse(config.granularity)
+def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx: QuantContext | None = None):
+    """SPFQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function:
+    the random rounding is drawn from ``ctx.seed``; ``ctx.layer`` names the layer in errors."""
+    ctx = context(ctx, config)
+    spec = GridSpec.default(config.bits, config.symmetric)
+    gran = config.granularity
     order = column_order(stats.H, config.act_order)
     if config.perfect_alignment:
-        Wt = perfect_alignment(W, stats, layer)
+        Wt = perfect_alignment(W, stats, ctx.layer)
     else:
         Wt = align(W, stats, config.order, order, config.block_size)
     scale, zp = choose_scales(Wt.float(), spec, gran, config.scale_rule, stats.H, config.c_alpha)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
-    gen = make_generator(config.seed if seed is None else seed)
+    gen = make_generator(ctx.seed)
     if config.perfect_alignment or config.order > 1:
         V0 = W.double() @ stats.G.double().T - Wt @ stats.H.double().T  # alignment residual X̃ᵀ(Xw − X̃w̃)
         W_hat = path_follow(Wt, stats.H, stats.H, S, Z, spec, order, config.rounding, gen,
@@ -136,3 +140,6 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, bits
     info = {"order": config.order, "perfect_alignment": config.perfect_alignment, "rounding": config.rounding,
             "scale_rule": config.scale_rule}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "spfq", info, W.dtype)
+
+
+register_method("spfq", SPFQConfig, quantize_weight, "stochastic path following with data alignment (Zhang & Saab)")

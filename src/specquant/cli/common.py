@@ -1,9 +1,8 @@
 """Helpers shared by the commands of ``specquant``: the error type, human output on stderr and
 progress bars, evaluation, storage measurement, run-folder wiring and JSON emission.
 
-The method list and :func:`make_config` are the CLI's own until the method registry of
-:mod:`specquant.algorithms` lands; then they become ``method_names()`` and
-``make_config(method, **settings)`` from there (see the marked block below).
+The methods, their configs and their help come from the registry of :mod:`specquant.algorithms`
+(``method_names``, ``make_config``, ``get_method``): a registered method is a CLI method.
 """
 from __future__ import annotations
 
@@ -22,7 +21,8 @@ from tqdm import tqdm
 
 import specquant as sq
 import specquant.io as sqio
-from specquant.algorithms.frame import FrameConfig
+from specquant import algorithms
+from specquant.algorithms import get_method
 from specquant.engine.walk import fold_batchnorm
 from specquant.io.files import dumps
 from specquant.models.data import data_dir as resolve_data_dir
@@ -42,36 +42,26 @@ class CLIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods (REGISTRY: replace this block with specquant.algorithms.method_names / make_config)
+# Methods: read from the registry of specquant.algorithms (a registered method appears here)
 # ---------------------------------------------------------------------------------------------
-# The one place the CLI knows the methods. When the registry lands, METHODS becomes
-# method_names() and make_config calls specquant.algorithms.make_config(method, bits=...,
-# granularity=..., seed=..., redundancy=...) keeping these two CLIErrors; the --method help in
-# parser.py then reads get_method(name).summary.
-
-METHODS = ("rtn", "gpfq", "spfq", "gptq", "frame")
 
 
 def make_config(method: str, bits: int, granularity: str = "channel", seed: int = 0,
                 redundancy: float | None = None):
     """The algorithm config of ``method`` (library defaults for everything not given)."""
     kw = {"bits": bits, "granularity": granularity, "seed": seed}
-    if method == "frame":
-        if redundancy is not None:
-            kw["redundancy"] = redundancy
-        return FrameConfig(**kw)
     if redundancy is not None:
-        raise CLIError("--redundancy applies to --method frame only")
-    cls = {"rtn": sq.RTNConfig, "gpfq": sq.GPFQConfig, "spfq": sq.SPFQConfig, "gptq": sq.GPTQConfig}.get(method)
-    if cls is None:
-        raise CLIError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    return cls(**kw)
+        if "redundancy" not in {f.name for f in dataclasses.fields(get_method(method).config_type)}:
+            raise CLIError(f"--redundancy applies to --method frame only, not {method}")
+        kw["redundancy"] = redundancy
+    try:
+        return algorithms.make_config(method, **kw)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def config_dict(config) -> dict:
-    d = dataclasses.asdict(config)
-    d["method"] = config.method
-    return d
+    return config.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import os
 import time
 
 import specquant as sq
+from specquant.algorithms import method_names
 from specquant.cli.common import (
     FRAME_SWEEP,
-    METHODS,
     UI,
     command_line,
     config_dict,
@@ -39,19 +39,20 @@ DEMO_REDUNDANCY = 1.5  # frame redundancy N/d used by the demo (true storage ≈
 def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -> tuple[dict, list[dict]]:
     """The work of ``specquant demo``: every file of the run folder written into ``folder.path``
     (the 15 packed models under models/). Returns (metrics, rows of the summary table)."""
+    methods = method_names()  # every registered method
     ui.say(f"training {DEMO_MODEL} on scikit-learn's digits ...")
     model, entry = get_model(DEMO_MODEL)
     x_test, y_test = entry.test(None)
     calib = entry.calib(args.calib, args.seed, None)
     float_acc = evaluate(model, x_test, y_test, ui, "float eval")
     ui.say(f"float model: {float_acc:.2f} % top-1 on {x_test.shape[0]} test images; quantizing with "
-           f"{', '.join(METHODS)} at {', '.join(map(str, DEMO_BITS))} bits ...")
+           f"{', '.join(methods)} at {', '.join(map(str, DEMO_BITS))} bits ...")
 
     runs, layer_rows = [], []
     float_model = folded_float(model, calib)
     kappas = None
-    with ui.bar(len(METHODS) * len(DEMO_BITS), "demo", "run") as bar:
-        for method in METHODS:
+    with ui.bar(len(methods) * len(DEMO_BITS), "demo", "run") as bar:
+        for method in methods:
             for bits in DEMO_BITS:
                 m = copy.deepcopy(model)
                 cfg = make_config(method, bits, "channel", args.seed,
@@ -95,17 +96,17 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
     stamp = folder.stamp()  # run_id, in both files
     metrics = {
         **stamp, "command": "demo", "model": DEMO_MODEL, "float_accuracy": float_acc, "seed": args.seed,
-        "n_calib": int(calib.shape[0]), "n_test": int(x_test.shape[0]), "methods": list(METHODS),
+        "n_calib": int(calib.shape[0]), "n_test": int(x_test.shape[0]), "methods": list(methods),
         "bits": list(DEMO_BITS), "frame_redundancy_setting": args.redundancy,
         "runs": runs, "frame_redundancy": sweeps,
         "total_seconds": time.perf_counter() - t_total, "peak_rss_mb": peak_rss_mb(),
     }
     config_json = {
         **stamp, "command": "demo", "command_line": command_line(argv), "argv": argv, "model": DEMO_MODEL,
-        "methods": list(METHODS), "bits": list(DEMO_BITS), "calib": args.calib, "seed": args.seed,
+        "methods": list(methods), "bits": list(DEMO_BITS), "calib": args.calib, "seed": args.seed,
         "redundancy": args.redundancy, "granularity": "channel",
         "quant_configs": {m: config_dict(make_config(m, DEMO_BITS[0], "channel", args.seed,
-                                                     args.redundancy if m == "frame" else None)) for m in METHODS},
+                                                     args.redundancy if m == "frame" else None)) for m in methods},
         "versions": versions(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     summary = [{k: v for k, v in r.items() if k != "layers"} for r in runs]

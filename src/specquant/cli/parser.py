@@ -6,12 +6,14 @@ import argparse
 import math
 import textwrap
 
+from specquant.algorithms import get_method, method_names
 from specquant.algorithms.frame import FrameConfig
 from specquant.cli.analyze import cmd_analyze
-from specquant.cli.common import METHODS, PROG, CLIError
+from specquant.cli.common import PROG, CLIError
 from specquant.cli.demo import DEMO_REDUNDANCY, cmd_demo
 from specquant.cli.eval import cmd_eval
 from specquant.cli.quantize import POLICIES, cmd_quantize
+from specquant.core.grid import Granularity
 from specquant.models import list_models
 
 DEFAULT_CALIB = 512
@@ -76,16 +78,11 @@ def _seed(text: str) -> int:
 
 
 def _granularity(text: str) -> str:
-    if text in ("channel", "tensor"):
-        return text
-    if text.startswith("group:"):
-        try:
-            g = int(text[len("group:"):])
-        except ValueError:
-            g = 0
-        if g >= 1:
-            return f"group:{g}"
-    raise argparse.ArgumentTypeError(f"granularity must be 'channel', 'tensor' or 'group:G' (G >= 1), got {text!r}")
+    try:
+        return Granularity.parse(text).label()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"granularity must be 'channel', 'tensor' or 'group:G' (G >= 1), "
+                                         f"got {text!r}") from None
 
 
 def _redundancy(text: str) -> float:
@@ -173,11 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"zoo models: {models}\n"
                "example: specquant quantize resnet20-cifar10 --method gpfq --bits 4 --calib 512 --json")
     p.add_argument("model", metavar="MODEL", help=f"zoo id ({models})")
-    # REGISTRY: with specquant.algorithms' registry, this help is built from get_method(name).summary.
-    p.add_argument("--method", required=True, choices=METHODS,
-                   help="rtn: round to nearest; gpfq: greedy path following (Lybrand & Saab); spfq: stochastic "
-                        "path following (Zhang & Saab); gptq: Frantar et al.; frame: Sigma-Delta over tight "
-                        "frames, data-free (Czaja & Na). Required (no default).")
+    p.add_argument("--method", required=True, choices=method_names(),
+                   help="; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
+                   + ". Required (no default).")
     p.add_argument("--bits", metavar="B", type=_bits, default=None,
                    help="bits per weight code, 1..8 (for frame: per Sigma-Delta code) (default: none; "
                         "required unless --avg-bits is given)")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import sys
 import time
@@ -11,9 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from specquant.algorithms.base import LayerStats, QuantConfig
-from specquant.core.grid import check_bits, check_finite
+from specquant.algorithms.base import LayerStats, Method, QuantConfig, QuantContext, ResolvedSettings, get_method
+from specquant.algorithms.common import row_output_error
+from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
 from specquant.core.quantized import QuantizedWeight
 from specquant.engine.calibrate import (
     StreamOptions,
@@ -104,24 +105,13 @@ class QuantReport:
         }
 
 
-def algorithm_for(config: QuantConfig):
-    """The pure ``quantize_weight`` function of the config's method."""
-    from specquant.algorithms import registry
-
-    fn = registry().get(config.method)
-    if fn is None:
-        raise ValueError(f"unknown method {config.method!r}; allowed: {', '.join(sorted(registry()))}")
-    return fn
-
-
-def _call(fn, W, stats, config, layer, seed):
-    kw = {}
-    params = inspect.signature(fn).parameters
-    if "layer" in params:
-        kw["layer"] = layer
-    if "seed" in params:
-        kw["seed"] = seed
-    return fn(W, stats, config, **kw)
+def method_of(config: QuantConfig) -> Method:
+    """The registered method of ``config`` (by ``config.method``; the config must be of its type)."""
+    method = get_method(config.method)
+    if not isinstance(config, method.config_type):
+        raise TypeError(f"method {method.name!r} takes a {method.config_type.__name__}, "
+                        f"got {type(config).__name__}")
+    return method
 
 
 def _first_line(e: BaseException) -> str:
@@ -160,7 +150,7 @@ def _check_model(model: nn.Module, config: QuantConfig) -> None:
                 raise ValueError(f"{what} '{mname}': {pname} is on the meta device (no data); "
                                  "load real weights before quantizing")
     for name, mod in quantizable_layers(model):
-        if config.skips(name):
+        if config.settings_for(name).skip:
             continue
         if mod.weight.numel() == 0:
             raise ValueError(f"layer '{name}': weight has shape {tuple(mod.weight.shape)}: nothing to quantize")
@@ -192,10 +182,6 @@ def _concat_groups(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 
 def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
     return tqdm(total=total, desc="quantize", unit="layer", file=sys.stderr,
                 disable=not (enabled and sys.stderr.isatty()), leave=False)
 
@@ -232,11 +218,9 @@ def quantize(
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a specquant config (e.g. GPFQConfig), got {type(config).__name__}")
     check_bits(config.bits, "config.bits")
-    for pat, b in config.overrides.items():
-        check_bits(b, f"bits override for {pat!r}")
     if not 0.0 < patch_fraction <= 1.0:
         raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
-    fn = algorithm_for(config)
+    method = method_of(config)
     model.eval()
     _check_model(model, config)
 
@@ -257,13 +241,13 @@ def quantize(
         order = forward_order(model, example)
     else:
         order = [n for n, _ in quantizable_layers(model)]
-    order = [n for n in order if not config.skips(n)]
+    order = [n for n in order if not config.settings_for(n).skip]
     # A weight shared by several modules is quantized once (at its first user) or kept in float.
-    ties = resolve_ties(model, order, config.skips)
+    ties = resolve_ties(model, order, lambda n: config.settings_for(n).skip)
     order = ties.order
     holders = parameter_holders(model)
     mods = dict(model.named_modules())
-    report = QuantReport(method=config.method, config=_config_dict(config), folded_bn=folded,
+    report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded,
                          n_calib=sum(b.shape[0] for b in batches) if batches else 0)
     starts = batch_starts(batches) if batches else None
 
@@ -303,7 +287,7 @@ def quantize(
                                            name=name, starts=starts)
             tied = {id(mods[f]) for f in ties.followers.get(name, ())} | {id(mod)}
             shared_bias = mod.bias is not None and any(id(m) not in tied for _, m, _ in holders.get(id(mod.bias), ()))
-            record = _quantize_layer(name, mod, stats, config, fn, shared_bias)
+            record = _quantize_layer(name, mod, stats, config, config.settings_for(name), method, shared_bias)
             for f in ties.followers.get(name, ()):  # same Parameter, now dequantized: same codes too
                 mods[f].qweight = mod.qweight
             record.seconds = time.perf_counter() - t0
@@ -331,42 +315,36 @@ def _grouped_weight(mod: nn.Module) -> torch.Tensor:
     return w.reshape(g, w.shape[0] // g, -1)
 
 
-def _config_dict(config: QuantConfig) -> dict:
-    d = dataclasses.asdict(config)
-    d["method"] = config.method
-    d["skip"] = list(d.get("skip", ()))
-    return d
-
-
 @torch.no_grad()
-def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, config: QuantConfig, fn,
-                    shared_bias: bool = False) -> LayerRecord:
-    """Run the algorithm on one module (per conv group) and install the result.
+def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, config: QuantConfig,
+                    settings: ResolvedSettings, method: Method, shared_bias: bool = False) -> LayerRecord:
+    """Run the algorithm on one module (per conv group) with its resolved ``settings`` and install
+    the result.
 
     ``shared_bias``: the bias Parameter is also held by a module outside this layer's tie group;
     bias correction then gives the layer a new bias instead of changing the shared one."""
-    from specquant.algorithms.common import row_output_error
-
     w = mod.weight.detach()
     out = w.shape[0]
     groups = getattr(mod, "groups", 1)
     W2 = w.reshape(out, -1).float().clone()  # (out, N0·groups⁻¹) conv viewed as (out, in·kh·kw); a copy
     rows = out // groups
-    row_bits = config.row_bits_for(name, out)
+    row_bits = settings.row_bits
     if row_bits is not None:
+        if len(row_bits) != out:
+            raise ValueError(f"row_bits for layer '{name}' has {len(row_bits)} widths, the layer has {out} rows")
         if groups > 1:
             raise ValueError(f"layer '{name}': per-row widths are not supported on grouped convolutions")
-        qw = _quantize_mixed_rows(name, W2, stats[0] if stats is not None else None, config, fn, row_bits)
+        qw = _quantize_mixed_rows(name, W2, stats[0] if stats is not None else None, config, settings, method)
         W_hats = [qw.dequantize().reshape(W2.shape).float()]
         bits = qw.bits
     else:
-        bits = config.bits_for(name)
-        cfg = dataclasses.replace(config, bits=bits)
+        bits = settings.bits
+        cfg = _layer_config(name, config, bits, settings.granularity)
         parts, W_hats = [], []
         for g in range(groups):
             Wg = W2[g * rows:(g + 1) * rows]
             sg = stats[g] if stats is not None else None
-            qw = _run(fn, Wg, sg, cfg, name)
+            qw = _run(method, Wg, sg, cfg, name)
             parts.append(qw)
             W_hats.append(qw.dequantize().reshape(Wg.shape).float())
         qw = _concat_groups(parts) if groups > 1 else parts[0]
@@ -421,37 +399,45 @@ def _relative_error(name: str, num: float, den: float) -> float:
     return math.inf if num > 0 else 0.0
 
 
-def _run(fn, W: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, name: str):
+def _layer_config(name: str, config: QuantConfig, bits: int, granularity: Granularity) -> QuantConfig:
+    """The config an algorithm sees for one layer: ``bits`` and ``granularity`` resolved, no
+    per-module map; its errors (e.g. a granularity the method does not support) name the layer."""
+    try:
+        return dataclasses.replace(config, bits=bits, granularity=granularity, modules={})
+    except ValueError as e:
+        raise ValueError(f"layer '{name}': {_first_line(e)}") from None
+
+
+def _run(method: Method, W: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, name: str):
     """The algorithm on one weight matrix; its errors name the layer."""
     try:
-        return _call(fn, W, stats, cfg, name, cfg.seed)
+        return method.quantize_weight(W, stats, cfg, QuantContext(layer=name, seed=cfg.seed))
     except ValueError as e:
         msg = _first_line(e)
         raise ValueError(msg if f"'{name}'" in msg else f"layer '{name}': {msg}") from None
 
 
-def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig, fn,
-                         row_bits: tuple[int, ...]) -> QuantizedWeight:
+def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig,
+                         settings: ResolvedSettings, method: Method) -> QuantizedWeight:
     """Rows of width b quantized together by the algorithm at b bits, for each width present.
 
     Every method of the engine quantizes the rows of W independently given the layer's input
     statistics (H, G are shared by all rows; the output energies are per row and sliced), so
     quantizing each width's rows on their own is the same computation as one call per width.
     """
-    from specquant.core.grid import Granularity, GridSpec
-
+    row_bits = settings.row_bits
     out = W.shape[0]  # W (out, N0)
     bt = torch.tensor(row_bits)
     codes = torch.empty(W.shape, dtype=torch.uint8)  # (out, N0)
     scale = torch.empty(out, 1)
     zp = torch.empty(out, 1)
-    method = None
+    algorithm = None
     for b in sorted(set(row_bits)):
         idx = torch.nonzero(bt == b).flatten()  # (n_b,)
         sb = stats
         if stats is not None and stats.energy is not None:
             sb = dataclasses.replace(stats, energy=stats.energy[idx])
-        qw = _run(fn, W[idx], sb, dataclasses.replace(config, bits=b), name)
+        qw = _run(method, W[idx], sb, _layer_config(name, config, b, settings.granularity), name)
         grid = GridSpec.default(b, config.symmetric)
         if type(qw) is not QuantizedWeight or qw.granularity.kind != "channel" or qw.spec != grid:
             raise ValueError(f"layer '{name}': per-row widths need per-channel uniform codes on the default "
@@ -460,9 +446,9 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
         codes[idx] = qw.codes.reshape(len(idx), -1).to(torch.uint8)
         scale[idx] = qw.scale.reshape(len(idx), 1).float()
         zp[idx] = qw.zero_point.reshape(len(idx), 1).float()
-        method = qw.algorithm
+        algorithm = qw.algorithm
     top = max(row_bits)
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, spec=GridSpec.default(top, config.symmetric),
-                           granularity=Granularity("channel"), algorithm=method or config.method,
+                           granularity=Granularity("channel"), algorithm=algorithm or config.method,
                            info={"row_widths": {str(b): row_bits.count(b) for b in sorted(set(row_bits))}},
                            row_bits=torch.tensor(row_bits, dtype=torch.uint8))

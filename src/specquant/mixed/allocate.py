@@ -1,7 +1,7 @@
-"""``allocate``: per-layer bit widths under an average-bits budget, as an override map.
+"""``allocate``: per-layer bit widths under an average-bits budget, as a per-module settings map.
 
     alloc = allocate(model, calib, avg_bits=2.5, policy="sensitivity")
-    cfg = dataclasses.replace(GPFQConfig(), overrides=alloc.overrides)   # any method of the engine
+    cfg = alloc.apply(GPFQConfig())   # any method of the engine: config.modules gets one entry per layer
     quantize(model, cfg, calib)
 
 The allocation names every layer it covers, so ``config.bits`` only matters for layers it does
@@ -12,7 +12,7 @@ s = 1.6); scales and zero points come on top, as for a uniform width.
 ``granularity="channel"`` allocates per output row (channel) instead of per layer: every row of
 every layer is a knapsack item with the per-row costs of the sensitivity report, and a layer
 whose rows get different widths is quantized row-group by row-group and stored with each row at
-its own width (``config.row_bits``; one width byte per row on top).
+its own width (``ModuleSettings.row_bits``; one width byte per row on top).
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from specquant.algorithms import RTNConfig
-from specquant.algorithms.base import QuantConfig
+from specquant.algorithms.base import ModuleSettings, QuantConfig
 from specquant.core import spectral
 from specquant.engine.calibrate import as_batches
 from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
+from specquant.io.files import jsonable
 from specquant.mixed.policies import (
     DEFAULT_CANDIDATES,
     check_candidates,
@@ -62,7 +63,7 @@ class LayerAllocation:
 
 @dataclass
 class Allocation:
-    """Per-layer widths for a budget; ``overrides`` plugs into any config."""
+    """Per-layer widths for a budget; :meth:`apply` puts them into any config."""
 
     policy: str  # "sensitivity", "spectral" or "spectral-knapsack"
     granularity: str  # "layer" (one width per layer) or "channel" (one width per output row)
@@ -87,29 +88,34 @@ class Allocation:
         return sum(a.params * a.stored_bits for a in self.layers) / n if n else 0.0
 
     @property
-    def overrides(self) -> dict[str, int]:
-        """{module name: bits} (the widest row's width for layers whose rows differ)."""
-        return {a.name: a.bits for a in self.layers}
-
-    @property
-    def row_overrides(self) -> dict[str, tuple[int, ...]]:
-        """{module name: per-row widths} of the layers whose rows differ (``config.row_bits``)."""
-        return {a.name: a.row_bits for a in self.layers if a.row_bits is not None}
+    def modules(self) -> dict[str, ModuleSettings]:
+        """{module name: ModuleSettings(bits=…, row_bits=…)} for every allocated layer (``bits`` is
+        the widest row's width for layers whose rows differ)."""
+        return {a.name: ModuleSettings(bits=a.bits, row_bits=a.row_bits) for a in self.layers}
 
     def apply(self, config: QuantConfig) -> QuantConfig:
-        """A copy of ``config`` with this allocation as its overrides and per-row widths (its own
-        ones replaced)."""
-        return dataclasses.replace(config, overrides=self.overrides, row_bits=self.row_overrides)
+        """A copy of ``config`` whose ``modules`` give each allocated layer its width (and per-row
+        widths) by exact name.  The config's own widths are replaced: every entry of its map
+        loses ``bits`` and ``row_bits`` and keeps the rest (``skip``, ``granularity``); an
+        allocated layer keeps the granularity of the entry that applied to it."""
+        own = {k: dataclasses.replace(s, bits=None, row_bits=None) for k, s in config.modules.items()}
+        base = dataclasses.replace(config, modules=own)
+        alloc = {}
+        for a in self.layers:
+            g = base.settings_for(a.name).granularity
+            alloc[a.name] = ModuleSettings(bits=a.bits, row_bits=a.row_bits,
+                                           granularity=None if g == config.granularity else g)
+        return dataclasses.replace(config, modules={**own, **alloc})
 
     def to_dict(self) -> dict:
         """Strict-JSON-safe dict (an infinite κ or cost becomes None)."""
-        return _json_safe({
+        return jsonable({
             "policy": self.policy, "granularity": self.granularity, "budget": self.budget,
             "avg_bits": self.avg_bits,
             "candidates": list(self.candidates), "cost_model": self.cost_model,
             "predicted_cost": self.predicted_cost, "b_base": self.b_base, "solver": self.solver,
-            "protect_bits": self.protect_bits, "overrides": self.overrides,
-            "row_overrides": {k: list(v) for k, v in self.row_overrides.items()},
+            "protect_bits": self.protect_bits, "overrides": {a.name: a.bits for a in self.layers},
+            "row_overrides": {a.name: list(a.row_bits) for a in self.layers if a.row_bits is not None},
             "layers": [dataclasses.asdict(a) for a in self.layers],
         })
 
@@ -125,9 +131,6 @@ class Allocation:
             lines.append(f"{a.name:<24}{a.params:>9}{a.kappa:>11.3g}{a.bits:>6}{a.stored_bits:>8.3f}{cost:>12}{mark}")
         lines.append(f"predicted cost ({self.cost_model}): {self.predicted_cost:.4g}")
         return "\n".join(lines)
-
-
-from specquant.io.files import jsonable as _json_safe  # noqa: E402  the one strict-JSON helper
 
 
 def allocate(
@@ -163,7 +166,7 @@ def allocate(
             :mod:`specquant.mixed.policies`.
         candidates: widths a layer may get.
         method_config: the engine config whose per-layer quantizer measures sensitivities
-            (default ``RTNConfig()``) and whose ``skip`` list leaves layers out of the allocation.
+            (default ``RTNConfig()``); the layers its ``modules`` skip are left out of the allocation.
         protect_first_last: hold the first and last layers (forward order) at ``protect_bits``.
         metric, labels: the sensitivity metric ("output" or "loss") and optional labels.
         sensitivity: a precomputed :class:`SensitivityReport` (reused across budgets).
@@ -183,8 +186,9 @@ def allocate(
     if isinstance(protect_bits, bool) or not isinstance(protect_bits, int) or not 1 <= protect_bits <= 8:
         raise ValueError(f"protect_bits must be an integer in 1..8, got {protect_bits!r}")
     cfg = method_config if method_config is not None else RTNConfig()
-    if granularity == "channel" and cfg.granularity != "channel":
-        raise ValueError(f"granularity 'channel' needs a per-channel quantizer, the config has {cfg.granularity!r}")
+    if granularity == "channel" and cfg.granularity.kind != "channel":
+        raise ValueError(f"granularity 'channel' needs a per-channel quantizer, the config has "
+                         f"{cfg.granularity.label()!r}")
     storage = storage_map(sorted(set(cands) | {protect_bits}), cfg.symmetric)
     batches = as_batches(calib, batch_size) if calib is not None else None
     example = batches[0] if batches else example_input
@@ -192,7 +196,7 @@ def allocate(
     if fold_bn and example is not None:
         fold_batchnorm(base, example)
     names = forward_order(base, example) if example is not None else [n for n, _ in quantizable_layers(base)]
-    names = [n for n in names if not cfg.skips(n)]
+    names = [n for n in names if not cfg.settings_for(n).skip]
     if not names:
         raise ValueError("the model has no quantizable layers to allocate bits to")
     mods = dict(base.named_modules())

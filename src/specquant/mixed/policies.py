@@ -20,22 +20,16 @@ The spectral-limits note proposes b_l = ⌈log₂ κ(W_l)⌉ + b_base.  Two read
 Layer protection (an option of every policy): the first and last layers (in forward order)
 are held at ``protect_bits``; they count in the budget.
 
-What the measurements say (``benchmarks/mixed_pareto.py``, GPFQ, 512 calibration images, full
-test sets): κ does *not* decide how many bits a layer needs.  On ResNet-20 (BN folded) κ spans
-3.9 to 7·10^5 and the lock width ⌈log₂ κ⌉ asks for 11 to 20 bits in 12 of 20 layers, yet uniform
-3-bit GPFQ loses 0.6 points (91.13 % vs 91.73 %).  κ is only moderately rank-correlated with the
-measured per-layer sensitivity (Spearman ρ = 0.53 / 0.66 at 2 / 3 bits against RTN-measured
-output error, 0.31 / 0.49 against GPFQ-measured, ≈ 0 against GPFQ-measured loss increase; 20
-layers, many statistics tested, so p ≈ 0.02 is weak evidence).  Its huge values come from
+What the measurements say (``benchmarks/mixed_pareto.py``; the figures are in BENCHMARKS.md,
+"Mixed precision"): κ does *not* decide how many bits a layer needs.  On ResNet-20 (BN folded)
+the lock width ⌈log₂ κ⌉ asks for far more bits than uniform low-bit GPFQ needs; κ is at best
+weakly rank-correlated with the measured per-layer sensitivity, and its huge values come from
 channels that BN scales to almost zero, which per-channel quantization does not care about.
-Allocations from κ fall *below* the uniform Pareto line (``spectral`` 87.99 % at 2.84 bits,
-``spectral-knapsack`` 89.28 % at 3.0 bits, vs uniform 3 bits 91.13 %), while the measured
-``sensitivity`` policy lies above it (90.37 % at 2.5 bits vs 88.97 % interpolated between
-uniform 2 and 3 bits) without reaching uniform 3 bits at 2.5 per layer.  Per output channel
-(``allocate(..., granularity="channel")``, ternary codes stored at 1.6 bits) it reaches uniform
-3-bit accuracy at 2.5 bits on the median of three calibration seeds (ResNet-20 91.18 % vs
-91.02 %, mnist-mlp 98.44 % vs 98.42 %; BENCHMARKS.md).  The spectral policies are kept so the
-claim can be tested; use ``sensitivity`` for real allocations.
+Allocations from κ fall *below* the uniform Pareto line, while the measured ``sensitivity``
+policy lies above it, without reaching uniform 3 bits at 2.5 bits per layer; per output channel
+(``allocate(..., granularity="channel")``, ternary codes stored at 1.6 bits) it matches uniform
+3 bits at 2.5 bits.  The spectral policies are kept so the claim can be tested; use
+``sensitivity`` for real allocations.
 """
 from __future__ import annotations
 
@@ -44,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+from specquant.core.grid import GridSpec
+from specquant.core.pack import code_bits_exact
 from specquant.core.spectral import lock_bits  # noqa: F401  re-exported by specquant.mixed
 from specquant.mixed.solver import budget_capacity, storage_units
 
@@ -64,9 +60,6 @@ def check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
 def stored_bits(bits: int, symmetric: bool = True) -> Fraction:
     """Stored code bits per weight of a width on the default grid: the narrow symmetric 2-bit grid
     has 3 levels, packed five codes per byte (8/5 bits); every other width stores ``bits``."""
-    from specquant.core.grid import GridSpec
-    from specquant.core.pack import code_bits_exact
-
     g = GridSpec.default(bits, symmetric)
     return code_bits_exact(g.levels, g.bits)
 

@@ -1,9 +1,9 @@
 """Per-layer sensitivity: the damage done by quantizing one layer alone at each width.
 
 For each layer l and candidate width b, a copy of the (BN-folded) model has *only* layer l
-quantized at b bits by the engine (``quantize`` with every other layer in ``config.skip``, so
-any method of the engine works: RTN, GPFQ, SPFQ, GPTQ, frame), and the copy is run on the
-calibration inputs.  Metrics:
+quantized at b bits by the engine (``quantize`` with every other layer skipped through
+``config.modules``, so any method of the engine works: RTN, GPFQ, SPFQ, GPTQ, frame), and the
+copy is run on the calibration inputs.  Metrics:
 
 ``"output"`` relative squared output error Σ_x ‖f(x) − f_Q(x)‖² / Σ_x ‖f(x)‖² (the noise power
     ratio of the logits; squared so that the errors of independently perturbed layers add,
@@ -16,8 +16,8 @@ Per-row costs (``row_costs=True``, for allocation per output channel): the layer
 cost c_l(b) is split over its output rows in proportion to each row's own output error on the
 float inputs, e_i(b) = ‖X(w_i − ŵ_i)‖² (conv: summed over positions), i.e.
 c_{l,i}(b) = c_l(b)·e_i(b)/Σ_j e_j(b).  This keeps the measured layer total and assumes the rows'
-errors reach the network output with the same gain (tested on ResNet-20 against a gradient-
-weighted split, which did no better).
+errors reach the network output with the same gain (a gradient-weighted split did no better on
+ResNet-20; BENCHMARKS.md, "Mixed precision").
 
 Cost: one forward pass of the whole network over the calibration inputs per (layer, width),
 plus the method's own cost for one layer (data-driven methods stream that layer's statistics);
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specquant.algorithms import RTNConfig
-from specquant.algorithms.base import QuantConfig
+from specquant.algorithms.base import ModuleSettings, QuantConfig
 from specquant.engine.apply import quantize
 from specquant.engine.calibrate import as_batches, capture_layer_inputs
 from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
@@ -73,9 +73,6 @@ class SensitivityReport:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.layers]
-
-    def cost_tables(self) -> list[dict[int, float]]:
-        return [dict(s.costs) for s in self.layers]
 
     def at(self, bits: int) -> list[float]:
         """Each layer's cost at one width (in layer order)."""
@@ -132,8 +129,8 @@ def measure_sensitivity(
         calib: calibration inputs (a tensor (N, …), or batches as ``quantize`` accepts).
         candidates: widths to measure.
         method_config: the engine config that quantizes the layer (default ``RTNConfig()``:
-            per-channel symmetric, MSE clipping); its ``bits``/``overrides`` are replaced and
-            every other layer is added to its ``skip``.
+            per-channel symmetric, MSE clipping); its ``modules`` are replaced: the layer gets
+            width b (and keeps the granularity its entry gave it), every other layer is skipped.
         metric: "output" or "loss" (see the module docstring).
         labels: (N,) int labels for the "loss" metric (default: the float model's predictions).
         layers: names to measure (default: every quantizable layer in forward order that the
@@ -150,7 +147,7 @@ def measure_sensitivity(
     batches = as_batches(calib, batch_size)
     base = copy.deepcopy(model).eval()
     folded = fold_batchnorm(base, batches[0]) if fold_bn else []
-    order = [n for n in forward_order(base, batches[0]) if not cfg0.skips(n)]
+    order = [n for n in forward_order(base, batches[0]) if not cfg0.settings_for(n).skip]
     if layers is None:
         layers = order
     else:
@@ -175,18 +172,19 @@ def measure_sensitivity(
         base_loss = float(F.cross_entropy(ref, y))
     data_for_engine = _needs_data(cfg0)
     report = SensitivityReport(
-        metric=metric, method=cfg0.method, config=_config_dict(cfg0), candidates=cands, n_samples=n,
+        metric=metric, method=cfg0.method, config=cfg0.to_dict(), candidates=cands, n_samples=n,
         labels=label_kind, baseline=base_loss, folded_bn=folded,
     )
     mods = dict(base.named_modules())
     for name in layers:
-        others = tuple(m for m in all_names if m != name)
+        alone = {m: ModuleSettings(skip=True) for m in all_names if m != name}
+        alone[name] = ModuleSettings(granularity=cfg0.settings_for(name).granularity)
         costs, rows = {}, {}
         fmod = mods[name]
         inputs = capture_layer_inputs(base, fmod, [((x,), {}) for x in batches]) if row_costs else None
         for b in cands:
             q = copy.deepcopy(base)
-            cfg = dataclasses.replace(cfg0, bits=b, overrides={}, row_bits={}, skip=tuple(cfg0.skip) + others)
+            cfg = dataclasses.replace(cfg0, bits=b, modules=alone)
             # a 2-sample example suffices for the engine's forward checks when it streams no data
             quantize(q, cfg, batches if data_for_engine else None, example_input=batches[0][:2], fold_bn=False,
                      batch_size=batch_size, progress=False)
@@ -222,10 +220,3 @@ def _row_errors(mod: nn.Module, delta: torch.Tensor, inputs: list[torch.Tensor])
 
 def _needs_data(cfg: QuantConfig) -> bool:
     return bool(cfg.needs_data) or getattr(cfg, "scale_rule", None) == "output-mse" or cfg.bias_correction
-
-
-def _config_dict(cfg: QuantConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["method"] = cfg.method
-    d["skip"] = list(d.get("skip", ()))
-    return d

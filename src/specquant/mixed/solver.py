@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
 
 SOLVERS = ("auto", "dp", "milp")
 DP_MAX_CELLS = 20_000_000  # items × (capacity cells): above this "auto" uses the MILP
@@ -155,9 +157,6 @@ def _solution(items, choice, capacity: int, solver: str) -> KnapsackSolution:
 
 
 def _solve_milp(items, capacity: int) -> KnapsackSolution:
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import lil_matrix
-
     flat = [(i, k, w, c) for i, opts in enumerate(items) for k, w, c in opts]
     n = len(flat)
     c = np.array([f[3] for f in flat])
