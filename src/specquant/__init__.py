@@ -1,4 +1,5 @@
 """specquant: post-training quantization of PyTorch networks with theory-backed algorithms."""
+from specquant._version import __version__
 from specquant.algorithms import GPFQConfig, GPTQConfig, QuantConfig, RTNConfig, SPFQConfig
 from specquant.core import metrics, spectral
 from specquant.core.grid import Granularity, GridSpec
@@ -14,8 +15,6 @@ def analyze(model, calib=None, **kwargs):
 
     return _analyze(model, calib, **kwargs)
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",

@@ -72,6 +72,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from specquant._version import __version__
 from specquant.core.frames import FRAME_KINDS
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.pack import PACKINGS, layout_nbytes, packing_for
@@ -445,8 +446,6 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
             seen[ident] = key
         tensors[key] = t.contiguous()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-    from specquant import __version__
 
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "specquant_version": __version__,
