@@ -3,8 +3,8 @@ from specquant._version import __version__
 from specquant.algorithms import GPFQConfig, GPTQConfig, QuantConfig, RTNConfig, SPFQConfig
 from specquant.core import metrics, spectral
 from specquant.core.grid import Granularity, GridSpec
-from specquant.core.quantized import QuantizedWeight
 from specquant.core.quantizer import quantize_tensor
+from specquant.core.qweight import QuantizedWeight
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
 from specquant.io import load, save
 

@@ -11,7 +11,7 @@ import torch
 from specquant.algorithms.base import LayerStats, QuantConfig
 from specquant.algorithms.common import choose_scales, to_quantized_weight
 from specquant.core.grid import Granularity, GridSpec, fake_quantize
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from specquant.algorithms.base import LayerStats, QuantConfig
 from specquant.core.grid import check_bits, check_finite
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 from specquant.engine.calibrate import (
     StreamOptions,
     all_finite,
@@ -439,6 +439,7 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
     quantizing each width's rows on their own is the same computation as one call per width.
     """
     from specquant.core.grid import Granularity, GridSpec
+    from specquant.core.layouts import RowsLayout
 
     out = W.shape[0]  # W (out, N0)
     bt = torch.tensor(row_bits)
@@ -465,4 +466,4 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, spec=GridSpec.default(top, config.symmetric),
                            granularity=Granularity("channel"), algorithm=method or config.method,
                            info={"row_widths": {str(b): row_bits.count(b) for b in sorted(set(row_bits))}},
-                           row_bits=torch.tensor(row_bits, dtype=torch.uint8))
+                           layout=RowsLayout(row_bits, codes.shape, config.symmetric))
