@@ -397,6 +397,9 @@ def _set_layer(name, **kw):
     (lambda h, t: t.update({"8.weight": torch.zeros(17)}), r"expects float32 \(16,\)"),
     (lambda h, t: t.update({"9.weight": torch.zeros(6, 16)}), "no place"),
     (lambda h, t: t.update({"extra.thing": torch.zeros(2)}), "names no module|no place"),
+    # a packed layer's own buffers are built from its checked record, never overwritten by a file tensor
+    (lambda h, t: t.update({"0.packed.scale": -t["0.scale"]}), "tensor '0.packed.scale' has no place"),
+    (lambda h, t: t.update({"0._wcache": torch.zeros(8, 4, 3, 3)}), "tensor '0._wcache' has no place"),
     (lambda h, t: h.update(folded_bn=["2"]), "folded BatchNorm"),
 ])
 def test_header_tensor_mismatch(saved, edit, match):

@@ -993,15 +993,18 @@ def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, a
         _set_module(model, name, layer)
         built[name] = layer
         used.update(a["tensors"])
+    own = tuple(f"{n}." for n in built)  # a packed layer's state is what it was built from, nothing else
     for key, t in tensors.items():
         if key in used:
             continue
+        if key.startswith(own):  # e.g. '<layer>.packed.scale' or a cache buffer: never placed unchecked
+            raise SQFormatError(f"{path}: header and tensors disagree: tensor '{key}' has no place in the "
+                                f"architecture")
         _set_tensor(model, key, t, path)
         used.add(key)
     for key, src in tied.items():
         _tie_tensor(model, key, src, path)
         used.add(key)
-    own = tuple(f"{n}." for n in built)  # a packed layer's state is what it was built from
     missing = sorted(k for k in model.state_dict() if k not in used and not k.startswith(own))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
