@@ -1,4 +1,5 @@
 """Layouts: exact round trips, sizes, records, one clear error per bad case, and a new layout in one class."""
+import dataclasses
 from fractions import Fraction
 
 import pytest
@@ -18,8 +19,9 @@ from specquant.core.layouts import (
     layout_class,
     layout_tensor_names,
     register_layout,
+    unregister_layout,
 )
-from specquant.core.pack import pack, packed_nbytes, trits_nbytes
+from specquant.core.pack import pack, packed_nbytes, trits_nbytes, unpack
 
 
 def _codes(shape, lo: int, hi: int, seed: int) -> torch.Tensor:
@@ -252,3 +254,91 @@ def test_registration_refuses_clashes():
 
     with pytest.raises(ValueError, match="tensor names must be identifiers other than a layer's own"):
         register_layout(Shadow)
+
+
+# ---- a new stored field is one class ----------------------------------------------------------
+
+
+class PermutedRowsLayout(BitsLayout):
+    """Bits, with the rows stored in a permuted order kept as a tensor ``perm``: row i of the
+    stored codes is row ``perm[i]`` of the weight (what an act-order/group layout needs to carry)."""
+
+    name = "bits-perm"
+    packing = "bits-perm"
+    tensor_names = ("perm",)
+    cheap_row_slices = False
+
+    def __init__(self, bits, shape, perm) -> None:
+        super().__init__(bits, shape)
+        self.perm = torch.as_tensor(perm, dtype=torch.int64)
+        if sorted(self.perm.tolist()) != list(range(self.shape[0])):
+            raise ValueError(f"perm must be a permutation of the {self.shape[0]} rows")
+
+    def pack(self, codes):
+        self._check_codes(codes)
+        return pack(codes[self.perm].contiguous(), self.bits)
+
+    def unpack(self, data):
+        stored = unpack(data, self.bits, self.numel).reshape(self.shape)
+        out = torch.empty_like(stored)
+        out[self.perm] = stored
+        return out
+
+    def tensors(self):
+        return {"perm": self.perm}
+
+    def for_shape(self, shape):
+        return PermutedRowsLayout(self.bits, shape, self.perm)
+
+    @classmethod
+    def _from_record(cls, record, tensors, spec, weight_shape, layer):
+        perm = tensors.get("perm")
+        if not (isinstance(perm, torch.Tensor) and perm.dtype == torch.int64 and tuple(perm.shape) == weight_shape[:1]):
+            raise ValueError(f"'{layer}.perm' should be int64 ({weight_shape[0]},)")
+        return cls(spec.bits, weight_shape, perm)
+
+    def _params(self):
+        return {**super()._params(), "perm": tuple(self.perm.tolist())}
+
+
+@pytest.fixture
+def permuted_rows():
+    register_layout(PermutedRowsLayout)
+    yield PermutedRowsLayout
+    unregister_layout(PermutedRowsLayout)
+
+
+def test_a_new_stored_field_is_one_class(permuted_rows, tmp_path):
+    """A layout defined here (a stored row permutation) goes through quantize → convert → save →
+    load with no other change: io writes its record and tensor and reads them back, nn packs with it."""
+    from safetensors import safe_open
+
+    from specquant.algorithms import RTNConfig
+    from specquant.engine.apply import quantize
+    from specquant.io import SQFormatError, load, read_header, save
+    from specquant.models import zoo
+
+    torch.manual_seed(0)
+    model = zoo.get_entry("digits-mlp").build().eval()
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    quantize(model, RTNConfig(bits=4), calib=x, progress=False)
+    qw = model.fc2.qweight
+    perm = torch.randperm(qw.shape[0], generator=torch.Generator().manual_seed(2))
+    model.fc2.qweight = dataclasses.replace(qw, layout=PermutedRowsLayout(4, qw.shape, perm))
+    assert not torch.equal(model.fc2.qweight.layout.pack(qw.codes), pack(qw.codes, 4))  # really stored permuted
+
+    path = save(model, tmp_path / "perm.sq", model_id="digits-mlp")
+    rec = next(r for r in read_header(path)["layers"] if r["name"] == "fc2")
+    assert rec["packing"] == "bits-perm" and rec["kind"] == "uniform"
+    with safe_open(str(path), "pt") as f:
+        assert torch.equal(f.get_tensor("fc2.perm"), perm)
+    loaded = load(path)
+    assert loaded.fc2.packed.layout == model.fc2.qweight.layout
+    assert torch.equal(loaded.fc2.packed.unpack(), qw.codes)
+    assert torch.equal(loaded.fc2.packed.perm, perm)  # its tensor is a buffer of the packed weight
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    unregister_layout(PermutedRowsLayout)  # a reader that does not know the layout: one clear line
+    with pytest.raises(SQFormatError, match="unknown code packing 'bits-perm'"):
+        load(path)
