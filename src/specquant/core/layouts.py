@@ -35,8 +35,10 @@ record name (``Layout.packing``; frame coefficients are bit packed, so a FrameLa
 
 Adding a layout — a new stored field, a permutation tensor, ... — is one subclass: its
 parameters, the methods above, and ``register_layout(cls)``.  The file format, the packed
-layers and ``QuantizedWeight`` use layouts through this interface only (tests/core/
-test_layouts.py round-trips a layer through save/load with a layout defined in the test).
+layers and ``QuantizedWeight`` use layouts through this interface (tests/core/test_layouts.py
+round-trips a layer through save/load with a layout defined in the test); two conveniences
+name a class: ``QuantizedWeight.row_bits`` (a ``RowsLayout``'s widths, for reports) and
+``core.qweight.from_stored`` (a ``FrameLayout`` rebuilds a ``FrameQuantizedWeight``).
 Layouts are values: treat them as immutable (``for_shape`` returns a new one).
 """
 from __future__ import annotations
