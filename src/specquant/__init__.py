@@ -1,14 +1,13 @@
 """specquant: post-training quantization of PyTorch networks with theory-backed algorithms."""
+from specquant._version import __version__
 from specquant.algorithms import GPFQConfig, GPTQConfig, QuantConfig, RTNConfig, SPFQConfig
 from specquant.core import metrics, spectral
 from specquant.core.grid import Granularity, GridSpec
-from specquant.core.quantized import QuantizedWeight
 from specquant.core.quantizer import quantize_tensor
+from specquant.core.qweight import QuantizedWeight
 from specquant.diagnostics.analyze import analyze
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
 from specquant.io import load, save
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specquant.algorithms.frame import FrameConfig, FrameQuantizedWeight, quantize_bias, quantize_weight
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 
 
 def _rel(a, b):

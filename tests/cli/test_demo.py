@@ -5,8 +5,8 @@ import json
 import os
 
 import specquant.cli.demo as demo
-from specquant.cli import main
 from specquant.algorithms import method_names
+from specquant.cli import main
 
 
 def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_keys):

@@ -4,22 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specquant.core.pack import (
-    code_bits,
-    grid_nbytes,
-    pack,
-    pack_grid,
-    pack_rows,
-    pack_trits,
-    packed_nbytes,
-    packing_for,
-    rows_nbytes,
-    trits_nbytes,
-    unpack,
-    unpack_grid,
-    unpack_rows,
-    unpack_trits,
-)
+from specquant.core.pack import pack, pack_trits, packed_nbytes, trits_nbytes, unpack, unpack_trits
 
 
 def _random_codes(n: int, bits: int, seed: int) -> torch.Tensor:
@@ -54,6 +39,17 @@ def test_round_trip_any_length(bits, n, seed):
 def test_layout_matches_reference_bit_stream(bits, n, seed):
     codes = _random_codes(n, bits, seed)
     assert bytes(pack(codes, bits).tolist()) == _reference_pack(codes.tolist(), bits)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@settings(max_examples=10, deadline=None)
+@given(data=st.binary(max_size=40), n=st.integers(0, 320))
+def test_unpack_matches_reference_bit_stream(bits, data, n):
+    # any bytes (not only pack's output) decode as the documented little-endian bit stream
+    n = min(n, len(data) * 8 // bits)
+    acc = int.from_bytes(data, "little")
+    expect = [(acc >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]
+    assert unpack(torch.tensor(list(data), dtype=torch.uint8), bits, n).tolist() == expect
 
 
 def test_known_bytes():
@@ -142,41 +138,3 @@ def test_trits_errors_are_one_line():
         unpack_trits(torch.zeros(1, dtype=torch.uint8), 6)
     with pytest.raises(ValueError, match="exceeds 242"):
         unpack_trits(torch.tensor([250], dtype=torch.uint8), 5)
-
-
-def test_only_three_level_two_bit_grids_are_trit_packed():
-    assert packing_for(3, 2) == "trits" and code_bits(3, 2) == 1.6
-    assert packing_for(4, 2) == "bits" and code_bits(4, 2) == 2.0
-    assert packing_for(7, 3) == "bits" and code_bits(7, 3) == 3.0
-    codes = torch.tensor([1, 3, 2, 2, 1, 3, 3], dtype=torch.uint8)  # narrow 2-bit grid: codes 1..3
-    p = pack_grid(codes, 3, 2, 1)
-    assert p.numel() == grid_nbytes(7, 3, 2) == 2
-    assert torch.equal(unpack_grid(p, 3, 2, 1, 7), codes)
-    with pytest.raises(ValueError, match="below the grid's smallest code"):
-        pack_grid(torch.tensor([0], dtype=torch.uint8), 3, 2, 1)
-
-
-def _grid(b):  # (levels, qmin) of the default symmetric grid of width b
-    from specquant.core.grid import GridSpec
-
-    g = GridSpec.default(b, True)
-    return g.levels, g.qmin
-
-
-def test_rows_layout_round_trip_and_size():
-    from specquant.core.grid import GridSpec
-
-    g = torch.Generator().manual_seed(0)
-    widths = [2, 8, 3, 2, 1, 4, 8, 2]
-    n = 13
-    rows = []
-    for b in widths:
-        spec = GridSpec.default(b, True)
-        rows.append(torch.randint(spec.qmin, spec.qmax + 1, (n,), generator=g).to(torch.uint8))
-    codes = torch.stack(rows)  # (8, 13)
-    p = pack_rows(codes, widths, _grid)
-    expect = trits_nbytes(3 * n) + sum(packed_nbytes(widths.count(b) * n, b) for b in (1, 3, 4, 8))
-    assert p.numel() == rows_nbytes(widths, n, _grid) == expect
-    assert torch.equal(unpack_rows(p, widths, n, _grid), codes)
-    with pytest.raises(ValueError, match="rows need"):
-        unpack_rows(p[:-1], widths, n, _grid)

@@ -4,6 +4,7 @@ from torch import nn
 
 import specquant as sq
 from specquant.algorithms import GPFQConfig, GPTQConfig, ModuleSettings, RTNConfig, SPFQConfig
+from specquant.core.layouts import RowsLayout
 from specquant.engine.apply import quantize
 from specquant.nn import convert
 
@@ -198,7 +199,7 @@ def test_per_row_widths_equal_each_width_on_its_own_rows(cfg):
     rep = quantize(mixed, dataclasses.replace(cfg, modules={"stem": ModuleSettings(row_bits=widths), **skip(*others)}),
                    calib(), progress=False)
     qw = mixed.stem.qweight
-    assert qw.row_bits.tolist() == list(widths) and qw.bits == 8 and qw.packing == "rows"
+    assert qw.row_bits.tolist() == list(widths) and qw.bits == 8 and isinstance(qw.layout, RowsLayout)
     rec = rep.layers[0]
     assert rec.row_bits == list(widths) and rec.bits == 8
     row_len = qw.codes[0].numel()
@@ -213,7 +214,7 @@ def test_per_row_widths_equal_each_width_on_its_own_rows(cfg):
         assert torch.equal(qw.scale[rows], ref.stem.qweight.scale[rows]), b
         assert torch.allclose(mixed.stem.weight[rows], ref.stem.weight[rows], rtol=0, atol=1e-6)
     packed = convert(copy.deepcopy(mixed))  # the packed layer holds each row at its own width
-    assert torch.equal(packed.stem.unpacked_codes(), qw.codes)
+    assert torch.equal(packed.stem.packed.unpack(), qw.codes)
 
 
 def test_per_row_widths_with_a_stochastic_method_are_seeded_and_on_each_rows_grid():

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
-from specquant.core.pack import grid_nbytes, packed_nbytes
+from specquant.algorithms.frame import FrameConfig
+from specquant.core.layouts import BitsLayout, FrameLayout, RowsLayout
+from specquant.core.pack import packed_nbytes, trits_nbytes
 from specquant.engine.apply import quantize
 from specquant.io import SQFormatError, load, payload_digest, read_header, save, storage_breakdown
 from specquant.nn import QuantConv2d, QuantLinear, convert
@@ -120,8 +122,8 @@ def test_round_trip_bit_identical(nets, tmp_path, which, bits, method):
     for name, mod in qmods.items():
         layer = lmods[name]
         assert isinstance(layer, (QuantLinear, QuantConv2d))
-        assert torch.equal(layer.unpacked_codes(), mod.qweight.codes)
-        assert torch.equal(layer.scale, mod.qweight.scale)
+        assert torch.equal(layer.packed.unpack(), mod.qweight.codes)
+        assert torch.equal(layer.packed.scale, mod.qweight.scale)
         assert torch.equal(layer.dequantized_weight(), mod.weight)
     with torch.no_grad():
         y_loaded, y_mem = loaded(x), fq(x)
@@ -141,7 +143,8 @@ def test_round_trip_bit_identical(nets, tmp_path, which, bits, method):
 def _ideal_bytes(fq, scale_bytes=4):
     """Σ ceil(bits·n/8) (3-level grids: ceil(n/5)) + scales (+ zero points) + every tensor that stays float."""
     qm = _qmods(fq)
-    codes = sum(grid_nbytes(m.qweight.codes.numel(), m.qweight.levels, m.qweight.bits) for m in qm.values())
+    codes = sum(trits_nbytes(m.qweight.codes.numel()) if m.qweight.levels == 3 else
+                packed_nbytes(m.qweight.codes.numel(), m.qweight.bits) for m in qm.values())
     scales = sum(m.qweight.scale.numel() * scale_bytes for m in qm.values())
     zps = sum(m.qweight.zero_point.numel() for m in qm.values() if not m.qweight.spec.symmetric)
     prefixes = tuple(n + "." for n in qm)
@@ -165,7 +168,7 @@ def test_file_size_near_ideal(nets, tmp_path, bits, symmetric, scale_dtype):
     loaded = _load(path)
     if scale_dtype == "fp16":
         layer = loaded[0]
-        assert layer.scale.dtype == torch.float16
+        assert layer.packed.scale.dtype == torch.float16
         torch.testing.assert_close(loaded(x), fq(x), rtol=2e-3, atol=2e-3)
     else:
         assert torch.equal(loaded(x), fq(x))
@@ -181,7 +184,7 @@ def test_round_trip_large_layer_equal_outputs(nets, tmp_path, bits):
     x = torch.randn(5, 784)
     fq = _quantized(model, RTNConfig(bits=bits, scale_rule="minmax"), x)
     loaded = _load(save(fq, tmp_path / "w.sq", arch="sq_test_nets:wide_mlp"))
-    assert torch.equal(loaded[0].unpacked_codes(), fq[0].qweight.codes)
+    assert torch.equal(loaded[0].packed.unpack(), fq[0].qweight.codes)
     assert torch.equal(loaded(x), fq(x))
     assert torch.equal(loaded(x[:1]), fq(x[:1]))
 
@@ -236,9 +239,6 @@ def saved(conv3, tmp_path):
 
 
 def test_round_trip_mixed_row_widths(nets, tmp_path):
-    from specquant.core.grid import GridSpec
-    from specquant.core.pack import rows_nbytes
-
     model, arch, x = _case(nets, "conv")
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     widths = tuple(int(b) for b in (torch.arange(conv.out_channels) % 4 + 1))  # 1, 2, 3, 4, 1, …
@@ -246,16 +246,18 @@ def test_round_trip_mixed_row_widths(nets, tmp_path):
     path = save(fq, tmp_path / "m.sq", arch=arch)
     loaded = _load(path)
     layer, qw = dict(loaded.named_modules())[name], dict(fq.named_modules())[name].qweight
-    assert layer.packing == "rows" and layer.row_bits.tolist() == list(widths)
-    assert torch.equal(layer.unpacked_codes(), qw.codes)
+    assert isinstance(layer.packed.layout, RowsLayout) and layer.packed.row_bits.tolist() == list(widths)
+    assert layer.packed.layout == qw.layout
+    assert torch.equal(layer.packed.unpack(), qw.codes)
     assert torch.equal(layer.dequantized_weight(), dict(fq.named_modules())[name].weight)
     with torch.no_grad():
         assert torch.equal(loaded(x), fq(x))
     rec = next(r for r in read_header(path)["layers"] if r["name"] == name)
     assert rec["packing"] == "rows" and rec["bits"] == 4
-    row_len = conv.weight[0].numel()
-    grid = lambda b: (GridSpec.default(b, True).levels, GridSpec.default(b, True).qmin)  # noqa: E731
-    assert layer.codes.numel() == rows_nbytes(widths, row_len, grid)
+    row_len = conv.weight[0].numel()  # each width's rows packed together; 2-bit rows five codes per byte
+    expect = sum(trits_nbytes(widths.count(b) * row_len) if b == 2 else packed_nbytes(widths.count(b) * row_len, b)
+                 for b in set(widths))
+    assert layer.packed.codes.numel() == expect
     assert again_bytes(loaded, tmp_path) == path.read_bytes()
 
 
@@ -283,8 +285,8 @@ def test_ternary_file_written_bit_packed_still_loads(nets, tmp_path):
     loaded = _load(path)
     for name, mod in qmods.items():
         layer = dict(loaded.named_modules())[name]
-        assert layer.packing == "bits"
-        assert torch.equal(layer.unpacked_codes(), mod.qweight.codes)
+        assert layer.packed.layout == BitsLayout(2, mod.weight.shape)
+        assert torch.equal(layer.packed.unpack(), mod.qweight.codes)
     with torch.no_grad():
         assert torch.equal(loaded(x), fq(x))
 
@@ -395,6 +397,9 @@ def _set_layer(name, **kw):
     (lambda h, t: t.update({"8.weight": torch.zeros(17)}), r"expects float32 \(16,\)"),
     (lambda h, t: t.update({"9.weight": torch.zeros(6, 16)}), "no place"),
     (lambda h, t: t.update({"extra.thing": torch.zeros(2)}), "names no module|no place"),
+    # a packed layer's own buffers are built from its checked record, never overwritten by a file tensor
+    (lambda h, t: t.update({"0.packed.scale": -t["0.scale"]}), "tensor '0.packed.scale' has no place"),
+    (lambda h, t: t.update({"0._wcache": torch.zeros(8, 4, 3, 3)}), "tensor '0._wcache' has no place"),
     (lambda h, t: h.update(folded_bn=["2"]), "folded BatchNorm"),
 ])
 def test_header_tensor_mismatch(saved, edit, match):
@@ -428,19 +433,19 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(nets, tmp_path,
 
 
 def test_frame_layers_round_trip(nets, tmp_path):
-    frame = pytest.importorskip("specquant.algorithms.frame")
     model, arch, x = _case(nets, "conv")
-    fq = _quantized(model, frame.FrameConfig(bits=2), x)
+    fq = _quantized(model, FrameConfig(bits=2), x)
     path = save(fq, tmp_path / "fr.sq", arch=arch)
     loaded = _load(path)
     header = read_header(path)
     assert {r["kind"] for r in header["layers"]} == {"frame"}
     for name, mod in _qmods(fq).items():
         layer = loaded.get_submodule(name)
-        assert torch.equal(layer.unpacked_codes(), mod.qweight.codes)
+        assert torch.equal(layer.packed.unpack(), mod.qweight.codes)
+        assert isinstance(layer.packed.layout, FrameLayout) and layer.packed.layout == mod.qweight.layout
         rec = next(r for r in header["layers"] if r["name"] == name)
         assert rec["frame"]["size"] == mod.qweight.frame_size
-        assert layer.codes.numel() == packed_nbytes(math.prod(mod.qweight.codes.shape), 2)
+        assert layer.packed.codes.numel() == packed_nbytes(math.prod(mod.qweight.codes.shape), 2)
     assert torch.equal(loaded(x), fq(x))
 
 

@@ -8,11 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from specquant.algorithms import GPFQConfig, RTNConfig
+from specquant.algorithms.frame import FrameConfig
+from specquant.core.grid import GridSpec
 from specquant.core.intmatmul import int_linear, int_matmul, quantize_activations_dynamic
-from specquant.core.pack import grid_nbytes, pack, packed_nbytes, unpack
+from specquant.core.layouts import FrameLayout, RowsLayout, grid_layout
+from specquant.core.pack import packed_nbytes, trits_nbytes
 from specquant.core.quantizer import quantize_tensor
+from specquant.core.qweight import QuantizedWeight
 from specquant.engine.apply import quantize
-from specquant.nn import QuantConv1d, QuantConv2d, QuantLinear, convert, memory_bytes, unpack_codes
+from specquant.nn import PackedWeight, QuantConv1d, QuantConv2d, QuantLinear, convert, memory_bytes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,16 +59,6 @@ def _set_bn_stats(model):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_fast_unpack_equals_core(bits):
-    g = torch.Generator().manual_seed(bits)
-    for n in (0, 1, 7, 8, 9, 1001):
-        codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int64).to(torch.uint8)
-        data = pack(codes, bits)
-        assert torch.equal(unpack_codes(data, bits, n), unpack(data, bits, n))
-        assert torch.equal(unpack_codes(data, bits, n), codes)
-
-
-@pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("tensor", True), ("group:8", True),
                                                    ("channel", False)])
 def test_linear_equals_dequantized(bits, granularity, symmetric):
@@ -74,7 +68,7 @@ def test_linear_equals_dequantized(bits, granularity, symmetric):
     ql = QuantLinear.from_quantized(lin, qw)
     w_ref = qw.dequantize()
     assert torch.equal(ql.dequantized_weight(), w_ref)
-    assert torch.equal(ql.unpacked_codes(), qw.codes)
+    assert torch.equal(ql.packed.unpack(), qw.codes)
     x = torch.randn(3, 5, 40)
     assert torch.equal(ql(x), F.linear(x, w_ref, lin.bias))
     back = ql.to_quantized_weight()
@@ -87,7 +81,7 @@ def test_memory_is_packed_size(bits):
     lin = _linear(96, 64)
     qw = quantize_tensor(lin.weight.detach(), bits=bits, clipping="minmax")
     ql = QuantLinear.from_quantized(lin, qw)
-    packed = grid_nbytes(96 * 64, qw.levels, bits)  # 3-level codes five per byte, else bits each
+    packed = grid_layout(qw.spec, (64, 96)).nbytes()  # 3-level codes five per byte, else bits each
     assert packed == (packed_nbytes(96 * 64, bits) if bits != 2 else (96 * 64 + 4) // 5)
     assert memory_bytes(ql) == packed + 64 * 4 + 64 * 4  # codes + fp32 scales + fp32 bias
     assert memory_bytes(ql) < memory_bytes(lin) * (bits / 32 + 0.1)
@@ -107,13 +101,15 @@ def test_cache_dequantized_counts_and_clears():
     assert memory_bytes(ql) == base
 
 
-@pytest.mark.parametrize("bits,granularity", [(3, "channel"), (4, "group:9"), (8, "tensor"), (5, "channel")])
+@pytest.mark.parametrize("bits,granularity", [(3, "channel"), (4, "group:9"), (8, "tensor"), (5, "channel"),
+                                              (2, "channel")])
 def test_chunked_large_linear(bits, granularity):
     # 520·513 weights > CHUNK_WEIGHTS: dequantized in row chunks; odd K makes rows straddle bytes
     lin = _linear(513, 520)
     qw = quantize_tensor(lin.weight.detach(), bits=bits, granularity=granularity, symmetric=bits != 3,
                          clipping="minmax")
     ql = QuantLinear.from_quantized(lin, qw)
+    assert ql.packed.row_chunks == (bits != 2)  # 3-level codes (trits) are dequantized whole
     x = torch.randn(3, 513)
     ref = F.linear(x, qw.dequantize(), lin.bias)
     assert torch.equal(ql(x), ref)
@@ -195,13 +191,13 @@ def test_convert_matches_fake_quant_model(bits, method):
         mods = dict(packed.named_modules())
         for n in qnames:
             assert isinstance(mods[n], (QuantLinear, QuantConv2d))
-            assert torch.equal(mods[n].unpacked_codes(), dict(fq.named_modules())[n].qweight.codes)
+            assert torch.equal(mods[n].packed.unpack(), dict(fq.named_modules())[n].qweight.codes)
         with torch.no_grad():
             assert torch.equal(packed(x), fq(x))
         n_weights = sum(math.prod(mods[n].weight_shape) for n in qnames)
-        codes_bytes = sum(mods[n].codes.numel() for n in qnames)
-        assert codes_bytes == sum(grid_nbytes(math.prod(mods[n].weight_shape), mods[n].spec.levels, bits)
-                                  for n in qnames)
+        codes_bytes = sum(mods[n].packed.codes.numel() for n in qnames)
+        numels = [math.prod(mods[n].weight_shape) for n in qnames]  # 3-level codes five per byte
+        assert codes_bytes == sum(trits_nbytes(k) if bits == 2 else packed_nbytes(k, bits) for k in numels)
         assert codes_bytes <= n_weights * (1.6 if bits == 2 else bits) / 8 + len(qnames)
 
 
@@ -232,15 +228,73 @@ def test_convert_int8_dynamic_choices_on_a_conv_net():
 
 
 def test_frame_quantized_layers_convert():
-    frame = pytest.importorskip("specquant.algorithms.frame")
     model = _set_bn_stats(_small_convnet())
     model[3] = nn.Conv2d(8, 8, 3, stride=2, padding=1)  # frame weights: groups=1 only
     x = torch.randn(8, 4, 8, 8)
-    fq = _engine_quantized(model, frame.FrameConfig(bits=3), x)
+    fq = _engine_quantized(model, FrameConfig(bits=3), x)
     packed = convert(copy.deepcopy(fq))
     layer = packed[0]
-    assert layer.kind == "frame" and layer.int8_eligible() is not None
-    assert torch.equal(layer.unpacked_codes(), fq[0].qweight.codes)
+    assert isinstance(layer.packed.layout, FrameLayout) and layer.int8_eligible() is not None
+    assert layer.packed.layout == fq[0].qweight.layout
+    assert torch.equal(layer.packed.unpack(), fq[0].qweight.codes)
     assert memory_bytes(layer) < memory_bytes(fq[0])
     with torch.no_grad():
         assert torch.equal(packed(x), fq(x))
+
+
+def _rows_quantized(w: torch.Tensor, widths, symmetric=True) -> QuantizedWeight:
+    """Each row of ``w`` quantized on the default grid of its own width (what the engine's mixed rows do)."""
+    parts = [quantize_tensor(w[r:r + 1], bits=b, symmetric=symmetric, clipping="minmax") for r, b in enumerate(widths)]
+    return QuantizedWeight(codes=torch.cat([p.codes for p in parts]), scale=torch.cat([p.scale for p in parts]),
+                           zero_point=torch.cat([p.zero_point for p in parts]),
+                           spec=GridSpec.default(max(widths), symmetric), granularity=parts[0].granularity,
+                           layout=RowsLayout(widths, tuple(w.shape), symmetric))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rows_layout_layer_equals_dequantized(symmetric):
+    lin = _linear(40, 12)
+    widths = (2, 8, 3, 2, 1, 4, 8, 2, 5, 6, 7, 3)
+    qw = _rows_quantized(lin.weight.detach(), widths, symmetric)
+    ql = QuantLinear.from_quantized(lin, qw)
+    layout = ql.packed.layout
+    assert layout == qw.layout and torch.equal(ql.packed.row_bits, torch.tensor(widths, dtype=torch.uint8))
+    assert ql.packed.codes.numel() == layout.nbytes() < packed_nbytes(12 * 40, 8)
+    assert torch.equal(ql.packed.unpack(), qw.codes)
+    assert torch.equal(ql.dequantized_weight(), qw.dequantize())
+    x = torch.randn(3, 40)
+    assert torch.equal(ql(x), F.linear(x, qw.dequantize(), lin.bias))
+    back = ql.to_quantized_weight()
+    assert back.layout == qw.layout and torch.equal(back.codes, qw.codes) and torch.equal(back.row_bits, qw.row_bits)
+    # codes + scales + zero points (rows of different widths have different ones) + widths + bias
+    assert memory_bytes(ql) == layout.nbytes() + 12 * 4 + 12 * 4 + 12 + 12 * 4
+    assert "8-bit" in ql.int8_eligible()
+
+
+def test_rows_layout_of_8_bit_rows_runs_int8():
+    # every row at 8 bits: one byte per code, so the int8 path runs on the same bytes
+    lin = _linear(40, 12)
+    qw = _rows_quantized(lin.weight.detach(), (8,) * 12)
+    ql = QuantLinear.from_quantized(lin, qw, mode="int8_dynamic")
+    ref = int_linear(torch.ones(2, 40), quantize_tensor(lin.weight.detach(), bits=8, clipping="minmax"))
+    torch.testing.assert_close(ql(torch.ones(2, 40)), ref + lin.bias, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_weight_refuses_what_does_not_fit():
+    lin = _linear(16, 8)
+    qw = quantize_tensor(lin.weight.detach(), bits=4, symmetric=False)
+    packed = PackedWeight.from_quantized(qw, (8, 16))
+    kw = {"spec": qw.spec, "granularity": qw.granularity, "weight_shape": (8, 16)}
+    data, scale, zp = packed.packed_bytes(), packed.scale, packed.zero_point
+    with pytest.raises(ValueError, match=r"'codes' is uint8 \(63,\), expected uint8 \(64,\)"):
+        PackedWeight(packed.layout, data[:-1], scale, zp, **kw)
+    with pytest.raises(ValueError, match="scale has shape"):
+        PackedWeight(packed.layout, data, scale[:4], zp, **kw)
+    with pytest.raises(ValueError, match="asymmetric grid needs its zero points"):
+        PackedWeight(packed.layout, data, scale, None, **kw)
+    with pytest.raises(ValueError, match="do not fit a weight of shape"):
+        PackedWeight(packed.layout, data, scale, zp, **{**kw, "weight_shape": (16, 8)})
+    with pytest.raises(ValueError, match="3-bit codes, the grid has 4"):
+        PackedWeight(grid_layout(GridSpec(3, "narrow"), (8, 16)), data, scale, zp, **kw)
+    with pytest.raises(ValueError, match="packed weight has shape"):
+        QuantLinear(8, 16, packed=packed)

@@ -27,7 +27,7 @@ from specquant.algorithms.common import target_energy
 from specquant.core.grid import Granularity, check_bits
 
 if TYPE_CHECKING:
-    from specquant.core.quantized import QuantizedWeight
+    from specquant.core.qweight import QuantizedWeight
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from specquant.core.grid import Granularity, GridSpec, fake_quantize, quantize_codes
-from specquant.core.quantized import QuantizedWeight
 from specquant.core.quantizer import compute_qparams
+from specquant.core.qweight import QuantizedWeight
 
 SCALE_RULES = ("output-mse", "authors", "minmax", "percentile", "mse", "aciq-gauss", "aciq-laplace")
 

@@ -36,7 +36,7 @@ import torch
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
 from specquant.core.frames import FRAME_KINDS, check_frame_size, frame_size, make_frame
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import FrameQuantizedWeight
 from specquant.core.sigma_delta import SD_ORDERS, sigma_delta, stable_input_bound
 
 STEP_RULES = ("max", "norm")
@@ -91,54 +91,6 @@ def validate_config(config: FrameConfig) -> None:
             f"frame quantization supports granularity 'channel' (one step per vector) or 'tensor', "
             f"got {config.granularity.label()!r}"
         )
-
-
-@dataclass(kw_only=True)
-class FrameQuantizedWeight(QuantizedWeight):
-    """ΣΔ codes of the frame coefficients of a tensor, and what is needed to rebuild it.
-
-    ``codes`` is uint8 (N, M): column m holds the N codes of the m-th quantized vector (M = out
-    for ``along="input"``, M = in·kh·kw for ``along="output"``, 1 for a bias).  ``scale`` is δ,
-    (1, M) or (1, 1), and ``zero_point`` = K − ½, so the inherited grid decodes codes to the ΣΔ
-    alphabet values (``coefficients()``).  ``dequantize()`` rebuilds the frame and returns the
-    weights in their original shape; ``shape`` is that original shape.
-    """
-
-    weight_shape: tuple  # shape of the original tensor, restored by dequantize()
-    frame_kind: str  # "harmonic" or "random"
-    frame_dim: int  # d, length of each quantized vector
-    frame_size: int  # N, number of frame vectors (codes per vector)
-    frame_seed: int  # seed of a random frame (unused for harmonic frames)
-    order: int  # Sigma-Delta order used to choose the codes
-    along: str  # "input" (rows of the (out, d) view), "output" (its columns) or "bias"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight_shape)
-
-    @property
-    def redundancy(self) -> float:
-        return self.frame_size / self.frame_dim
-
-    def frame(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The (d, N) frame the codes refer to (rebuilt, never stored)."""
-        return make_frame(self.frame_kind, self.frame_dim, self.frame_size, self.frame_seed, dtype)
-
-    def coefficients(self) -> torch.Tensor:
-        """Quantized frame coefficients q (N, M), float64."""
-        return (self.codes.to(torch.float64) - self.zero_point.double()) * self.scale.double()
-
-    def dequantize(self) -> torch.Tensor:
-        d, N = self.frame_dim, self.frame_size
-        V = (self.frame() @ self.coefficients()) * (d / N)  # (d, M) canonical-dual synthesis
-        if self.along == "output":
-            W = V  # columns of the (out, in·kh·kw) view
-        else:
-            W = V.transpose(0, 1)  # rows (a bias is one row)
-        return W.reshape(self.shape).to(self.dtype)
-
-    def num_weights(self) -> int:
-        return math.prod(self.weight_shape)
 
 
 def _check_tensor(w: torch.Tensor, name: str, min_dim: int) -> None:

@@ -11,7 +11,7 @@ import torch
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
 from specquant.algorithms.common import choose_scales, to_quantized_weight
 from specquant.core.grid import GridSpec, fake_quantize
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 
 
 @dataclass

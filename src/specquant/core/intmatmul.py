@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from specquant.core.grid import GridSpec, check_bits, check_finite, quantize_codes
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 
 _MAX_K_CHUNK = (1 << 17) - 1  # 128·128·(2^17 − 1) < 2^31: an int32 partial sum cannot overflow
 

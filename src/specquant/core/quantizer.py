@@ -5,7 +5,7 @@ import torch
 
 from specquant.core.clipping import calibrate, check_clipping
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite, quantize_codes
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 from specquant.core.rounding import ROUNDING_MODES, make_generator
 
 

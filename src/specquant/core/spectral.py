@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from specquant.core.grid import check_bits, check_finite
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.qweight import QuantizedWeight
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from specquant.algorithms.base import LayerStats, Method, QuantConfig, QuantContext, ResolvedSettings, get_method
 from specquant.algorithms.common import row_output_error
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.layouts import RowsLayout
+from specquant.core.qweight import QuantizedWeight
 from specquant.engine.calibrate import (
     StreamOptions,
     all_finite,
@@ -451,4 +452,4 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, spec=GridSpec.default(top, config.symmetric),
                            granularity=Granularity("channel"), algorithm=algorithm or config.method,
                            info={"row_widths": {str(b): row_bits.count(b) for b in sorted(set(row_bits))}},
-                           row_bits=torch.tensor(row_bits, dtype=torch.uint8))
+                           layout=RowsLayout(row_bits, codes.shape, config.symmetric))

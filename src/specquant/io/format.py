@@ -1,14 +1,16 @@
 """The packed model format: one safetensors file, a JSON header in its metadata, no pickle.
 
 Tensors
-    ``<layer>.codes``       uint8, 1-D: the layer's codes bit-packed by ``specquant.core.pack``
-                            (ceil(numel·bits/8) bytes; at 8 bits the codes themselves)
+    ``<layer>.codes``       uint8, 1-D: the layer's codes packed by its layout
+                            (``specquant.core.layouts``; bit packed: ceil(numel·bits/8) bytes, at 8
+                            bits the codes themselves)
     ``<layer>.scale``       one scale per block, ``granularity.scale_shape``; float32 unless the
                             file was saved with ``scale_dtype="fp16"`` (stated per layer)
     ``<layer>.zero_point``  only when the grid does not fix it (asymmetric grids): uint8 when every
                             zero point is an integer in 0..255, else float32
     ``<layer>.bias``        the layer's float bias, when it has one
-    ``<layer>.row_bits``    uint8 (out,): each output row's width, when rows mix widths ("rows" packing)
+    ``<layer>.<name>``      the layout's own tensors (``Layout.tensors()``): ``row_bits``, uint8
+                            (out,), each output row's width, when rows mix widths (``RowsLayout``)
     every other entry of the model's ``state_dict()`` (biases, BatchNorm parameters and
     statistics, parameters of layers left in float), under its own name and dtype.
 
@@ -24,11 +26,36 @@ Header: the safetensors metadata maps ``"specquant"`` to a JSON object::
                  kind, dim, size, seed, order, along), "packing" ("bits": codes bit-packed at
                  "bits" each; "trits": a 3-level grid's codes five per byte; "rows": per-row widths
                  in ``<layer>.row_bits``; absent means "bits", as files written before it)}, ...],
+                                     (fields are written in this order: the bytes of a file do
+                                     not depend on the code that wrote them)
      "layer_defaults": {...},        fields shared by most layers, written once: a stored record
                                      is {**layer_defaults, **record} with null meaning "absent"
      "folded_bn": ["bn1", ...],      BatchNorms folded into convs: load replaces them by Identity
      "meta": {...},                  free JSON given to save(meta=...)
      "payload_sha256": "<hex>"}
+
+Records and code: the file keeps the names of format version 1; the code speaks of layouts.
+
+==================================  ==========================================================
+record                              code
+==================================  ==========================================================
+"kind" (of a layer)                 the weight kind, ``Layout.weight_kind``: "uniform" codes
+                                    are the weight's entries, "frame" codes frame coefficients
+"packing"                           the byte layout's record name, ``Layout.packing``; with
+                                    "kind" it picks the ``Layout`` class
+                                    (``Layout.from_record``): ("uniform", "bits") BitsLayout,
+                                    ("uniform", "trits") TritsLayout, ("uniform", "rows")
+                                    RowsLayout, ("frame", "bits") FrameLayout
+"frame", "codes_shape"              ``FrameLayout`` fields (``frame_params()``, ``shape``)
+"frame"["kind"]                     the frame kind, ``FrameLayout.frame_kind`` ("harmonic" …)
+``<layer>.row_bits``                ``RowsLayout.row_bits`` (``Layout.tensors()``)
+"grid"                              the grid kind, ``GridSpec.kind`` ("narrow", "midrise", …)
+"zero_point"                        how zero points are stored ("implicit": the grid fixes them)
+==================================  ==========================================================
+
+Every layout field and tensor is written by ``Layout.to_record()``/``Layout.tensors()`` and
+read back by ``Layout.from_record`` and ``Layout.validate``; their errors become one
+``SQFormatError`` line.
 
 ``payload_sha256`` is the SHA-256 of the header without that field (canonical JSON: sorted keys,
 compact separators) followed, for every tensor in name order, by ``name NUL dtype NUL shape NUL``
@@ -72,12 +99,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from specquant.core.frames import FRAME_KINDS
+from specquant._version import __version__
 from specquant.core.grid import Granularity, GridSpec
-from specquant.core.pack import PACKINGS, layout_nbytes, packing_for
+from specquant.core.layouts import Layout, layout_tensor_names
 from specquant.nn.layers import (
-    FRAME_KEYS,
-    WEIGHT_KINDS,
+    PackedWeight,
     QuantConv1d,
     QuantConv2d,
     QuantLinear,
@@ -258,7 +284,8 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
             layer = quant_layer_class(mod).from_quantized(mod, src)
         except ValueError as e:
             raise ValueError(f"layer '{name}': {e}") from None
-    scale = layer.scale
+    packed = layer.packed
+    scale = packed.scale
     if scale_dtype == torch.float16 and scale.dtype != torch.float16:
         s16 = scale.to(torch.float16)
         # rounding is the point of fp16 (relative error ≤ 2^-11, more for scales below 6.1e-5, which
@@ -270,11 +297,11 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
         scale = s16
     elif scale_dtype == torch.float32:
         scale = scale.float()
-    tensors = {f"{name}.codes": layer.packed_codes().contiguous(), f"{name}.scale": scale.contiguous()}
-    if layer.zero_point is None:
+    tensors = {f"{name}.codes": packed.packed_bytes().contiguous(), f"{name}.scale": scale.contiguous()}
+    if packed.zero_point is None:
         zp_kind = "implicit"
     else:
-        zp = layer.zero_point
+        zp = packed.zero_point
         if bool(((zp >= 0) & (zp <= 255) & (zp == zp.round())).all()):
             zp_kind = "uint8"
             tensors[f"{name}.zero_point"] = zp.to(torch.uint8).contiguous()
@@ -283,29 +310,41 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
             tensors[f"{name}.zero_point"] = zp.float().contiguous()
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.detach().contiguous()
-    if layer.row_bits is not None:
-        tensors[f"{name}.row_bits"] = layer.row_bits.contiguous()
-    g = layer.granularity
+    for suffix, t in packed.layout.tensors().items():
+        tensors[f"{name}.{suffix}"] = t.detach().cpu().contiguous()
+    g = packed.granularity
     rec = {
-        "name": name, "type": layer.layer_type, "kind": layer.kind, "bits": layer.bits,
-        "grid": layer.spec.kind, "levels": layer.spec.levels, "granularity": g.label(),
-        "shape": list(layer.weight_shape), "dtype": _dtype_name(layer.weight_dtype),
+        "name": name, "type": layer.layer_type, "bits": packed.bits,
+        "grid": packed.spec.kind, "levels": packed.spec.levels, "granularity": g.label(),
+        "shape": list(packed.weight_shape), "dtype": _dtype_name(packed.dtype),
         "scale_dtype": _dtype_name(scale.dtype), "zero_point": zp_kind,
-        "bias": layer.bias is not None, "algorithm": layer.algorithm, "info": _jsonable(layer.info),
-        "packing": layer.packing,
+        "bias": layer.bias is not None, "algorithm": packed.algorithm, "info": _jsonable(packed.info),
     }
     if g.kind == "channel":
         rec["axis"] = g.axis
-    if layer.kind == "frame":
-        rec["frame"] = dict(layer.frame)
-        rec["codes_shape"] = list(layer.codes_shape)
-    return rec, tensors
+    own = packed.layout.to_record()
+    clash = set(own) & (set(rec) | set(_OWN_FIELDS))
+    if clash:
+        raise ValueError(f"layer '{name}': its layout's record fields {sorted(clash)} are the layer's own")
+    return _in_record_order({**rec, **own}), tensors
+
+
+# The order of a layer record's fields as format version 1 writes them (the header JSON is
+# written in insertion order, so this keeps files byte-identical); fields that a newer layout
+# adds follow, in its own order.
+_RECORD_ORDER = ("name", "type", "kind", "bits", "grid", "levels", "granularity", "shape", "dtype", "scale_dtype",
+                 "zero_point", "bias", "algorithm", "info", "packing", "axis", "frame", "codes_shape")
+
+
+def _in_record_order(rec: dict) -> dict:
+    first = {k: rec[k] for k in _RECORD_ORDER if k in rec}
+    return {**first, **{k: v for k, v in rec.items() if k not in first}}
 
 
 def _weight_ids(mod: nn.Module, src) -> tuple[int, ...]:
     """Identities of a quantized layer's stored weight: two layers sharing one are tied."""
     if isinstance(src, _QuantLayer):
-        return (id(src.codes),)
+        return (id(src.packed),)
     return (id(src), id(mod.weight))
 
 
@@ -445,8 +484,6 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
             seen[ident] = key
         tensors[key] = t.contiguous()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-    from specquant import __version__
 
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "specquant_version": __version__,
@@ -686,9 +723,9 @@ def _check_header(path: Path, header: dict) -> dict:
             _check_entry_point_name(arch)
         except SQFormatError as e:
             raise _bad(path, str(e)) from None
-    for key, kind in (("layers", list), ("folded_bn", list), ("meta", dict), ("tied", dict)):
-        if key in header and not isinstance(header[key], kind):
-            raise _bad(path, f"'{key}' must be a JSON {'array' if kind is list else 'object'}")
+    for key, json_type in (("layers", list), ("folded_bn", list), ("meta", dict), ("tied", dict)):
+        if key in header and not isinstance(header[key], json_type):
+            raise _bad(path, f"'{key}' must be a JSON {'array' if json_type is list else 'object'}")
     if not isinstance(header.get("layers"), list) or not isinstance(header.get("folded_bn"), list):
         raise _bad(path, "'layers' or 'folded_bn' missing")
     if not all(_module_name(b) for b in header["folded_bn"]):
@@ -722,10 +759,6 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
         raise _bad(path, f"layer '{name}': 'bias' must be true or false")
     if "tied_to" in rec:
         return _check_tied(path, rec, tensors, shape)
-    kind = rec.get("kind")
-    if not _one_of(kind, WEIGHT_KINDS):
-        raise SQFormatError(f"{path}: layer '{name}' has unknown weight kind {str(kind)[:40]!r} "
-                            f"(known: {', '.join(WEIGHT_KINDS)})")
     if not _is_int(rec.get("bits"), 1, 8):
         raise _bad(path, f"layer '{name}': bits {str(rec.get('bits'))[:20]} is not an integer in 1..8")
     if not _one_of(rec.get("dtype"), _FLOAT_DTYPES):
@@ -747,44 +780,20 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
     _need(rec.get("levels") == spec.levels, path, f"layer '{name}' has {str(rec.get('levels'))[:20]} levels, its "
           f"grid {spec.kind} at {spec.bits} bits has {spec.levels}")
     _need(sdt in (torch.float32, torch.float16), path, f"layer '{name}' scale dtype {rec['scale_dtype']}")
-    frame = None
-    codes_shape = shape
-    if kind == "frame":
-        frame = rec.get("frame")
-        _need(isinstance(frame, dict) and set(frame) == set(FRAME_KEYS), path,
-              f"layer '{name}' lacks its frame parameters")
-        cs = rec.get("codes_shape")
-        _need(isinstance(cs, list) and len(cs) == 2 and all(_is_int(s, 1, 2**40) for s in cs), path,
-              f"layer '{name}' lacks its codes shape")
-        codes_shape = tuple(cs)
-        _need(_is_int(frame["order"], 1, 2) and _is_int(frame["seed"], 0, 2**63 - 1)
-              and _one_of(frame["kind"], FRAME_KINDS) and _one_of(frame["along"], ("input", "output"))
-              and _is_int(frame["dim"], 1, 2**31) and _is_int(frame["size"], 1, 2**31), path,
-              f"layer '{name}' has invalid frame parameters {str(frame)[:80]}")
-        _need(codes_shape[0] == frame["size"] and codes_shape[0] * codes_shape[1] == math.prod(shape)
-              // frame["dim"] * frame["size"], path, f"layer '{name}': codes shape {codes_shape} does not fit "
-              f"its frame and weight shape")
-    numel = math.prod(codes_shape)
     codes = tensors.get(f"{name}.codes")
     _need(codes is not None, path, f"layer '{name}' has no codes tensor")
-    packing = rec.get("packing") or "bits"
-    _need(_one_of(packing, PACKINGS), path, f"layer '{name}' has unknown code packing {str(packing)[:40]!r}")
-    row_bits = tensors.get(f"{name}.row_bits")
-    if packing == "rows":
-        _need(kind == "uniform" and gran.kind == "channel" and gran.axis == 0, path,
-              f"layer '{name}': per-row widths need uniform weights with per-channel scales")
-        _need(row_bits is not None and row_bits.dtype == torch.uint8 and tuple(row_bits.shape) == (shape[0],),
-              path, f"'{name}.row_bits' should be uint8 ({shape[0]},)")
-        _need(bool(((row_bits >= 1) & (row_bits <= 8)).all()) and int(row_bits.max()) == spec.bits, path,
-              f"'{name}.row_bits' must hold widths in 1..8 whose largest is the layer's {spec.bits} bits")
-    else:
-        _need(row_bits is None, path, f"'{name}.row_bits' present but the layer's packing is {packing!r}")
-        _need(packing != "trits" or packing_for(spec.levels, spec.bits) == "trits", path,
-              f"layer '{name}': 'trits' packing on a {spec.levels}-level grid")
-    need = layout_nbytes(packing, spec, codes_shape, row_bits)
-    _need(codes.dtype == torch.uint8 and codes.dim() == 1 and codes.numel() == need, path,
-          f"'{name}.codes' is {_dtype_name(codes.dtype)} {tuple(codes.shape)}, expected uint8 ({need},) for "
-          f"{numel} codes of {spec.bits} bits ({packing} packing)")
+    own = {s: t for s in layout_tensor_names() if (t := tensors.get(f"{name}.{s}")) is not None}
+    try:
+        layout = Layout.from_record(rec, own, spec=spec, weight_shape=shape, layer=name)
+        layout.validate(codes, spec=spec, granularity=gran, weight_shape=shape, layer=name)
+    except (ValueError, TypeError, KeyError) as e:  # a layout's checks: whatever the record holds, one line
+        text = str(e).strip()
+        raise SQFormatError(f"{path}: header and tensors disagree: "
+                            f"{text.splitlines()[0] if text else type(e).__name__}") from None
+    for suffix in own:
+        _need(suffix in layout.tensor_names, path, f"'{name}.{suffix}' present but the layer's layout is "
+              f"{layout.name!r}")
+    codes_shape = layout.shape
     scale = tensors.get(f"{name}.scale")
     try:
         sshape = gran.scale_shape(codes_shape)
@@ -808,11 +817,12 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
             raise SQFormatError(f"{path}: layer '{name}' has non-finite zero points: refused")
     bias = tensors.get(f"{name}.bias")
     _check_bias(path, name, rec["bias"], bias, shape)
+    stored = [f"{name}.{s}" for s in ("codes", "scale", "zero_point", "bias", *layout.tensor_names)]
     return {
-        "spec": spec, "granularity": gran, "codes": codes, "scale": scale, "zero_point": zp,
+        "layout": layout, "spec": spec, "granularity": gran, "codes": codes, "scale": scale, "zero_point": zp,
         "bias": bias if rec["bias"] else None, "dtype": dtype, "algorithm": rec.get("algorithm", ""),
-        "info": rec.get("info") or {}, "kind": kind, "frame": frame, "shape": shape, "type": ltype,
-        "row_bits": row_bits, "packing": packing,
+        "info": rec.get("info") or {}, "shape": shape, "type": ltype,
+        "tensors": [k for k in stored if k in tensors],
     }
 
 
@@ -831,12 +841,13 @@ def _check_tied(path: Path, rec: dict, tensors: dict, shape: tuple) -> dict:
     name, first = rec["name"], rec["tied_to"]
     if not _module_name(first) or first == name:
         raise _bad(path, f"layer '{name}': 'tied_to' must name another layer")
-    for suffix in ("codes", "scale", "zero_point", "row_bits"):
+    for suffix in ("codes", "scale", "zero_point", *layout_tensor_names()):
         _need(f"{name}.{suffix}" not in tensors, path, f"'{name}.{suffix}' present but layer '{name}' is tied to "
               f"'{first}'")
     bias = tensors.get(f"{name}.bias")
     _check_bias(path, name, rec["bias"], bias, shape)
-    return {"tied_to": first, "shape": shape, "type": rec["type"], "bias": bias if rec["bias"] else None}
+    return {"tied_to": first, "shape": shape, "type": rec["type"], "bias": bias if rec["bias"] else None,
+            "tensors": [f"{name}.bias"] if rec["bias"] else []}
 
 
 def _place(model: nn.Module, key: str, path: Path) -> tuple[nn.Module, str, torch.Tensor | None, bool]:
@@ -879,27 +890,27 @@ def _tie_tensor(model: nn.Module, key: str, src: str, path: Path) -> None:
     (mod._parameters if is_param else mod._buffers)[attr] = stensor
 
 
+def _new_layer(ltype: str, mod: nn.Module, packed: PackedWeight, bias, cache_dequantized: bool) -> _QuantLayer:
+    """The packed layer of type ``ltype`` for the float module ``mod``, over ``packed``."""
+    cls = _LAYER_TYPES[ltype]
+    if cls is QuantLinear:
+        return QuantLinear(mod.in_features, mod.out_features, packed=packed, bias=bias,
+                           cache_dequantized=cache_dequantized)
+    return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+               mod.groups, mod.padding_mode, packed=packed, bias=bias, cache_dequantized=cache_dequantized)
+
+
 def _build_layer(a: dict, mod: nn.Module, cache_dequantized: bool) -> _QuantLayer:
     """The packed layer for the float module ``mod`` from checked constructor arguments ``a``."""
-    cls = _LAYER_TYPES[a["type"]]
-    kw = {k: a[k] for k in ("spec", "granularity", "codes", "scale", "zero_point", "bias", "dtype",
-                            "algorithm", "info", "kind", "frame", "row_bits", "packing")}
-    if cls is QuantLinear:
-        return QuantLinear(mod.in_features, mod.out_features, cache_dequantized=cache_dequantized, **kw)
-    return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-               mod.groups, mod.padding_mode, cache_dequantized=cache_dequantized, **kw)
+    packed = PackedWeight(a["layout"], a["codes"], a["scale"], a["zero_point"], spec=a["spec"],
+                          granularity=a["granularity"], weight_shape=a["shape"], dtype=a["dtype"],
+                          algorithm=a["algorithm"], info=a["info"])
+    return _new_layer(a["type"], mod, packed, a["bias"], cache_dequantized)
 
 
 def _tied_layer(first: _QuantLayer, a: dict, mod: nn.Module, cache_dequantized: bool) -> _QuantLayer:
-    """A packed layer sharing ``first``'s code, scale and zero-point tensors, with its own bias."""
-    kw = {"spec": first.spec, "granularity": first.granularity, "codes": first.packed_codes(),
-          "scale": first.scale, "zero_point": first.zero_point, "bias": a["bias"], "dtype": first.weight_dtype,
-          "algorithm": first.algorithm, "info": first.info, "kind": first.kind, "frame": first.frame,
-          "row_bits": first.row_bits, "packing": first.packing, "type": a["type"]}
-    layer = _build_layer(kw, mod, cache_dequantized)
-    for buf in ("codes", "scale", "zero_point", "row_bits"):
-        layer._buffers[buf] = first._buffers[buf]
-    return layer
+    """A packed layer sharing ``first``'s packed weight (one module), with its own bias."""
+    return _new_layer(a["type"], mod, first.packed, a["bias"], cache_dequantized)
 
 
 def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, allow_entry_point=None,
@@ -981,17 +992,20 @@ def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, a
             layer.set_mode("int8_dynamic")
         _set_module(model, name, layer)
         built[name] = layer
-        for key in layer.state_dict():
-            used.add(f"{name}.{key}")
+        used.update(a["tensors"])
+    own = tuple(f"{n}." for n in built)  # a packed layer's state is what it was built from, nothing else
     for key, t in tensors.items():
         if key in used:
             continue
+        if key.startswith(own):  # e.g. '<layer>.packed.scale' or a cache buffer: never placed unchecked
+            raise SQFormatError(f"{path}: header and tensors disagree: tensor '{key}' has no place in the "
+                                f"architecture")
         _set_tensor(model, key, t, path)
         used.add(key)
     for key, src in tied.items():
         _tie_tensor(model, key, src, path)
         used.add(key)
-    missing = sorted(set(model.state_dict()) - used)
+    missing = sorted(k for k in model.state_dict() if k not in used and not k.startswith(own))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise SQFormatError(f"{path}: header and tensors disagree: the file lacks "
@@ -1023,7 +1037,7 @@ def storage_breakdown(path) -> dict:
         if "tied_to" in rec:  # stores no weight of its own
             continue
         n_weights += math.prod(rec["shape"])
-        for suffix in ("codes", "scale", "zero_point", "row_bits"):
+        for suffix in ("codes", "scale", "zero_point", *layout_tensor_names()):
             t = tensors.get(f"{name}.{suffix}")
             if t is None:
                 continue
@@ -1033,7 +1047,7 @@ def storage_breakdown(path) -> dict:
                 codes_b += nb
             elif suffix == "scale":
                 scale_b += nb
-            else:  # zero points, and the per-row widths of mixed rows: the grid's other parameters
+            else:  # zero points, and the layout's own tensors (per-row widths, ...): the grid's other parameters
                 zp_b += nb
     float_b = sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in layer_keys)
     file_b = path.stat().st_size

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from specquant.core.grid import GridSpec
-from specquant.core.pack import code_bits_exact
+from specquant.core.layouts import grid_code_bits
 from specquant.core.spectral import lock_bits  # noqa: F401  re-exported by specquant.mixed
 from specquant.mixed.solver import budget_capacity, storage_units
 
@@ -61,7 +61,7 @@ def stored_bits(bits: int, symmetric: bool = True) -> Fraction:
     """Stored code bits per weight of a width on the default grid: the narrow symmetric 2-bit grid
     has 3 levels, packed five codes per byte (8/5 bits); every other width stores ``bits``."""
     g = GridSpec.default(bits, symmetric)
-    return code_bits_exact(g.levels, g.bits)
+    return grid_code_bits(g)
 
 
 def storage_map(candidates: Sequence[int], symmetric: bool = True) -> dict[int, Fraction]:

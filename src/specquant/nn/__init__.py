@@ -2,21 +2,21 @@
 from specquant.nn.layers import (
     MODES,
     QUANT_LAYERS,
+    PackedWeight,
     QuantConv1d,
     QuantConv2d,
     QuantLinear,
     convert,
     memory_bytes,
-    unpack_codes,
 )
 
 __all__ = [
     "MODES",
     "QUANT_LAYERS",
+    "PackedWeight",
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
     "convert",
     "memory_bytes",
-    "unpack_codes",
 ]

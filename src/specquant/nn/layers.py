@@ -1,32 +1,30 @@
 """Layers that run on packed low-bit weights: ``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``.
 
-A layer holds what ``specquant.save`` writes, nothing more:
+A layer holds what ``specquant.save`` writes, nothing more: its bias and one ``PackedWeight``
+(``layer.packed``), the quantized weight as stored, over a ``core.layouts.Layout``:
 
 =================  ==========================================================================
-buffer             contents
+``PackedWeight``   contents
 =================  ==========================================================================
-``codes``          bits < 8: the codes bit-packed by ``specquant.core.pack`` (uint8, 1-D,
-                   ceil(numel·bits/8) bytes); a 3-level grid (2-bit symmetric) five codes
-                   per byte instead (``packing == "trits"``, ceil(numel/5) bytes); rows of
-                   different widths each at its own width (``packing == "rows"``, widths in
-                   the ``row_bits`` buffer).  bits == 8 ("bits" packing): the same bytes with
-                   the top bit flipped, i.e. the int8 values ``u − 128`` in the weight's
-                   (out, in·k…) layout, which torch's int8 kernels take without a copy.
-``row_bits``       uint8 (out,) width of each output row, "rows" packing only (else ``None``).
-``scale``          one scale per block, ``granularity.scale_shape(weight_shape)``; float32
+``layout``         how the codes are stored (``BitsLayout``, ``TritsLayout``, ``RowsLayout``,
+                   ``FrameLayout``, ...): shape of the codes, bytes, extra tensors
+``codes``          buffer: the codes packed by the layout (uint8, 1-D, ``layout.nbytes()``
+                   bytes).  When the layout stores one byte per code (8-bit codes): the same
+                   bytes with the top bit flipped, i.e. the int8 values ``u − 128`` in the
+                   weight's (out, in·k…) layout, which torch's int8 kernels take without a copy.
+``scale``          buffer: one scale per block, ``granularity.scale_shape(layout.shape)``; float32
                    by default, float16 when loaded from a file saved with ``scale_dtype="fp16"``
                    (upcast to float32 when used).
-``zero_point``     same shape as ``scale`` (float32), or absent (``None``) for symmetric grids
-                   whose zero point is fixed by the grid kind (``zero_point_value``).
-``bias``           float parameter of the original dtype (or ``None``).
+``zero_point``     buffer: same shape as ``scale`` (float32), or absent (``None``) for symmetric
+                   grids whose zero point is fixed by the grid kind (``zero_point_value``).
+``row_bits`` …     buffers: the layout's own tensors (``layout.tensors()``), under their names.
+``spec`` …         the grid, granularity, weight shape and dtype, algorithm and info.
 =================  ==========================================================================
 
-Two kinds of weights (``kind``): ``"uniform"`` (``QuantizedWeight``: codes in the weight's
-shape on a uniform grid) and ``"frame"`` (``specquant.algorithms.frame.FrameQuantizedWeight``:
-ΣΔ codes of frame coefficients, shape (N, M), with δ as ``scale``; the layer keeps the frame's
-parameters in ``frame`` and rebuilds the weight with ``FrameQuantizedWeight.dequantize()``;
-weight-only path only, and the frame itself is rebuilt at each call unless
-``cache_dequantized``).
+Layers whose weights are tied share one ``PackedWeight``.  Uniform weights (codes are the
+weight's entries, ``layout.codes_are_weights``) are dequantized as (codes − zp)·scale; frame
+coefficients (``FrameLayout``, ``core.qweight.FrameQuantizedWeight``) by rebuilding the frame at
+each call unless ``cache_dequantized`` (weight-only path only).
 
 Two forward paths:
 
@@ -34,14 +32,15 @@ Two forward paths:
   ``F.conv*d``.  Nothing is cached, so the layer's memory stays the packed size; the float
   weight exists only during the call, and for Linear layers above ``CHUNK_WEIGHTS`` weights only
   in chunks of output rows (about 1 MiB of floats, which stay in cache: far faster than
-  materialising a large weight, and the temporary memory stays small).  ``cache_dequantized=True``
+  materialising a large weight, and the temporary memory stays small) when the layout cuts rows
+  cheaply (``layout.cheap_row_slices``, or one byte per code).  ``cache_dequantized=True``
   keeps the float weight after the first call: then the layer runs at fp32 speed but holds the
   float copy as well (``memory_bytes`` counts it).  The weight is computed with the same float
   operations as ``QuantizedWeight.dequantize()`` (which gives the fake-quant model its
   ``module.weight``), so outputs equal the fake-quant model's; row chunks keep every output one
   dot product over all inputs, which the tests check to be bit-identical with this BLAS.
-* ``mode="int8_dynamic"`` (8-bit weights, per-tensor or per-output-channel scales; Linear and
-  Conv2d with groups=1): activations are quantized at run time with
+* ``mode="int8_dynamic"`` (8-bit weights stored one byte per code, per-tensor or per-output-channel
+  scales; Linear and Conv2d with groups=1): activations are quantized at run time with
   ``core.intmatmul.quantize_activations_dynamic`` (Linear: per row, asymmetric 8-bit; Conv2d:
   per sample, symmetric 8-bit, before im2col, so that zero padding stays exactly zero and
   the quantization pass runs over the input, not the 9× larger patches), the integer product runs in
@@ -60,42 +59,11 @@ from torch import nn
 
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
-from specquant.core.pack import layout_nbytes, pack_layout, packed_nbytes, unpack, unpack_layout
-from specquant.core.quantized import QuantizedWeight
+from specquant.core.layouts import Layout
+from specquant.core.qweight import QuantizedWeight, from_stored
 
 MODES = ("weight_only", "int8_dynamic")
 CHUNK_WEIGHTS = 1 << 18  # weight-only Linear layers above this size are dequantized in row chunks
-
-
-def unpack_codes(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """``core.pack.unpack`` computed byte-wise (same result, tested; 5-8x faster at 3, 5, 6, 7 bits).
-
-    Eight codes of ``bits`` bits fill exactly ``bits`` bytes, so the stream is viewed as
-    (groups, bits) bytes and code j of each group is cut from at most two of them.
-    """
-    nbytes = packed_nbytes(numel, bits)
-    if bits == 8 or data.dtype != torch.uint8 or data.numel() < nbytes:
-        return unpack(data, bits, numel)  # the core's copy and its errors
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
-        per = 8 // bits
-        d = data.reshape(-1)[:nbytes]
-        parts = [(d >> (j * bits)) & mask for j in range(per)]  # per × (nbytes,)
-        return torch.stack(parts, dim=1).reshape(-1)[:numel]
-    ng = (numel + 7) // 8
-    need = ng * bits
-    d = data.reshape(-1)[:need]
-    if d.numel() < need:
-        d = torch.cat([d, d.new_zeros(need - d.numel())])
-    b = d.reshape(ng, bits)  # (groups, bits) bytes
-    out = torch.empty(ng, 8, dtype=torch.uint8, device=data.device)  # (groups, 8) codes
-    for j in range(8):
-        k, o = divmod(j * bits, 8)  # code j starts at bit o of byte k
-        c = b[:, k] >> o if o else b[:, k]
-        if o + bits > 8:
-            c = c | (b[:, k + 1] << (8 - o))  # uint8 shift drops the bits above the byte
-        out[:, j] = c & mask if o + bits != 8 else c
-    return out.reshape(-1)[:numel]
 
 
 def _to_module_shape(qw: QuantizedWeight, shape: tuple[int, ...]) -> QuantizedWeight:
@@ -112,7 +80,7 @@ def _to_module_shape(qw: QuantizedWeight, shape: tuple[int, ...]) -> QuantizedWe
     return QuantizedWeight(
         codes=qw.codes.reshape(shape), scale=qw.scale.reshape(sshape),
         zero_point=qw.zero_point.reshape(sshape),
-        spec=qw.spec, granularity=g, dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info, row_bits=qw.row_bits,
+        spec=qw.spec, granularity=g, dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info, layout=qw.layout,
     )
 
 
@@ -127,99 +95,162 @@ def _int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return integer_product(a, b).value
 
 
-def _resolve_packing(packing: str | None, spec: GridSpec, row_bits, kind: str, granularity: Granularity,
-                     codes_shape: tuple[int, ...]) -> str:
-    """The codes' byte layout: the one given, else "rows" with per-row widths, else the grid's own."""
-    from specquant.core.pack import PACKINGS, packing_for
+class PackedWeight(nn.Module):
+    """A quantized weight as stored: packed code bytes, scales, zero points and their ``Layout``.
 
-    auto = "rows" if row_bits is not None else (packing_for(spec.levels, spec.bits) if kind == "uniform"
-                                                 else "bits")
-    p = auto if packing is None else packing
-    if p not in PACKINGS:
-        raise ValueError(f"unknown code packing {p!r}; allowed: {', '.join(PACKINGS)}")
-    if p == "rows":
-        if row_bits is None:
-            raise ValueError("the 'rows' packing needs per-row widths (row_bits)")
-        if kind != "uniform" or granularity.kind != "channel" or granularity.axis % len(codes_shape) != 0:
-            raise ValueError("per-row widths need uniform weights with per-output-channel scales")
-        if torch.as_tensor(row_bits).numel() != codes_shape[0]:
-            raise ValueError(f"row_bits has {torch.as_tensor(row_bits).numel()} widths for {codes_shape[0]} rows")
-    elif row_bits is not None:
-        raise ValueError(f"per-row widths need the 'rows' packing, not {p!r}")
-    if p == "trits" and packing_for(spec.levels, spec.bits) != "trits":
-        raise ValueError(f"'trits' packing needs a 3-level grid in 2 bits, not {spec.levels} levels in {spec.bits}")
-    return p
+    Args:
+        layout: how the codes are stored; checked against the grid, granularity, weight shape
+            and ``codes`` (ValueError naming the problem).
+        codes: the packed bytes, ``layout.pack(codes)`` (1-D uint8, ``layout.nbytes()``).
+        scale: one scale per block, ``granularity.scale_shape(layout.shape)``.
+        zero_point: same shape as ``scale``, or None when the symmetric grid fixes it.
+        spec, granularity, weight_shape, dtype, algorithm, info: as ``QuantizedWeight``
+        (``weight_shape``: the module's weight shape; ``dtype``: the original weight dtype).
+    """
 
-
-class _QuantLayer(nn.Module):
-    """Shared storage and weight-only/int8 machinery of the packed layers."""
-
-    layer_type = "base"  # name of the float module type this layer replaces
-
-    def _init_storage(
-        self,
-        weight_shape: tuple[int, ...],
-        spec: GridSpec,
-        granularity: Granularity,
-        codes: torch.Tensor,
-        scale: torch.Tensor,
-        zero_point: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        algorithm: str,
-        info: dict,
-        mode: str,
-        cache_dequantized: bool,
-        kind: str = "uniform",
-        frame: dict | None = None,
-        row_bits: torch.Tensor | None = None,
-        packing: str | None = None,
-    ) -> None:
-        """``codes``: packed uint8 bytes (``core.pack`` layout) of the codes (``codes_shape``)."""
+    def __init__(self, layout: Layout, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 *, spec: GridSpec, granularity: Granularity, weight_shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float32, algorithm: str = "rtn", info: dict | None = None) -> None:
+        super().__init__()
+        if not isinstance(layout, Layout):
+            raise ValueError(f"layout must be a core.layouts.Layout, got {type(layout).__name__}")
         self.weight_shape = tuple(int(s) for s in weight_shape)
+        layout.validate(codes, spec=spec, granularity=granularity, weight_shape=self.weight_shape)
+        self.layout = layout
         self.spec = spec
         self.granularity = granularity
-        self.weight_dtype = dtype
+        self.dtype = dtype
         self.algorithm = algorithm
-        self.info = dict(info)
-        if kind not in WEIGHT_KINDS:
-            raise ValueError(f"unknown weight kind {kind!r}; allowed: {', '.join(WEIGHT_KINDS)}")
-        self.kind = kind
-        if kind == "frame":
-            self.frame = _check_frame(frame, self.weight_shape)
-            d = self.frame["dim"]
-            self.codes_shape = (self.frame["size"], math.prod(self.weight_shape) // d)  # (N, M)
-        else:
-            self.frame = None
-            self.codes_shape = self.weight_shape
-        numel = math.prod(self.codes_shape)
-        self.packing = _resolve_packing(packing, spec, row_bits, kind, granularity, self.codes_shape)
-        self.register_buffer("row_bits", None if row_bits is None else
-                             torch.as_tensor(row_bits).reshape(-1).to(torch.uint8).clone())
-        need = self._code_nbytes()
-        if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != need:
-            raise ValueError(
-                f"packed codes must be a 1-D uint8 tensor of {need} bytes for {numel} codes of "
-                f"{spec.bits} bits ({self.packing} layout), got {codes.dtype} of shape {tuple(codes.shape)}"
-            )
-        sshape = granularity.scale_shape(self.codes_shape)
+        self.info = dict(info or {})
+        sshape = granularity.scale_shape(layout.shape)
         if tuple(scale.shape) != sshape:
-            raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {sshape} "
-                             f"for {granularity.label()}")
+            raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {sshape} for {granularity.label()}")
         if zero_point is not None and tuple(zero_point.shape) != sshape:
             raise ValueError(f"zero_point has shape {tuple(zero_point.shape)}, expected {sshape}")
         if zero_point is None and not spec.symmetric:
             raise ValueError("an asymmetric grid needs its zero points")
-        if self._int8_codes:
+        if self.int8_codes:
             # u − 128 as int8 (flip the top bit): the layout of torch's int8 kernels, same bytes.
-            stored = (codes ^ 0x80).view(torch.int8).reshape(self.codes_shape[0], -1)  # (out, in·k…)
+            stored = (codes ^ 0x80).view(torch.int8).reshape(layout.shape[0], -1)  # (out, in·k…)
         else:
             stored = codes
         self.register_buffer("codes", stored)
         self.register_buffer("scale", scale.detach().clone())
-        zp = None if zero_point is None else zero_point.detach().float().clone()
-        self.register_buffer("zero_point", zp)
+        self.register_buffer("zero_point", None if zero_point is None else zero_point.detach().float().clone())
+        for name, t in layout.tensors().items():
+            self.register_buffer(name, t)
         self.zero_point_value = spec.symmetric_zero_point if zero_point is None else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, weight_shape: tuple[int, ...]) -> PackedWeight:
+        """Pack ``qw`` for a module whose weight has ``weight_shape`` (uniform codes are viewed in
+        that shape; frame codes must describe a weight with its number of rows and entries)."""
+        if not isinstance(qw, QuantizedWeight):
+            raise ValueError(f"specquant.nn has no packed layer for weights of type {type(qw).__name__}")
+        shape = tuple(int(s) for s in weight_shape)
+        if qw.layout.codes_are_weights:
+            qw = _to_module_shape(qw, shape)
+        elif math.prod(qw.shape) != math.prod(shape) or qw.shape[0] != shape[0]:
+            # the engine hands algorithms the (out, in·kh·kw) view: any shape with the same rows fits
+            raise ValueError(f"{qw.layout.name} weight of shape {tuple(qw.shape)} does not fit a weight of shape "
+                             f"{shape}")
+        zp = qw.zero_point
+        implicit = qw.spec.symmetric and bool(torch.all(zp == qw.spec.symmetric_zero_point))
+        return cls(qw.layout, qw.layout.pack(qw.codes.to(torch.uint8)), qw.scale.float(),
+                   None if implicit else zp.float(), spec=qw.spec, granularity=qw.granularity, weight_shape=shape,
+                   dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info)
+
+    # ---- storage --------------------------------------------------------------------------
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def int8_codes(self) -> bool:
+        """Whether ``codes`` holds int8 values u − 128 in (out, in·k…) (one byte per code)."""
+        return self.layout.identity_bytes
+
+    @property
+    def row_chunks(self) -> bool:
+        """Whether rows of the weight can be dequantized without unpacking the others."""
+        return self.layout.codes_are_weights and (self.int8_codes or self.layout.cheap_row_slices)
+
+    def packed_bytes(self) -> torch.Tensor:
+        """The packed codes (1-D uint8, ``layout.pack(codes)``), as ``specquant.save`` writes them."""
+        if self.int8_codes:
+            return self.codes.reshape(-1).view(torch.uint8) ^ 0x80
+        return self.codes
+
+    def unpack(self) -> torch.Tensor:
+        """uint8 codes in ``layout.shape`` (the weight's shape for uniform weights)."""
+        if self.int8_codes:  # one byte per code: the bytes are the codes
+            return self.packed_bytes().reshape(self.layout.shape)
+        return self.layout.unpack(self.codes)
+
+    def zero_point_tensor(self) -> torch.Tensor:
+        """Zero points in the scale's shape (float32), also when the grid fixes them."""
+        if self.zero_point is not None:
+            return self.zero_point
+        return torch.full(tuple(self.scale.shape), self.zero_point_value, dtype=torch.float32,
+                          device=self.scale.device)
+
+    def to_quantized_weight(self) -> QuantizedWeight:
+        """The ``QuantizedWeight`` this was packed from (codes unpacked, scales as stored)."""
+        return from_stored(self.layout, self.unpack(), self.scale.float(), self.zero_point_tensor(), spec=self.spec,
+                           granularity=self.granularity, weight_shape=self.weight_shape, dtype=self.dtype,
+                           algorithm=self.algorithm, info=self.info)
+
+    # ---- dequantization ---------------------------------------------------------------------
+
+    def _zero_point_for(self, r0: int, r1: int):
+        """Zero point matching the stored codes (shifted by 128 for int8 codes), rows r0:r1 if per row."""
+        off = 128.0 if self.int8_codes else 0.0
+        if self.zero_point is None:
+            return self.zero_point_value - off
+        zp = self.zero_point
+        if zp.shape[0] == self.weight_shape[0] and zp.shape[0] > 1:
+            zp = zp[r0:r1]
+        # codes are u − 128 at 8 bits: (u − 128) − (zp − 128) == u − zp exactly (small integers)
+        return zp - off if off else zp
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (original shape and dtype): equal to ``to_quantized_weight().dequantize()``."""
+        if not self.layout.codes_are_weights:
+            return self.to_quantized_weight().dequantize().reshape(self.weight_shape).contiguous()
+        return self.dequantize_rows(0, self.weight_shape[0])
+
+    def dequantize_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the float weight, (r1 − r0, *weight_shape[1:]) in the original dtype, uniform
+        weights only: the same float operations as ``QuantizedWeight.dequantize()`` on those rows."""
+        rows, n = r1 - r0, self.weight_shape[0]
+        blocked = self.granularity.blocked_shape(self.weight_shape)
+        c = self.codes[r0:r1] if self.int8_codes else self.layout.unpack_rows(self.codes, r0, r1)
+        per_row = self.scale.shape[0] == n and n > 1
+        s = (self.scale[r0:r1] if per_row else self.scale).float()
+        # (codes − zp)·scale, the subtraction fused with the uint8/int8 → float32 conversion: the
+        # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer
+        w = (c.reshape(rows, *blocked[1:]) - self._zero_point_for(r0, r1)) * s
+        return w.reshape(rows, *self.weight_shape[1:]).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.layout!r}, grid={self.spec.kind}, granularity={self.granularity.label()}, "
+                f"zero_point={'stored' if self.zero_point is not None else 'implicit'}")
+
+
+class _QuantLayer(nn.Module):
+    """Shared weight-only/int8 machinery of the packed layers, over ``self.packed``."""
+
+    layer_type = "base"  # name of the float module type this layer replaces
+
+    def _init_layer(self, weight_shape: tuple[int, ...], packed: PackedWeight, bias: torch.Tensor | None,
+                    mode: str, cache_dequantized: bool) -> None:
+        if not isinstance(packed, PackedWeight):
+            raise ValueError(f"packed must be a PackedWeight, got {type(packed).__name__}")
+        shape = tuple(int(s) for s in weight_shape)
+        if packed.weight_shape != shape:
+            raise ValueError(f"the packed weight has shape {packed.weight_shape}, this layer's weight {shape}")
+        self.packed = packed
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
@@ -230,88 +261,19 @@ class _QuantLayer(nn.Module):
         self.mode = "weight_only"
         self.set_mode(mode)
 
-    # ---- storage --------------------------------------------------------------------------
-
     @property
-    def bits(self) -> int:
-        return self.spec.bits
-
-    @property
-    def _int8_codes(self) -> bool:
-        """Whether the codes buffer holds int8 values u − 128 (plain 8-bit layout)."""
-        return self.packing == "bits" and self.spec.bits == 8
-
-    def _code_nbytes(self) -> int:
-        return layout_nbytes(self.packing, self.spec, self.codes_shape, self.row_bits)
-
-    def packed_codes(self) -> torch.Tensor:
-        """The codes in the ``core.pack`` layout (1-D uint8), as ``specquant.save`` writes them."""
-        if self._int8_codes:
-            return self.codes.reshape(-1).view(torch.uint8) ^ 0x80
-        return self.codes
-
-    def unpacked_codes(self) -> torch.Tensor:
-        """uint8 codes in ``codes_shape`` (the weight's shape for uniform weights)."""
-        if self.packing != "bits":
-            return unpack_layout(self.codes, self.packing, self.spec, self.codes_shape, self.row_bits)
-        n = math.prod(self.codes_shape)
-        return unpack_codes(self.packed_codes(), self.bits, n).reshape(self.codes_shape)
-
-    def zero_point_tensor(self) -> torch.Tensor:
-        """Zero points in the scale's shape (float32), also when the grid fixes them."""
-        if self.zero_point is not None:
-            return self.zero_point
-        return torch.full(tuple(self.scale.shape), self.zero_point_value, dtype=torch.float32,
-                          device=self.scale.device)
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.packed.weight_shape
 
     def to_quantized_weight(self) -> QuantizedWeight:
         """The ``QuantizedWeight`` this layer was built from (codes unpacked, scales as stored)."""
-        if self.kind == "frame":
-            from specquant.algorithms.frame import FrameQuantizedWeight
-
-            f = self.frame
-            return FrameQuantizedWeight(
-                codes=self.unpacked_codes(), scale=self.scale.float(), zero_point=self.zero_point_tensor(),
-                spec=self.spec, granularity=self.granularity, dtype=self.weight_dtype,
-                algorithm=self.algorithm, info=dict(self.info), weight_shape=self.weight_shape,
-                frame_kind=f["kind"], frame_dim=f["dim"], frame_size=f["size"], frame_seed=f["seed"],
-                order=f["order"], along=f["along"],
-            )
-        return QuantizedWeight(
-            codes=self.unpacked_codes(), scale=self.scale.float(), zero_point=self.zero_point_tensor(),
-            spec=self.spec, granularity=self.granularity, dtype=self.weight_dtype, algorithm=self.algorithm,
-            info=dict(self.info), row_bits=None if self.row_bits is None else self.row_bits.clone(),
-        )
-
-    def _zero_point_for(self, r0: int | None = None, r1: int | None = None):
-        """Zero point matching the stored codes (shifted by 128 at 8 bits), rows r0:r1 if per row."""
-        off = 128.0 if self._int8_codes else 0.0
-        if self.zero_point is None:
-            return self.zero_point_value - off
-        zp = self.zero_point
-        if r0 is not None and zp.shape[0] == self.weight_shape[0] and zp.shape[0] > 1:
-            zp = zp[r0:r1]
-        # codes are u − 128 at 8 bits: (u − 128) − (zp − 128) == u − zp exactly (small integers)
-        return zp - off if off else zp
+        return self.packed.to_quantized_weight()
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (original shape and dtype): equal to ``QuantizedWeight.dequantize()``."""
         if self._wcache is not None:
             return self._wcache
-        if self.kind == "frame":
-            w = self.to_quantized_weight().dequantize().reshape(self.weight_shape).contiguous()
-            if self.cache_dequantized:
-                self._wcache = w
-            return w
-        blocked = self.granularity.blocked_shape(self.weight_shape)
-        if self._int8_codes:
-            c = self.codes.reshape(blocked)
-        else:
-            c = self.unpacked_codes().reshape(blocked)
-        # (codes − zp)·scale, the subtraction fused with the uint8/int8 → float32 conversion: the
-        # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer
-        w = (c - self._zero_point_for()) * self.scale.float()
-        w = w.reshape(self.weight_shape).to(self.weight_dtype)
+        w = self.packed.dequantize()
         if self.cache_dequantized:
             self._wcache = w
         return w
@@ -324,12 +286,12 @@ class _QuantLayer(nn.Module):
 
     def int8_eligible(self) -> str | None:
         """None when the int8 dynamic path can run, else the reason it cannot."""
-        g = self.granularity
-        if self.kind != "uniform":
-            return f"needs uniform weights, this layer's are {self.kind}-quantized"
-        if not self._int8_codes:
-            return f"needs 8-bit weights, this layer has {self.bits}" + (
-                "" if self.packing == "bits" else f" ({self.packing} layout)")
+        p = self.packed
+        g = p.granularity
+        if not p.layout.codes_are_weights:
+            return f"needs uniform weights, this layer's are {p.layout.weight_kind}-quantized"
+        if not p.int8_codes:
+            return f"needs 8-bit weights, one byte per code; this layer has {p.bits} bits ({p.layout.name} layout)"
         if g.kind == "group":
             return "needs per-tensor or per-output-channel scales, not groups"
         if g.kind == "channel" and g.axis % len(self.weight_shape) != 0:
@@ -347,7 +309,7 @@ class _QuantLayer(nn.Module):
             why = self.int8_eligible()
             if why is not None:
                 raise ValueError(f"int8_dynamic mode {why}")
-            w8 = self.codes  # (N, K) int8
+            w8 = self.packed.codes  # (N, K) int8
             self._colsum = w8.to(torch.int64).sum(dim=1).to(torch.float64)  # (N,) Σ_k (u − 128)
         else:
             self._colsum = None
@@ -367,10 +329,10 @@ class _QuantLayer(nn.Module):
         The zero-point expansion of ``core.intmatmul.int_matmul``, in float64, with the int8
         product from ``torch._int_mm`` (int32 accumulation) or ``core.intmatmul.integer_product``.
         """
-        w8 = self.codes  # (N, K) int8 = u − 128
+        w8 = self.packed.codes  # (N, K) int8 = u − 128
         K = w8.shape[1]
         bracket = _int8_mm(a8, w8.t()).to(torch.float64)  # (M, N) exact integers
-        z_b = self.zero_point_tensor().to(torch.float64).reshape(1, -1) - 128.0  # (1, N) or (1, 1)
+        z_b = self.packed.zero_point_tensor().to(torch.float64).reshape(1, -1) - 128.0  # (1, N) or (1, 1)
         if z_a is not None:
             bracket = bracket - z_a * self._colsum.reshape(1, -1)
         if bool((z_b != 0).any()):
@@ -378,7 +340,7 @@ class _QuantLayer(nn.Module):
             bracket = bracket - rowsum_a * z_b
             if z_a is not None:
                 bracket = bracket + K * (z_a * z_b)
-        s_b = self.scale.to(torch.float64).reshape(1, -1)  # (1, N) or (1, 1)
+        s_b = self.packed.scale.to(torch.float64).reshape(1, -1)  # (1, N) or (1, 1)
         return ((s_a.to(torch.float64).reshape(-1, 1) * s_b) * bracket).to(out_dtype)
 
     def _apply(self, fn, *args, **kwargs):  # keep the cache consistent with .to()/.half()
@@ -386,73 +348,7 @@ class _QuantLayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, bits={self.bits}, grid={self.spec.kind}, packing={self.packing}, "
-                f"granularity={self.granularity.label()}, mode={self.mode}, bias={self.bias is not None}")
-
-    # ---- construction helpers -------------------------------------------------------------
-
-    @staticmethod
-    def _storage_from_quantized(qw: QuantizedWeight, shape: tuple[int, ...]) -> dict:
-        """Constructor arguments (packed codes, scales, …) of a layer with weight ``shape``."""
-        frame_cls = _frame_weight_class()
-        if frame_cls is not None and isinstance(qw, frame_cls):
-            # the engine hands algorithms the (out, in·kh·kw) view: any shape with the same rows fits
-            if math.prod(qw.shape) != math.prod(shape) or qw.shape[0] != shape[0]:
-                raise ValueError(f"frame-quantized weight of shape {tuple(qw.shape)} does not fit a "
-                                 f"weight of shape {tuple(shape)}")
-            n_vec = math.prod(shape) // max(1, int(qw.frame_dim))
-            if tuple(qw.codes.shape) != (int(qw.frame_size), n_vec):
-                raise ValueError(f"frame codes have shape {tuple(qw.codes.shape)}, expected "
-                                 f"({qw.frame_size}, {n_vec}) (grouped convolutions are not supported)")
-            if qw.along not in ("input", "output"):
-                raise ValueError(f"a frame-quantized weight must run along 'input' or 'output', "
-                                 f"got {qw.along!r}")
-            frame = {"kind": qw.frame_kind, "dim": int(qw.frame_dim), "size": int(qw.frame_size),
-                     "seed": int(qw.frame_seed), "order": int(qw.order), "along": qw.along}
-            kind = "frame"
-        elif type(qw) is QuantizedWeight:
-            qw = _to_module_shape(qw, shape)
-            frame, kind = None, "uniform"
-        else:
-            raise ValueError(f"specquant.nn has no packed layer for weights of type {type(qw).__name__}")
-        zp = qw.zero_point
-        implicit = qw.spec.symmetric and bool(torch.all(zp == qw.spec.symmetric_zero_point))
-        packing = qw.packing if kind == "uniform" else "bits"
-        packed = pack_layout(qw.codes.to(torch.uint8), packing, qw.spec, qw.row_bits)
-        return {
-            "spec": qw.spec, "granularity": qw.granularity, "codes": packed,
-            "scale": qw.scale.float(), "zero_point": None if implicit else zp.float(), "dtype": qw.dtype,
-            "algorithm": qw.algorithm, "info": qw.info, "kind": kind, "frame": frame,
-            "row_bits": qw.row_bits if kind == "uniform" else None, "packing": packing,
-        }
-
-
-WEIGHT_KINDS = ("uniform", "frame")
-FRAME_KEYS = ("kind", "dim", "size", "seed", "order", "along")
-
-
-def _frame_weight_class():
-    """``FrameQuantizedWeight`` when the frame algorithm is installed, else None."""
-    try:
-        from specquant.algorithms.frame import FrameQuantizedWeight
-    except ImportError:  # pragma: no cover - frame quantization is optional
-        return None
-    return FrameQuantizedWeight
-
-
-def _check_frame(frame: dict | None, weight_shape: tuple[int, ...]) -> dict:
-    if not isinstance(frame, dict) or set(frame) != set(FRAME_KEYS):
-        raise ValueError(f"a frame layer needs frame parameters {', '.join(FRAME_KEYS)}, got {frame!r}")
-    d, n = frame["dim"], frame["size"]
-    ints = ("dim", "size", "seed", "order")
-    if not all(isinstance(frame[k], int) and not isinstance(frame[k], bool) for k in ints):
-        raise ValueError(f"frame dim, size, seed and order must be integers, got {frame!r}")
-    numel = math.prod(weight_shape)
-    rows = weight_shape[0]
-    expect_d = numel // rows if frame["along"] == "input" else rows
-    if frame["along"] not in ("input", "output") or d != expect_d or n < d:
-        raise ValueError(f"frame parameters {frame!r} do not fit a weight of shape {weight_shape}")
-    return dict(frame)
+        return f"mode={self.mode}, bias={self.bias is not None}"
 
 
 class QuantLinear(_QuantLayer):
@@ -460,17 +356,12 @@ class QuantLinear(_QuantLayer):
 
     layer_type = "Linear"
 
-    def __init__(self, in_features: int, out_features: int, *, spec: GridSpec, granularity: Granularity,
-                 codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, algorithm: str = "rtn",
-                 info: dict | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
-                 kind: str = "uniform", frame: dict | None = None, row_bits: torch.Tensor | None = None,
-                 packing: str | None = None):
+    def __init__(self, in_features: int, out_features: int, *, packed: PackedWeight,
+                 bias: torch.Tensor | None = None, mode: str = "weight_only", cache_dequantized: bool = False):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self._init_storage((out_features, in_features), spec, granularity, codes, scale, zero_point, bias,
-                           dtype, algorithm, info or {}, mode, cache_dequantized, kind, frame, row_bits, packing)
+        self._init_layer((out_features, in_features), packed, bias, mode, cache_dequantized)
 
     @classmethod
     def from_quantized(cls, module: nn.Linear, qweight: QuantizedWeight | None = None, *,
@@ -479,9 +370,9 @@ class QuantLinear(_QuantLayer):
         qw = qweight if qweight is not None else getattr(module, "qweight", None)
         if qw is None:
             raise ValueError("the module has no .qweight; pass the QuantizedWeight explicitly")
-        st = cls._storage_from_quantized(qw, tuple(module.weight.shape))
-        return cls(module.in_features, module.out_features, bias=module.bias, mode=mode,
-                   cache_dequantized=cache_dequantized, **st)
+        packed = PackedWeight.from_quantized(qw, tuple(module.weight.shape))
+        return cls(module.in_features, module.out_features, packed=packed, bias=module.bias, mode=mode,
+                   cache_dequantized=cache_dequantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8_dynamic":
@@ -491,8 +382,7 @@ class QuantLinear(_QuantLayer):
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*lead, self.out_features)
         n = self.out_features * self.in_features
-        if (self._wcache is not None or self.cache_dequantized or n <= CHUNK_WEIGHTS or self.kind != "uniform"
-                or self.packing != "bits"):
+        if self._wcache is not None or self.cache_dequantized or n <= CHUNK_WEIGHTS or not self.packed.row_chunks:
             w = self.dequantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return self._chunked_linear(x)
@@ -509,23 +399,14 @@ class QuantLinear(_QuantLayer):
         (bit-identical with the BLAS here, checked by the tests) while the float weight never
         exists whole: a chunk stays in cache and the layer's memory stays the packed size.
         """
-        N, K, bits = self.out_features, self.in_features, self.bits
-        blocked = self.granularity.blocked_shape(self.weight_shape)
-        per_row = self.scale.shape[0] == N and N > 1
+        N = self.out_features
         y = x.new_empty(*x.shape[:-1], N)
         step = self._rows_chunk()
         for r0 in range(0, N, step):
             r1 = min(N, r0 + step)
-            rows = r1 - r0
-            if bits == 8:
-                c = self.codes[r0:r1]
-            else:
-                start = r0 * K * bits // 8  # exact: r0 is a multiple of 8
-                c = unpack_codes(self.codes[start:], bits, rows * K)
-            s = (self.scale[r0:r1] if per_row else self.scale).float()
-            w = (c.reshape(rows, *blocked[1:]) - self._zero_point_for(r0, r1)) * s
+            w = self.packed.dequantize_rows(r0, r1)  # (rows, K) in the weight's dtype
             b = None if self.bias is None else self.bias[r0:r1].to(x.dtype)
-            y[..., r0:r1] = F.linear(x, w.reshape(rows, K).to(self.weight_dtype).to(x.dtype), b)
+            y[..., r0:r1] = F.linear(x, w.to(x.dtype), b)
         return y
 
 
@@ -536,12 +417,8 @@ class _QuantConvNd(_QuantLayer):
     _conv = staticmethod(F.conv2d)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, padding_mode: str = "zeros", *, spec: GridSpec, granularity: Granularity,
-                 codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, algorithm: str = "rtn",
-                 info: dict | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
-                 kind: str = "uniform", frame: dict | None = None, row_bits: torch.Tensor | None = None,
-                 packing: str | None = None):
+                 groups: int = 1, padding_mode: str = "zeros", *, packed: PackedWeight,
+                 bias: torch.Tensor | None = None, mode: str = "weight_only", cache_dequantized: bool = False):
         super().__init__()
         d = self._dims
 
@@ -557,8 +434,7 @@ class _QuantConvNd(_QuantLayer):
         if padding_mode != "zeros":
             self._reversed_padding_repeated_twice = [p for p in reversed(self.padding) for _ in range(2)]
         shape = (out_channels, in_channels // groups, *self.kernel_size)
-        self._init_storage(shape, spec, granularity, codes, scale, zero_point, bias, dtype, algorithm,
-                           info or {}, mode, cache_dequantized, kind, frame, row_bits, packing)
+        self._init_layer(shape, packed, bias, mode, cache_dequantized)
 
     @classmethod
     def from_quantized(cls, module: nn.Module, qweight: QuantizedWeight | None = None, *,
@@ -569,10 +445,10 @@ class _QuantConvNd(_QuantLayer):
             raise ValueError("the module has no .qweight; pass the QuantizedWeight explicitly")
         if getattr(module, "transposed", False):
             raise ValueError("transposed convolutions are not supported")
-        st = cls._storage_from_quantized(qw, tuple(module.weight.shape))
+        packed = PackedWeight.from_quantized(qw, tuple(module.weight.shape))
         return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                   module.dilation, module.groups, module.padding_mode, bias=module.bias, mode=mode,
-                   cache_dequantized=cache_dequantized, **st)
+                   module.dilation, module.groups, module.padding_mode, packed=packed, bias=module.bias, mode=mode,
+                   cache_dequantized=cache_dequantized)
 
     def _int8_layer_reason(self) -> str | None:
         if self._dims != 2:
@@ -607,13 +483,13 @@ class _QuantConvNd(_QuantLayer):
         cols = F.unfold(a, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
         K, L = cols.shape[1], cols.shape[2]
         a8t = cols.to(torch.int8).permute(1, 0, 2).reshape(K, B * L)  # (K, B·L) exact small integers
-        bracket = _int8_mm(self.codes, a8t).to(torch.float64)  # (N, B·L)
-        z_b = self.zero_point_tensor().to(torch.float64).reshape(-1, 1) - 128.0  # (N, 1) or (1, 1)
+        bracket = _int8_mm(self.packed.codes, a8t).to(torch.float64)  # (N, B·L)
+        z_b = self.packed.zero_point_tensor().to(torch.float64).reshape(-1, 1) - 128.0  # (N, 1) or (1, 1)
         if bool((z_b != 0).any()):
             colsum_a = a8t.to(torch.int64).sum(dim=0, keepdim=True).to(torch.float64)  # (1, B·L)
             bracket = bracket - z_b * colsum_a
         s_a = xa.scale.to(torch.float64).reshape(B, 1).expand(B, L).reshape(1, B * L)  # (1, B·L)
-        s_b = self.scale.to(torch.float64).reshape(-1, 1)  # (N, 1) or (1, 1)
+        s_b = self.packed.scale.to(torch.float64).reshape(-1, 1)  # (N, 1) or (1, 1)
         y = ((s_b * s_a) * bracket).to(x.dtype).reshape(-1, B, L).permute(1, 0, 2)  # (B, N, L)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).reshape(1, -1, 1)
