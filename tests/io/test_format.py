@@ -413,7 +413,7 @@ def test_failed_write_leaves_no_temp_file_and_keeps_the_old_file(nets, tmp_path,
     fq = _quantized(model, RTNConfig(bits=4), x)
     path = save(fq, tmp_path / "m.sq", arch=arch)
     before = path.read_bytes()
-    from specquant.io import format as fmt
+    from specquant.io import files as fmt  # the one atomic writer
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -368,3 +368,14 @@ def test_a_model_with_attention_round_trips(tmp_path, with_data):
     loaded = load(save(m, tmp_path / "a.sq", arch=WithAttention), build=WithAttention)
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
+
+
+def test_non_finite_values_in_layer_info_are_saved_as_strict_json(tmp_path):
+    m = _net()
+    quantize(m, RTNConfig(bits=4), calib=torch.randn(16, 6), progress=False)
+    m[0].qweight.info["probe"] = torch.tensor([float("nan"), float("inf"), 1.0])  # small tensors become lists
+    path = save(m, tmp_path / "n.sq", arch=_net)
+    loaded = load(path, build=_net)
+    assert read_header(path)["layers"][0]["info"]["probe"] == ["nan", "inf", 1.0]
+    x = torch.randn(3, 6)
+    assert torch.equal(loaded(x), m(x))

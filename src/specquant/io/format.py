@@ -92,7 +92,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,6 +101,8 @@ from torch import nn
 from specquant._version import __version__
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.layouts import Layout, layout_tensor_names
+from specquant.io.files import atomic_write_bytes
+from specquant.io.files import loads as strict_loads
 from specquant.nn.layers import (
     PackedWeight,
     QuantConv1d,
@@ -142,7 +143,7 @@ def _jsonable(v):
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     if isinstance(v, torch.Tensor):
-        return v.tolist() if v.numel() <= 16 else f"tensor{tuple(v.shape)}"
+        return _jsonable(v.tolist()) if v.numel() <= 16 else f"tensor{tuple(v.shape)}"
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -498,52 +499,12 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     from safetensors.torch import save as st_save
 
     data = st_save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
-    return _write_atomic(Path(path), data)
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write through a temporary file in the same folder, fsync it, then ``os.replace``."""
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable too (not possible on every platform)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    return atomic_write_bytes(Path(path), data)
 
 
 # ---------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _strict_json(text) -> object:
-    """``json.loads`` that refuses NaN/Infinity and turns any failure into ValueError."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
 
 
 def _open_regular(path: Path) -> tuple[object, int]:
@@ -618,7 +579,7 @@ def _read_file(path: Path, *, with_tensors: bool = True) -> tuple[dict, dict[str
     if len(raw) != n:
         raise SQFormatError(f"{path}: truncated file (the file changed while it was read)")
     try:
-        st_header = _strict_json(raw.decode("utf-8"))
+        st_header = strict_loads(raw.decode("utf-8"))
         if not isinstance(st_header, dict):
             raise ValueError
     except (UnicodeDecodeError, ValueError):
@@ -631,7 +592,7 @@ def _read_file(path: Path, *, with_tensors: bool = True) -> tuple[dict, dict[str
         raise SQFormatError(f"{path}: not a specquant file (a safetensors file without a specquant header)")
     _check_st_entries(path, st_header, n, size)
     try:
-        header = _strict_json(meta[METADATA_KEY])
+        header = strict_loads(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise ValueError
     except (TypeError, ValueError):
