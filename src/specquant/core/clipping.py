@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from specquant.core.grid import GridSpec, check_bits, check_finite
+from specquant.core.metrics import kl_divergence
 
 CLIPPING_METHODS = ("minmax", "percentile", "mse", "aciq-gauss", "aciq-laplace", "kl")
 ACIQ_DISTRIBUTIONS = ("gauss", "laplace")
@@ -260,8 +261,6 @@ def kl_threshold(values: np.ndarray, levels: int, bins: int = KL_BINS) -> float:
     ``KL_MIN_PER_BIN`` values (few values: fewer bins, down to ``levels``, i.e. min-max), and a
     cut whose kept values all fall in one quantization bin (P ∝ Q trivially) is not a candidate.
     """
-    from specquant.core.metrics import kl_divergence
-
     values = np.asarray(values, dtype=np.float64).ravel()
     vmax = float(values.max()) if values.size else 0.0
     if vmax <= 0.0:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specquant.core.rounding import round_values
+
 GRID_KINDS = ("narrow", "full", "midrise", "binary", "asymmetric")
 GRANULARITY_KINDS = ("tensor", "channel", "group")
 
@@ -160,8 +162,6 @@ def quantize_codes(
     ``scale`` and ``zp`` broadcast against ``x``.  Blocks with ``scale == 0`` get the code
     nearest to the zero point (they dequantize to 0).
     """
-    from specquant.core.rounding import round_values
-
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     t = x / safe + zp  # (…) position on the code axis
     t = torch.where(scale > 0, t, torch.zeros_like(t) + zp)

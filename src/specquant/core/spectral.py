@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from specquant.core.grid import check_bits, check_finite
+from specquant.core.quantizer import quantize_tensor
 from specquant.core.qweight import QuantizedWeight
 
 
@@ -196,8 +197,6 @@ def spectral_norm_quantize(w: torch.Tensor, bits: int, **quantize_kwargs) -> Qua
     the same result as Q_b(W) up to float rounding; the normalisation only matters for a
     grid fixed in absolute terms.
     """
-    from specquant.core.quantizer import quantize_tensor
-
     op = operator_norm(w)
     if op == 0.0:
         qw = quantize_tensor(w, bits, **quantize_kwargs)

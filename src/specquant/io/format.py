@@ -244,6 +244,8 @@ def build_skeleton(model_info: dict, data_dir=None, *, build: Callable[[], nn.Mo
             raise TypeError(f"build must be a function returning the architecture, got {type(build).__name__}")
         model = _call_builder(build, f"build={getattr(build, '__qualname__', build)!r}")
     elif zoo_id is not None:
+        # Imported here: models.zoo writes its cache through specquant.io.files, whose package
+        # __init__ imports this module, so a module-level import would be circular.
         from specquant.models.zoo import get_entry
 
         try:
