@@ -73,8 +73,8 @@ def test_lazy_blocks_give_the_same_codes(layer_data, stats_from):
     spec, S, Z = _grid(W, 2)
     start = torch.zeros_like(W, dtype=torch.float64)
     order = torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(3))
-    one = refine_codes(W, start, st.H, st.G, S, Z, spec, sweeps=3, order=order, block_size=W.shape[1])
-    lazy = refine_codes(W, start, st.H, st.G, S, Z, spec, sweeps=3, order=order, block_size=5)
+    one = refine_codes(W, start, st.H, st.G, S, Z, spec, sweeps=3, col_order=order, block_size=W.shape[1])
+    lazy = refine_codes(W, start, st.H, st.G, S, Z, spec, sweeps=3, col_order=order, block_size=5)
     assert torch.allclose(one, lazy, atol=1e-9)
 
 
@@ -90,6 +90,6 @@ def test_row_chunks_give_the_same_result(layer_data, stats_from):
     whole = path_follow(W, st.H, st.G, S, Z, spec, order)
     chunked = path_follow(W, st.H, st.G, S, Z, spec, order, row_chunk=5)
     assert torch.allclose(whole, chunked, atol=1e-12)
-    r1 = refine_codes(W, whole, st.H, st.G, S, Z, spec, sweeps=2, order=order)
-    r2 = refine_codes(W, whole, st.H, st.G, S, Z, spec, sweeps=2, order=order, row_chunk=7)
+    r1 = refine_codes(W, whole, st.H, st.G, S, Z, spec, sweeps=2, col_order=order)
+    r2 = refine_codes(W, whole, st.H, st.G, S, Z, spec, sweeps=2, col_order=order, row_chunk=7)
     assert torch.allclose(r1, r2, atol=1e-12)

@@ -54,7 +54,7 @@ def path_follow(
     S: torch.Tensor,  # (out, N0) step per entry
     Z: torch.Tensor,  # (out, N0) zero point per entry
     spec: GridSpec,
-    order: torch.Tensor,  # (N0,) processing order
+    col_order: torch.Tensor,  # (N0,) processing order
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     block_size: int = 128,
@@ -69,17 +69,17 @@ def path_follow(
     that a block of updates stays in cache and the cost stays linear in the number of neurons."""
     if W.shape[0] > row_chunk:
         return torch.cat([
-            path_follow(W[r:r + row_chunk], H, G, S[r:r + row_chunk], Z[r:r + row_chunk], spec, order, rounding,
+            path_follow(W[r:r + row_chunk], H, G, S[r:r + row_chunk], Z[r:r + row_chunk], spec, col_order, rounding,
                         generator, block_size, None if V0 is None else V0[r:r + row_chunk], quantize, row_chunk)
             for r in range(0, W.shape[0], row_chunk)
         ])
-    Wt = W.double()[:, order].T.contiguous()  # (N0, out)
-    H = H.double()[order][:, order]
-    G = G.double()[order][:, order]
-    St = S.double()[:, order].T.contiguous()  # (N0, out)
-    Zt = Z.double()[:, order].T.contiguous()  # (N0, out)
+    Wt = W.double()[:, col_order].T.contiguous()  # (N0, out)
+    H = H.double()[col_order][:, col_order]
+    G = G.double()[col_order][:, col_order]
+    St = S.double()[:, col_order].T.contiguous()  # (N0, out)
+    Zt = Z.double()[:, col_order].T.contiguous()  # (N0, out)
     n, out = Wt.shape
-    V = torch.zeros(n, out, dtype=torch.float64) if V0 is None else V0.double()[:, order].T.contiguous()
+    V = torch.zeros(n, out, dtype=torch.float64) if V0 is None else V0.double()[:, col_order].T.contiguous()
     Q = torch.zeros(n, out, dtype=torch.float64)  # (N0, out)
     d = torch.diagonal(H).clone()
     g = torch.diagonal(G).clone()
@@ -103,7 +103,7 @@ def path_follow(
                 V[t + 1:i1].addr_(G[t + 1:i1, t], Wt[t]).addr_(H[t + 1:i1, t], q, alpha=-1)
         if i1 < n:
             V[i1:].addmm_(G[i1:, i0:i1], Wt[i0:i1]).addmm_(H[i1:, i0:i1], Q[i0:i1], alpha=-1)
-    inv = torch.argsort(order)
+    inv = torch.argsort(col_order)
     return Q.T[:, inv]
 
 
@@ -115,18 +115,18 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, ctx:
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, config.c_alpha)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
-    order = column_order(stats.H, config.act_order)
+    col_order = column_order(stats.H, config.act_order)
     if config.search and gran.kind == "channel":
-        scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, order, config)
+        scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, col_order, config)
     else:
-        W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, block_size=config.block_size)
-        W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, order, config.block_size)
+        W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, col_order, block_size=config.block_size)
+        W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, col_order, config.block_size)
     info = {"scale_rule": config.scale_rule, "act_order": config.act_order, "search": list(config.search),
             "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype)
 
 
-def _search_steps(W, stats, scale, zp, spec, order, config):
+def _search_steps(W, stats, scale, zp, spec, col_order, config):
     """Run the path once per step multiplier (all candidates stacked as extra rows, since rows
     are independent) and keep, per output channel, the step with the smallest output error."""
     mults = (1.0,) + tuple(m for m in config.search if m != 1.0)
@@ -135,8 +135,8 @@ def _search_steps(W, stats, scale, zp, spec, order, config):
     Ss = torch.cat([s0 * m for m in mults]).expand(K * out, n)  # (K·out, N0)
     Zs = zp.reshape(out, 1).double().repeat(K, 1).expand(K * out, n)
     Wk = W.double().repeat(K, 1)  # (K·out, N0)
-    Q = path_follow(Wk, stats.H, stats.G, Ss, Zs, spec, order, block_size=config.block_size)
-    Q = refine_codes(Wk, Q, stats.H, stats.G, Ss, Zs, spec, config.refine_sweeps, order, config.block_size)
+    Q = path_follow(Wk, stats.H, stats.G, Ss, Zs, spec, col_order, block_size=config.block_size)
+    Q = refine_codes(Wk, Q, stats.H, stats.G, Ss, Zs, spec, config.refine_sweeps, col_order, config.block_size)
     err = row_output_error(Wk, Q, stats.H, stats.G, None).reshape(K, out)  # (K, out), up to a per-row constant
     best = err.argmin(0)  # (out,)
     idx = torch.arange(out)

@@ -35,17 +35,17 @@ class GPTQConfig(QuantConfig):
 
 
 def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: GridSpec,
-              order: torch.Tensor, damp: float = 0.01, block_size: int = 128, layer: str = "layer") -> torch.Tensor:
+              col_order: torch.Tensor, damp: float = 0.01, block_size: int = 128, layer: str = "layer") -> torch.Tensor:
     """Quantized Ŵ (out, N0) in the original column order.  S, Z: (out, N0) step and zero point."""
     W = W.double().clone()
     H = H.double().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    W = W[:, order]
-    H = H[order][:, order]
-    S = S.double()[:, order]
-    Z = Z.double()[:, order]
+    W = W[:, col_order]
+    H = H[col_order][:, col_order]
+    S = S.double()[:, col_order]
+    Z = Z.double()[:, col_order]
     n = W.shape[1]
     mean_diag = torch.diagonal(H).mean()
     H += damp * mean_diag * torch.eye(n, dtype=torch.float64)
@@ -73,7 +73,7 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
             E1[:, j] = err
         W[:, i1:] -= E1 @ U[i0:i1, i1:]
-    inv = torch.argsort(order)
+    inv = torch.argsort(col_order)
     return Q[:, inv]
 
 
@@ -86,11 +86,12 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx:
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
-    order = column_order(stats.H, config.act_order)
-    W_hat = gptq_core(W, stats.H, S, Z, spec, order, config.damp, config.block_size, ctx.layer)
+    col_order = column_order(stats.H, config.act_order)
+    W_hat = gptq_core(W, stats.H, S, Z, spec, col_order, config.damp, config.block_size, ctx.layer)
     dead = torch.diagonal(stats.H) == 0
     W_live = torch.where(dead[None, :], torch.zeros_like(W), W)  # GPTQ's target: dead inputs' weights are 0
-    W_hat = refine_codes(W_live, W_hat, stats.H, stats.H, S, Z, spec, config.refine_sweeps, order, config.block_size)
+    W_hat = refine_codes(W_live, W_hat, stats.H, stats.H, S, Z, spec, config.refine_sweeps, col_order,
+                         config.block_size)
     info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule,
             "refine_sweeps": config.refine_sweeps}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)

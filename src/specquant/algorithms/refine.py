@@ -37,7 +37,7 @@ def refine_codes(
     Z: torch.Tensor,  # (out, N0) zero point per entry
     spec: GridSpec,
     sweeps: int = 1,
-    order: torch.Tensor | None = None,  # (N0,) visiting order; default natural
+    col_order: torch.Tensor | None = None,  # (N0,) visiting order; default natural
     block_size: int = 128,  # columns per lazy batch of residual updates (speed only)
     row_chunk: int = 4096,  # neurons per pass (speed only: rows are independent; keeps blocks in cache)
 ) -> torch.Tensor:
@@ -53,11 +53,11 @@ def refine_codes(
     if W.shape[0] > row_chunk:
         return torch.cat([
             refine_codes(W[r:r + row_chunk], W_hat[r:r + row_chunk], H, G, S[r:r + row_chunk], Z[r:r + row_chunk],
-                         spec, sweeps, order, block_size, row_chunk)
+                         spec, sweeps, col_order, block_size, row_chunk)
             for r in range(0, W.shape[0], row_chunk)
         ])
     n = W.shape[1]
-    perm = torch.arange(n) if order is None else order
+    perm = torch.arange(n) if col_order is None else col_order
     # Transposed (N0, out) copies in visiting order: coordinate t of every neuron is one contiguous row.
     Hd = H.double()[perm][:, perm]  # (N0, N0)
     Qt = W_hat.double()[:, perm].T.contiguous()  # (N0, out)

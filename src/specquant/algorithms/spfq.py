@@ -122,21 +122,21 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx:
     ctx = context(ctx, config)
     spec = GridSpec.default(config.bits, config.symmetric)
     gran = config.granularity
-    order = column_order(stats.H, config.act_order)
+    col_order = column_order(stats.H, config.act_order)
     if config.perfect_alignment:
         Wt = perfect_alignment(W, stats, ctx.layer)
     else:
-        Wt = align(W, stats, config.order, order, config.block_size)
+        Wt = align(W, stats, config.order, col_order, config.block_size)
     scale, zp = choose_scales(Wt.float(), spec, gran, config.scale_rule, stats.H, config.c_alpha)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     gen = make_generator(ctx.seed)
     if config.perfect_alignment or config.order > 1:
         V0 = W.double() @ stats.G.double().T - Wt @ stats.H.double().T  # alignment residual X̃ᵀ(Xw − X̃w̃)
-        W_hat = path_follow(Wt, stats.H, stats.H, S, Z, spec, order, config.rounding, gen,
+        W_hat = path_follow(Wt, stats.H, stats.H, S, Z, spec, col_order, config.rounding, gen,
                             config.block_size, V0=V0)
     else:
-        W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, order, config.rounding, gen, config.block_size)
+        W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, col_order, config.rounding, gen, config.block_size)
     info = {"order": config.order, "perfect_alignment": config.perfect_alignment, "rounding": config.rounding,
             "scale_rule": config.scale_rule}
     return to_quantized_weight(W_hat, scale, zp, spec, gran, "spfq", info, W.dtype)

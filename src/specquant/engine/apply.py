@@ -239,13 +239,13 @@ def quantize(
     if fold_bn and example is not None:
         folded = fold_batchnorm(model, example)
     if example is not None:
-        order = forward_order(model, example)
+        layer_order = forward_order(model, example)
     else:
-        order = [n for n, _ in quantizable_layers(model)]
-    order = [n for n in order if not config.settings_for(n).skip]
+        layer_order = [n for n, _ in quantizable_layers(model)]
+    layer_order = [n for n in layer_order if not config.settings_for(n).skip]
     # A weight shared by several modules is quantized once (at its first user) or kept in float.
-    ties = resolve_ties(model, order, lambda n: config.settings_for(n).skip)
-    order = ties.order
+    ties = resolve_ties(model, layer_order, lambda n: config.settings_for(n).skip)
+    layer_order = ties.layer_order
     holders = parameter_holders(model)
     mods = dict(model.named_modules())
     report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded,
@@ -256,14 +256,14 @@ def quantize(
     float_model = copy.deepcopy(model) if use_data else None
     fmods = dict(float_model.named_modules()) if use_data else {}
     opts = StreamOptions(batch_size=batch_size, patch_fraction=patch_fraction, seed=config.seed)
-    bar = _progress(len(order), progress)
-    blocks = find_blocks(model, order) if use_data else [None]
+    bar = _progress(len(layer_order), progress)
+    blocks = find_blocks(model, layer_order) if use_data else [None]
     links = block_links(model, blocks, example) if use_data else {}
     any_quantized = False
     f_next = q_next = None
     for k, block_name in enumerate(blocks):
         if use_data:
-            in_block = [n for n in order if n == block_name or n.startswith(block_name + ".")]
+            in_block = [n for n in layer_order if n == block_name or n.startswith(block_name + ".")]
             fblock, qblock = fmods[block_name], mods[block_name]
             linked = links.get(block_name) is not None and f_next is not None
             f_in = f_next if linked else capture_block_inputs(float_model, fblock, batches, block_name)
@@ -277,7 +277,7 @@ def quantize(
                                                        keep_outputs=feeds_next)
             del f_in
         else:
-            in_block = order
+            in_block = layer_order
         for name in in_block:
             t0 = time.perf_counter()
             mod = mods[name]
@@ -304,7 +304,7 @@ def quantize(
             del q_in, f_raw
     if bar is not None:
         bar.close()
-    report.skipped = skipped_modules(model, set(order), {f.bn for f in folded}, ties.reasons)
+    report.skipped = skipped_modules(model, set(layer_order), {f.bn for f in folded}, ties.reasons)
     report.seconds = time.perf_counter() - t_start
     return report
 

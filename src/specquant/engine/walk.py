@@ -38,7 +38,7 @@ class FoldedBN:
 class TiedWeights:
     """What the engine does with layers whose weight Parameter other modules also hold."""
 
-    order: list[str]  # layers to quantize, in the given order: one per shared weight
+    layer_order: list[str]  # layers to quantize, in the given order: one per shared weight
     followers: dict[str, list[str]] = field(default_factory=dict)  # quantized layer -> layers sharing its weight
     reasons: dict[str, str] = field(default_factory=dict)  # layer left out because of a tie -> why
 
@@ -86,7 +86,7 @@ def _label(name: str, mod: nn.Module) -> str:
     return f"'{name}' ({type(mod).__name__})" if name else f"the top-level module ({type(mod).__name__})"
 
 
-def resolve_ties(model: nn.Module, order: list[str], excluded: Callable[[str], bool]) -> TiedWeights:
+def resolve_ties(model: nn.Module, layer_order: list[str], excluded: Callable[[str], bool]) -> TiedWeights:
     """Quantize each shared weight once, or not at all.
 
     ``order``: the layers the engine would quantize, in forward order; ``excluded(name)``: the
@@ -98,15 +98,15 @@ def resolve_ties(model: nn.Module, order: list[str], excluded: Callable[[str], b
     """
     holders = parameter_holders(model)
     mods = dict(model.named_modules())
-    ties = TiedWeights(order=[])
+    ties = TiedWeights(layer_order=[])
     done: set[int] = set()  # ids of shared weights already resolved
-    for name in order:
+    for name in layer_order:
         w = mods[name].weight
         if id(w) in done:
             continue
         others = [h for h in _distinct_holders(holders.get(id(w), [])) if h[1] is not mods[name]]
         if not others:
-            ties.order.append(name)
+            ties.layer_order.append(name)
             continue
         done.add(id(w))
         blockers = [(n, m) for n, m, attr in others if not (is_quantizable(m) and attr == "weight" and not excluded(n))]
@@ -116,7 +116,7 @@ def resolve_ties(model: nn.Module, order: list[str], excluded: Callable[[str], b
                 if is_quantizable(m) and attr == "weight" and (n, m) not in blockers:
                     ties.reasons[n] = why
             continue
-        ties.order.append(name)
+        ties.layer_order.append(name)
         ties.followers[name] = [n for n, _, _ in others]
         for n, _, _ in others:
             ties.reasons[n] = f"weight tied to '{name}': quantized once there, tie kept"
@@ -128,12 +128,12 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
 
     Layers never called by ``forward`` are left out.
     """
-    order: list[str] = []
+    layer_order: list[str] = []
     handles = []
     for name, mod in quantizable_layers(model):
         def hook(_m, _inp, name=name):
-            if name not in order:
-                order.append(name)
+            if name not in layer_order:
+                layer_order.append(name)
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
@@ -141,7 +141,7 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    return order
+    return layer_order
 
 
 def skipped_modules(model: nn.Module, quantized: set[str], folded: set[str],
