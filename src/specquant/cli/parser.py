@@ -57,24 +57,23 @@ def _avg_bits(text: str) -> float:
     return a
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    """``text`` as an integer ≥ ``minimum``; else an argparse error saying ``what`` was expected."""
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"{what}, got {n}")
     return n
 
 
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "expected a positive integer")
+
+
 def _seed(text: str) -> int:
-    try:
-        s = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
-    if s < 0:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {s}")
-    return s
+    return _int_at_least(text, 0, "seed must be a non-negative integer")
 
 
 def _granularity(text: str) -> str:
