@@ -24,6 +24,7 @@ import specquant.io as sqio
 from specquant import algorithms
 from specquant.algorithms import get_method
 from specquant.engine.walk import fold_batchnorm
+from specquant.eval.perplexity import perplexity
 from specquant.io.files import dumps
 from specquant.models.data import data_dir as resolve_data_dir
 from specquant.report.run_folder import MODEL_FILE, RunFolder, RunFolderError
@@ -198,3 +199,13 @@ def emit_json(obj) -> None:
     """Print ``obj`` as one line of strict JSON on stdout (the only thing a command prints there)."""
     sys.stdout.write(dumps(obj, indent=None) + "\n")
     sys.stdout.flush()
+
+
+def lm_perplexity(model, ids, seq_len: int, windows: int | None, ui: UI, desc: str = "perplexity"):
+    """Perplexity on the token stream ``ids`` (``eval.perplexity``), with a progress bar over windows."""
+    total = ids.numel() // seq_len if windows is None else min(windows, ids.numel() // seq_len)
+    try:
+        with ui.bar(total, desc, "window") as bar:
+            return perplexity(model, ids, seq_len, windows, progress=bar.update)
+    except ValueError as e:
+        raise CLIError(str(e)) from None

@@ -8,7 +8,16 @@ import time
 from pathlib import Path
 
 import specquant.io as sqio
-from specquant.cli.common import UI, CLIError, check_data_dir, emit_json, evaluate, load_test_set, peak_rss_mb
+from specquant.cli.common import (
+    UI,
+    CLIError,
+    check_data_dir,
+    emit_json,
+    evaluate,
+    lm_perplexity,
+    load_test_set,
+    peak_rss_mb,
+)
 from specquant.io.files import read_json
 from specquant.models import get_entry, get_model, list_models
 from specquant.report.run_folder import (
@@ -78,6 +87,8 @@ def cmd_eval(args, argv: list[str]) -> int:
         for k in ("method", "bits", "avg_bits", "seed"):
             if meta.get(k) is not None:
                 result[k] = meta[k]
+    if entry.kind == "lm":
+        return _eval_lm(args, ui, entry, model, result, run_config, run_metrics, load_s)
     x_test, y_test = load_test_set(entry, args.data_dir, limit)
     t0 = time.perf_counter()
     acc = evaluate(model, x_test, y_test, ui, "eval")
@@ -92,6 +103,29 @@ def cmd_eval(args, argv: list[str]) -> int:
     cols = [("model", "model"), ("source", "source"), ("method", "method"), ("bits", "bits"),
             ("bits_per_weight", "bits/weight"), ("accuracy", "accuracy %"), ("recorded_accuracy", "recorded %"),
             ("n_test", "test images"), ("verified", "verified")]
+    ui.say(format_table([result], [c for c in cols if c[0] in result]))
+    if args.json:
+        emit_json(result)
+    return 0
+
+
+def _eval_lm(args, ui: UI, entry, model, result: dict, run_config, run_metrics, load_s: float) -> int:
+    """Perplexity of a language model on the WikiText-2 test text (the protocol of eval.perplexity)."""
+    seq_len = args.seq_len or (run_config or {}).get("seq_len") or entry.extra["seq_len"]
+    windows = args.eval_windows or (run_config or {}).get("eval_windows")
+    ids, _ = entry.test(args.data_dir)
+    t0 = time.perf_counter()
+    res = lm_perplexity(model, ids, seq_len, windows, ui)
+    result.update(res.to_dict())
+    if result["source"] == "zoo":
+        result["float_perplexity"] = res.perplexity
+    if run_metrics is not None and "perplexity" in run_metrics:
+        result["recorded_perplexity"] = run_metrics["perplexity"]
+        result["matches_recorded"] = run_metrics["perplexity"] == res.perplexity
+    result.update({"load_seconds": load_s, "eval_seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()})
+    cols = [("model", "model"), ("source", "source"), ("method", "method"), ("bits", "bits"),
+            ("bits_per_weight", "bits/weight"), ("perplexity", "perplexity"), ("recorded_perplexity", "recorded"),
+            ("tokens", "tokens"), ("seq_len", "window"), ("verified", "verified")]
     ui.say(format_table([result], [c for c in cols if c[0] in result]))
     if args.json:
         emit_json(result)

@@ -76,6 +76,16 @@ def _seed(text: str) -> int:
     return _int_at_least(text, 0, "seed must be a non-negative integer")
 
 
+def _add_lm(p: argparse.ArgumentParser) -> None:
+    """The language-model settings (ignored by classifiers)."""
+    p.add_argument("--seq-len", metavar="L", type=_positive_int, default=None,
+                   help="language models: tokens per window, for calibration and perplexity (default: the zoo "
+                        "entry's, 256 for stories260k)")
+    p.add_argument("--eval-windows", metavar="N", type=_positive_int, default=None,
+                   help="language models: perplexity on the first N non-overlapping windows of the WikiText-2 test "
+                        "text only, for quick runs (default: the whole text)")
+
+
 def _granularity(text: str) -> str:
     try:
         return Granularity.parse(text).label()
@@ -202,13 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(rows of a layer may then differ; each is stored at its own width) (default: per layer)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
                    help="evaluate on the first N test images only, for quick checks (default: all)")
+    _add_lm(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
     p.set_defaults(func=cmd_quantize)
 
     # eval ------------------------------------------------------------------------------------
     p = sub.add_parser(
-        "eval", formatter_class=_Formatter, help="top-1 accuracy of a zoo model, a run folder or a saved file",
-        description=_wrap("Evaluate on the test set: a zoo id gives the float model's accuracy; a run folder "
+        "eval", formatter_class=_Formatter,
+        help="top-1 accuracy (classifiers) or perplexity (language models) of a zoo model, a run folder or a file",
+        description=_wrap("Evaluate on the test set (language models: perplexity on the WikiText-2 test text, "
+                    "non-overlapping windows of --seq-len tokens, JSON keys perplexity, tokens, seq_len): a zoo "
+                    "id gives the float model's accuracy; a run folder "
                     "(written by 'specquant quantize --out DIR') or a .safetensors file written by "
                     "specquant.save gives the saved quantized model's accuracy. A run folder is evaluated "
                     "on the same test images as the run (its --limit), and its recorded accuracy is shown "
@@ -224,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loading a file that names this architecture builder (instead of a zoo id) will import "
                         "and call it; only for files you trust; repeat for several (default: off, such files "
                         "are refused)")
+    _add_lm(p)
     _add_common(p, json_help="print the result as one JSON object on stdout.")
     p.set_defaults(func=cmd_eval)
 

@@ -18,6 +18,7 @@ from specquant.cli.common import (
     evaluate,
     folded_float,
     layer_records,
+    lm_perplexity,
     load_test_set,
     make_config,
     measure_storage,
@@ -65,6 +66,42 @@ def quantize_config(args):
     return config
 
 
+def _scorer(args, entry, ui: UI):
+    """(score(model, desc) -> dict, calibration inputs) for the entry's kind: top-1 accuracy on the
+    test images for classifiers; for language models perplexity on the WikiText-2 test text and
+    calibration windows of --seq-len tokens from the validation text."""
+    if entry.kind == "lm":
+        if args.avg_bits is not None:
+            raise CLIError("quantize: mixed precision (--avg-bits) is not available for language models yet")
+        seq_len = args.seq_len or entry.extra["seq_len"]
+        ids, _ = entry.test(args.data_dir)
+        calib = entry.calib(args.calib, args.seed, args.data_dir, seq_len=seq_len)
+
+        def score_lm(model, desc: str) -> dict:
+            r = lm_perplexity(model, ids, seq_len, args.eval_windows, ui, desc).to_dict()
+            r["summary"] = f"perplexity {r['perplexity']:.3f} on {r['tokens']} tokens ({r['windows']} × {seq_len})"
+            return r
+        return score_lm, calib
+    x_test, y_test = load_test_set(entry, args.data_dir, args.limit)
+    calib = entry.calib(args.calib, args.seed, args.data_dir)
+
+    def score_classifier(model, desc: str) -> dict:
+        acc = evaluate(model, x_test, y_test, ui, desc)
+        return {"accuracy": acc, "n_test": int(x_test.shape[0]),
+                "summary": f"{acc:.2f} % top-1 on {x_test.shape[0]} test images"}
+    return score_classifier, calib
+
+
+def _score_keys(float_score: dict, quant_score: dict) -> dict:
+    """The metrics keys of the two scores (accuracy for classifiers, perplexity for language models)."""
+    if "perplexity" in quant_score:
+        keys = {"perplexity": quant_score["perplexity"], "float_perplexity": float_score["perplexity"]}
+        keys.update({k: quant_score[k] for k in ("tokens", "predicted_tokens", "windows", "seq_len")})
+        return keys
+    return {"accuracy": quant_score["accuracy"], "float_accuracy": float_score["accuracy"],
+            "accuracy_drop": float_score["accuracy"] - quant_score["accuracy"], "n_test": quant_score["n_test"]}
+
+
 def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None) -> dict:
     """The work of ``specquant quantize`` with the checked ``config`` (see :func:`quantize_config`);
     returns the metrics. With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
@@ -74,12 +111,11 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
     model, entry = get_model(args.model, args.data_dir)
-    x_test, y_test = load_test_set(entry, args.data_dir, args.limit)
-    calib = entry.calib(args.calib, args.seed, args.data_dir)
+    score, calib = _scorer(args, entry, ui)
     t0 = time.perf_counter()
-    float_acc = evaluate(model, x_test, y_test, ui, "float eval")
+    float_score = score(model, "float eval")
     float_eval_s = time.perf_counter() - t0
-    ui.say(f"float model: {float_acc:.2f} % top-1 on {x_test.shape[0]} test images")
+    ui.say(f"float model: {float_score['summary']}")
 
     allocation = None
     if mixed:
@@ -93,7 +129,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
            + f", {calib.shape[0]} calibration samples ...")
     report = sq.quantize(model, config, calib=calib, progress=ui.progress)
     t0 = time.perf_counter()
-    acc = evaluate(model, x_test, y_test, ui, "quantized eval")
+    quant_score = score(model, "quantized eval")
     eval_s = time.perf_counter() - t0
 
     kappas = layer_kappas(float_model, [r.name for r in report.layers])
@@ -120,10 +156,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         "bits_per_weight": storage["bits_per_weight"],
         "bits_per_weight_payload": payload_bpw(storage),
         "storage": storage,
-        "accuracy": acc,
-        "float_accuracy": float_acc,
-        "accuracy_drop": float_acc - acc,
-        "n_test": int(x_test.shape[0]),
+        **_score_keys(float_score, quant_score),
         "n_calib": report.n_calib,
         "num_weights": report.num_weights,
         "seed": args.seed,
@@ -158,6 +191,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
             "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir,
+            "seq_len": float_score.get("seq_len"), "eval_windows": args.eval_windows,
             "quant_config": config_dict(config), "versions": versions(),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
         }
@@ -178,10 +212,10 @@ def cmd_quantize(args, argv: list[str]) -> int:
     ui.say("")
     ui.say(format_table(metrics["layers"], LAYER_TABLE))
     ui.say("")
-    ui.say(format_table([dict(metrics, bits=bits)], [
-        ("model", "model"), ("method", "method"), ("bits", "bits"), ("bits_per_weight", "bits/weight (file)"),
-        ("float_accuracy", "float %"), ("accuracy", "accuracy %"), ("quant_seconds", "quant s"),
-        ("peak_rss_mb", "peak RSS MB")]))
+    cols = [("model", "model"), ("method", "method"), ("bits", "bits"), ("bits_per_weight", "bits/weight (file)"),
+            ("float_accuracy", "float %"), ("accuracy", "accuracy %"), ("float_perplexity", "float ppl"),
+            ("perplexity", "perplexity"), ("quant_seconds", "quant s"), ("peak_rss_mb", "peak RSS MB")]
+    ui.say(format_table([dict(metrics, bits=bits)], [c for c in cols if c[0] in metrics]))
     if out is not None:
         ui.say(f"\nrun folder: {out}  (open {out / 'index.html'})")
     if args.json:

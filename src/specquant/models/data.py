@@ -238,3 +238,29 @@ def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.
         torch.from_numpy(x[test_idx]),
         torch.from_numpy(y[test_idx]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# WikiText-2 text (perplexity on the raw test split; calibration on the validation split)
+# ---------------------------------------------------------------------------------------------
+
+TEXT_FILES = {"test": "wikitext2-raw-test.txt", "valid": "wikitext2-valid-tokenized.txt"}
+# The word-level tokenized validation split writes "a-b", "1,000", "3.5" as "a @-@ b", "1 @,@ 000",
+# "3 @.@ 5": undone before a language model's own tokenizer sees the text.
+WIKITEXT_SPLITS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
+
+
+def load_wikitext(split: str = "test", data_dir: str | Path | None = None) -> str:
+    """WikiText-2 text: ``"test"`` the raw test split (for perplexity, never calibration),
+    ``"valid"`` the validation split with the ``@-@``-style splits undone (for calibration)."""
+    if split not in TEXT_FILES:
+        raise ValueError(f"WikiText-2 split must be one of {sorted(TEXT_FILES)}, got {split!r}")
+    path = _data_file(_resolve(data_dir), "text", TEXT_FILES[split])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if split == "valid":
+        for a, b in WIKITEXT_SPLITS:
+            text = text.replace(a, b)
+    return text

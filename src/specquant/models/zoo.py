@@ -30,8 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
+from specquant.eval.perplexity import calibration_windows
 from specquant.io.files import atomic_write_bytes, loads
 from specquant.models import data as _data
+from specquant.models.llama2c import Llama2cTokenizer, load_llama2c
 from specquant.models.mlp import MLP, train_mlp
 from specquant.models.resnet_cifar import load_pretrained, resnet20, resnet32
 
@@ -52,7 +54,7 @@ class ZooEntry:
     """One model of the zoo, with everything needed to quantize and evaluate it."""
 
     id: str  # the zoo id used by the CLI and get_model
-    kind: str  # "classifier" (the only kind so far; language models would add "lm")
+    kind: str  # "classifier" (test() gives images and labels) or "lm" (test() gives a token stream, None)
     description: str  # one line for listings
     build: Callable[[], nn.Module]  # the architecture with fresh (untrained) weights
     load: Callable[[DataDir], nn.Module]  # load(data_dir): the trained model, in eval mode
@@ -257,6 +259,51 @@ def _cifar_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
+# stories260k: the llama2.c TinyStories model (Llama architecture, 260,032 parameters)
+# ---------------------------------------------------------------------------------------------
+
+# The architecture of lm/stories260K.bin (its header; checked against the file when loading).
+STORIES_CONFIG = {"dim": 64, "hidden_dim": 172, "n_layers": 5, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 512,
+                  "seq_len": 512}
+STORIES_SEQ_LEN = 256  # default window for calibration and perplexity (the context is 512)
+
+
+def _stories_build() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM  # slow to import: only language models need it
+
+    c = STORIES_CONFIG
+    config = LlamaConfig(vocab_size=c["vocab_size"], hidden_size=c["dim"], intermediate_size=c["hidden_dim"],
+                         num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"],
+                         num_key_value_heads=c["n_kv_heads"], max_position_embeddings=c["seq_len"], rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def _stories_load(data_dir: DataDir = None) -> nn.Module:
+    model = load_llama2c(_data._data_file(_data.data_dir(data_dir), "lm", "stories260K.bin"))
+    got = {"dim": model.config.hidden_size, "n_layers": model.config.num_hidden_layers,
+           "vocab_size": model.config.vocab_size}
+    if any(STORIES_CONFIG[k] != v for k, v in got.items()):
+        raise ValueError(f"lm/stories260K.bin is not the stories260k architecture ({got})")
+    return model
+
+
+def stories_tokenizer(data_dir: DataDir = None) -> Llama2cTokenizer:
+    return Llama2cTokenizer(_data._data_file(_data.data_dir(data_dir), "lm", "tok512.bin"))
+
+
+def _stories_calib(n: int, seed: int = 0, data_dir: DataDir = None, seq_len: int = STORIES_SEQ_LEN) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens of the WikiText-2 validation text at seeded offsets."""
+    ids = torch.tensor(stories_tokenizer(data_dir).encode(_data.load_wikitext("valid", data_dir)))
+    return calibration_windows(ids, n, seq_len, seed)
+
+
+def _stories_test(data_dir: DataDir = None) -> tuple[torch.Tensor, None]:
+    """The WikiText-2 raw test text as one token stream (BOS first); no labels."""
+    return torch.tensor(stories_tokenizer(data_dir).encode(_data.load_wikitext("test", data_dir))), None
+
+
+# ---------------------------------------------------------------------------------------------
 
 register(
     ZooEntry(
@@ -309,5 +356,18 @@ register(
         test=_cifar_test,
         input_shape=(3, 32, 32),
         reference_accuracy=92.63,
+    )
+)
+register(
+    ZooEntry(
+        id="stories260k",
+        kind="lm",
+        description="llama2.c TinyStories Llama (260k parameters), causal LM; perplexity on WikiText-2",
+        build=_stories_build,
+        load=_stories_load,
+        calib=_stories_calib,
+        test=_stories_test,
+        input_shape=(STORIES_SEQ_LEN,),
+        extra={"context": STORIES_CONFIG["seq_len"], "seq_len": STORIES_SEQ_LEN, "tokenizer": stories_tokenizer},
     )
 )
