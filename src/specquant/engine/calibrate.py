@@ -15,7 +15,7 @@ patches with the layer's real stride, padding and dilation; per group for groupe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +39,45 @@ class StreamOptions:
     chunk: int = 32  # samples unfolded into patches at a time (memory only; results are the same)
 
 
+def _token_batch(batch: Mapping, where: str) -> torch.Tensor:
+    """``input_ids`` of a tokenizer's batch (a dict or ``BatchEncoding``); padding is refused."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{where}: a dict calibration batch needs an 'input_ids' tensor "
+                         f"(keys: {', '.join(map(str, batch)) or 'none'})")
+    extra = sorted(k for k in batch if k not in ("input_ids", "attention_mask", "token_type_ids"))
+    if extra:
+        raise ValueError(f"{where}: calibration batch keys {extra} are not supported (input_ids and an "
+                         f"all-ones attention_mask are)")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool((torch.as_tensor(mask) == 1).all()):
+        raise ValueError(f"{where}: the attention_mask pads some sequences; give unpadded windows of equal "
+                         f"length (e.g. specquant.eval.perplexity.calibration_windows)")
+    return ids
+
+
 def as_batches(calib, batch_size: int) -> list[torch.Tensor]:
     """Normalise calibration data to a list of input tensors.
 
-    Accepts a tensor (N, …), a list/iterable of tensors, or of (x, y, …) tuples (a DataLoader).
+    Accepts a tensor (N, …), a list/iterable of tensors, of (x, y, …) tuples (a DataLoader), or of
+    tokenizer batches (dicts / ``BatchEncoding`` with ``input_ids`` and an all-ones
+    ``attention_mask``; their ``input_ids`` are the inputs), or one such dict.
     """
     if calib is None:
         raise ValueError("this method needs calibration data (calib=...), got None")
+    if isinstance(calib, Mapping):
+        calib = [calib]
     if isinstance(calib, torch.Tensor):
         if calib.dim() == 0 or calib.shape[0] == 0:
             raise ValueError(f"the calibration set is empty (tensor of shape {tuple(calib.shape)})")
         return list(calib.split(batch_size))
     out = []
-    for item in calib if isinstance(calib, Iterable) else [calib]:
+    for i, item in enumerate(calib if isinstance(calib, Iterable) else [calib]):
         x = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(x, Mapping):
+            x = _token_batch(x, f"calibration batch {i}")
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"calibration batches must be tensors, got {type(x).__name__}")
+            raise ValueError(f"calibration batches must be tensors or tokenizer dicts, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[0] == 0:
             continue
         out.extend(x.split(batch_size))

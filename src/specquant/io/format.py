@@ -201,10 +201,12 @@ def _arch_string(arch) -> str | None:
     if arch is None or isinstance(arch, str):
         return arch
     if callable(arch):
-        s = f"{arch.__module__}:{arch.__qualname__}"
-        if "<" in s:
-            raise ValueError(f"architecture {arch!r} has no importable name; pass 'module:function'")
-        return s
+        # A builder without an importable name (a lambda, a local function, a functools.partial)
+        # records no entry point: the file is then loaded with load(path, build=...).
+        module, qualname = getattr(arch, "__module__", None), getattr(arch, "__qualname__", None)
+        if not module or not qualname or "<" in qualname:
+            return None
+        return f"{module}:{qualname}"
     raise ValueError(f"arch must be 'module:function' or a function, got {type(arch).__name__}")
 
 
@@ -261,7 +263,8 @@ def build_skeleton(model_info: dict, data_dir=None, *, build: Callable[[], nn.Mo
                 f"allow_entry_point={arch!r} to specquant.load (command line: --allow-entry-point {arch})")
         model = _call_builder(_resolve_entry_point(arch), f"entry point {arch!r}")
     else:
-        raise SQFormatError(f"{where}the header names neither a zoo id nor an architecture entry point")
+        raise SQFormatError(f"{where}the header names neither a zoo id nor an architecture entry point; "
+                            f"pass build=<a function returning the architecture> to specquant.load")
     return model.eval()
 
 
@@ -432,7 +435,7 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     model_id = model_id if model_id is not None else getattr(model, "_specquant_model_id", None)
     arch_given = arch
     arch = _arch_string(arch if arch is not None else getattr(model, "_specquant_arch", None))
-    if model_id is None and arch is None:
+    if model_id is None and arch is None and not callable(arch_given):
         raise ValueError("save needs model_id= (a zoo id) or arch= ('module:function') so that load can "
                          "rebuild the architecture")
     if meta is None:  # a loaded model keeps the meta of its file
