@@ -298,3 +298,25 @@ def test_packed_weight_refuses_what_does_not_fit():
         PackedWeight(grid_layout(GridSpec(3, "narrow"), (8, 16)), data, scale, zp, **kw)
     with pytest.raises(ValueError, match="packed weight has shape"):
         QuantLinear(8, 16, packed=packed)
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
+
+
+def test_code_that_reads_weight_gets_the_dequantized_weight(tmp_path):
+    """nn.TransformerEncoderLayer's fast path hands ``linear1.weight`` to a fused kernel: a loaded
+    packed model must run there too (it raised AttributeError before)."""
+    import specquant as sq
+    from specquant.io import load, save
+
+    m = _encoder()
+    x = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(1))
+    sq.quantize(m, sq.RTNConfig(bits=4), calib=x, progress=False)
+    loaded = load(save(m, tmp_path / "enc.sq", arch=_encoder), build=_encoder)
+    layer = loaded.layers[0].linear1
+    assert isinstance(layer, QuantLinear) and torch.equal(layer.weight, layer.dequantized_weight())
+    assert torch.equal(layer.weight, m.layers[0].linear1.weight)
+    with torch.inference_mode():  # the fused fast path
+        assert torch.equal(loaded(x), m(x))

@@ -269,6 +269,13 @@ class _QuantLayer(nn.Module):
         """The ``QuantizedWeight`` this layer was built from (codes unpacked, scales as stored)."""
         return self.packed.to_quantized_weight()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads ``layer.weight`` directly (e.g. the fast path of
+        ``nn.TransformerEncoderLayer``, which passes its Linear weights to a fused kernel).  Read-only:
+        computed from the packed codes on each access (kept with ``cache_dequantized``)."""
+        return self.dequantized_weight()
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (original shape and dtype): equal to ``QuantizedWeight.dequantize()``."""
         if self._wcache is not None:
