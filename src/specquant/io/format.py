@@ -137,7 +137,11 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 def _jsonable(v):
-    """A JSON-safe copy of an algorithm's ``info`` (tensors become lists or a description)."""
+    """A JSON-safe copy of an algorithm's ``info`` (tensors become lists or a description).
+
+    Not ``io.files.jsonable``: the header keeps its version-1 conventions (a tensor of more than
+    16 entries becomes ``"tensor(shape)"``, a non-finite float the string ``"nan"``/``"inf"``,
+    anything else its ``str``), so that saved files stay byte-identical."""
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
