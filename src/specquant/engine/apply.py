@@ -1,6 +1,7 @@
 """``quantize(model, config, calib)``: the one place that walks a model and changes it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -74,6 +75,7 @@ class QuantReport:
     folded_bn: list[FoldedBN] = field(default_factory=list)
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
+    peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)
 
     @property
     def num_weights(self) -> int:
@@ -100,6 +102,7 @@ class QuantReport:
             "bits_per_weight": self.bits_per_weight,
             "quant_seconds": self.seconds,
             "n_calib": self.n_calib,
+            "peak_rss_mb": self.peak_rss_mb,
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
@@ -113,6 +116,34 @@ def method_of(config: QuantConfig) -> Method:
         raise TypeError(f"method {method.name!r} takes a {method.config_type.__name__}, "
                         f"got {type(config).__name__}")
     return method
+
+
+@contextlib.contextmanager
+def kv_cache_off(model: nn.Module):
+    """Turn off the key/value cache of Hugging Face models (``config.use_cache``) for the walk:
+    re-running a decoder layer on cached inputs must not append to a cache, and calibration
+    forwards need none.  Restored on exit."""
+    saved = []
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and getattr(cfg, "use_cache", None) is True and all(c is not cfg for c, _ in saved):
+            saved.append((cfg, True))
+            cfg.use_cache = False
+    try:
+        yield
+    finally:
+        for cfg, old in saved:
+            cfg.use_cache = old
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (0.0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0.0
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # bytes on macOS, KiB elsewhere
 
 
 def _first_line(e: BaseException) -> str:
@@ -233,6 +264,16 @@ def quantize(
         # Structure probes (shape check, BN pairing, call order, block links) keep activations
         # alive for a whole forward pass: two samples are enough and keep that memory small.
         example = example[:2]
+    with kv_cache_off(model):
+        report = _walk(model, config, method, batches, example, fold_bn, batch_size, patch_fraction, progress)
+    report.seconds = time.perf_counter() - t_start
+    report.peak_rss_mb = peak_rss_mb()
+    return report
+
+
+def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, example, fold_bn: bool,
+          batch_size: int, patch_fraction: float, progress: bool) -> QuantReport:
+    """The block-by-block walk of :func:`quantize` (arguments checked there)."""
     if example is not None:
         _check_forward(model, example)
     folded: list[FoldedBN] = []
@@ -272,20 +313,32 @@ def quantize(
             else:
                 q_in = q_next if linked else capture_block_inputs(model, qblock, batches, block_name)
             q_next = None  # drop references early: cached activations are the engine's main memory
-            feeds_next = k + 1 < len(blocks) and links.get(blocks[k + 1]) == block_name
+            link = links.get(blocks[k + 1]) if k + 1 < len(blocks) else None
+            feeds_next = link is not None and link.prev == block_name
             f_raw, f_next = capture_float_layer_inputs(fblock, {n: fmods[n] for n in in_block}, f_in,
-                                                       keep_outputs=feeds_next)
+                                                       keep_outputs=feeds_next, link=link)
             del f_in
+            if bar is not None:
+                bar.set_postfix_str(f"block {k + 1}/{len(blocks)} {block_name}")
         else:
             in_block = layer_order
+        shared: dict[str, LayerStats | list[LayerStats]] = {}  # statistics of layers reading one input
         for name in in_block:
             t0 = time.perf_counter()
             mod = mods[name]
             stats: list[LayerStats] | None = None
             if use_data:
-                stats = stream_layer_stats(fmods[name], f_raw.pop(name), qblock, mod, q_in, opts,
-                                           same=not any_quantized, weight=_grouped_weight(mod), keep_f=False,
-                                           name=name, starts=starts)
+                stats = shared.pop(name, None)
+                if stats is None:
+                    readers = _same_input(name, in_block, f_raw, mods)
+                    weight = torch.cat([_grouped_weight(mods[n]) for n in readers], dim=1)
+                    both = stream_layer_stats(fmods[name], f_raw[name], qblock, mod, q_in, opts,
+                                              same=not any_quantized, weight=weight, keep_f=False,
+                                              name=name, starts=starts)
+                    stats = _split_energy(both, [mods[n].weight.shape[0] for n in readers])
+                    shared.update(zip(readers[1:], stats[1:]))
+                    stats = stats[0]
+                f_raw.pop(name)
             tied = {id(mods[f]) for f in ties.followers.get(name, ())} | {id(mod)}
             shared_bias = mod.bias is not None and any(id(m) not in tied for _, m, _ in holders.get(id(mod.bias), ()))
             record = _quantize_layer(name, mod, stats, config, config.settings_for(name), method, shared_bias)
@@ -298,15 +351,37 @@ def quantize(
                 bar.update(1)
             del stats
         if use_data:
-            q_next = run_block(qblock, q_in) if feeds_next else None
+            q_next = run_block(qblock, q_in, link) if feeds_next else None
             if not feeds_next:
                 f_next = None
             del q_in, f_raw
     if bar is not None:
         bar.close()
     report.skipped = skipped_modules(model, set(layer_order), {f.bn for f in folded}, ties.reasons)
-    report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _same_input(name: str, in_block: list[str], f_raw: dict[str, list], mods: dict[str, nn.Module]) -> list[str]:
+    """``name`` and the layers after it in its block that read the very same input tensors in the
+    float model (q/k/v projections, gate/up): one statistics pass serves them all.  Their input
+    is computed before any of them runs, so quantizing one of them cannot change another's input
+    in the quantized model either.  Only plain Linear layers are merged (conv groups differ)."""
+    mine = f_raw[name]
+    if type(mods[name]) is not nn.Linear:
+        return [name]
+    return [name] + [n for n in in_block if n != name and n in f_raw and type(mods[n]) is nn.Linear
+                     and len(f_raw[n]) == len(mine) and all(a is b for a, b in zip(f_raw[n], mine))]
+
+
+def _split_energy(stats: list[LayerStats], rows: list[int]) -> list[list[LayerStats]]:
+    """Per-layer statistics from one pass over stacked weights: the shared products, and each
+    layer's own slice of the output energies."""
+    out, start = [], 0
+    for r in rows:
+        out.append([dataclasses.replace(s, energy=None if s.energy is None else s.energy[start:start + r])
+                    for s in stats])
+        start += r
+    return out
 
 
 def _grouped_weight(mod: nn.Module) -> torch.Tensor:

@@ -250,11 +250,26 @@ def _subsample(rows: torch.Tensor, fraction: float, gen: torch.Generator) -> tor
 
 
 def find_blocks(model: nn.Module, layer_names: list[str]) -> list[str]:
-    """Block names in forward order: top-level children holding layers, containers split."""
+    """Block names in forward order: top-level children holding layers, containers split.
+
+    A module all of whose layers sit inside its ``nn.ModuleList`` / ``nn.Sequential`` children
+    (a transformer's stack, e.g. Hugging Face's ``LlamaModel`` with its ``layers``) is opened
+    too, so each decoder layer is a block; a module that holds a layer directly (a residual
+    block's convs) stays whole.
+    """
     wanted = set(layer_names)
 
     def holds(name: str) -> bool:
         return any(n == name or n.startswith(name + ".") for n in wanted)
+
+    def is_stack(mod: nn.Module) -> bool:
+        return isinstance(mod, (nn.Sequential, nn.ModuleList)) and not isinstance(mod, QUANTIZABLE)
+
+    def only_stacks(prefix: str, mod: nn.Module) -> bool:
+        """Every wanted layer under ``mod`` is inside one of its stack children."""
+        inside = [f"{prefix}.{c}" for c, ch in mod.named_children() if is_stack(ch)]
+        mine = [n for n in wanted if n.startswith(prefix + ".")]
+        return bool(inside) and all(any(n.startswith(p + ".") for p in inside) for n in mine)
 
     blocks: list[str] = []
 
@@ -263,7 +278,7 @@ def find_blocks(model: nn.Module, layer_names: list[str]) -> list[str]:
             full = f"{prefix}.{cname}" if prefix else cname
             if not holds(full):
                 continue
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) and not isinstance(child, QUANTIZABLE):
+            if is_stack(child) or (not isinstance(child, QUANTIZABLE) and only_stacks(full, child)):
                 visit(full, child)
             else:
                 blocks.append(full)
@@ -299,14 +314,29 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch
     return captured
 
 
-def block_links(model: nn.Module, blocks: list[str], example: torch.Tensor) -> dict[str, str]:
+@dataclass(frozen=True)
+class Link:
+    """Block ``name`` reads block ``prev``'s output as its first input, and takes every other
+    argument as the very same objects ``prev`` took (a transformer's decoder layers: the hidden
+    states, then the same attention mask and position embeddings)."""
+
+    prev: str  # the block whose output feeds this one
+    tuple_out: bool  # prev returns a tuple whose first item is the hidden state (older transformers)
+
+
+def _same_objects(a, b) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def block_links(model: nn.Module, blocks: list[str], example) -> dict[str, Link]:
     """Blocks whose input *is* the previous block's output (the very tensor, no glue between).
 
-    For such a block the engine feeds the cached outputs of the previous block instead of
-    re-running the network up to it.  Read from one forward pass with hooks.
+    For such a block the engine feeds the cached outputs of the previous block (with the previous
+    block's other arguments) instead of re-running the network up to it.  Read from one forward
+    pass with hooks.
     """
     mods = dict(model.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, object] = {}
     inputs: dict[str, tuple] = {}
     handles = []
     for b in blocks:
@@ -327,17 +357,37 @@ def block_links(model: nn.Module, blocks: list[str], example: torch.Tensor) -> d
             h.remove()
     links = {}
     for prev, nxt in zip(blocks, blocks[1:]):
-        args, kwargs = inputs.get(nxt, ((), {}))
+        if nxt not in inputs or prev not in inputs:
+            continue
+        args, kwargs = inputs[nxt]
         out = outputs.get(prev)
-        if len(args) == 1 and not kwargs and isinstance(out, torch.Tensor) and args[0] is out:
-            links[nxt] = prev
+        tuple_out = isinstance(out, tuple) and len(out) > 0
+        hidden = out[0] if tuple_out else out
+        if not (args and isinstance(hidden, torch.Tensor) and args[0] is hidden):
+            continue
+        p_args, p_kwargs = inputs[prev]
+        if not kwargs and len(args) == 1 and not tuple_out:
+            links[nxt] = Link(prev, False)  # plain chain (residual networks): nothing else passed
+        elif (_same_objects(args[1:], p_args[1:]) and kwargs.keys() == p_kwargs.keys()
+              and all(kwargs[k] is p_kwargs[k] for k in kwargs)):
+            links[nxt] = Link(prev, tuple_out)
     return links
 
 
-def run_block(block: nn.Module, inputs) -> list:
-    """Outputs of ``block`` on each cached (args, kwargs), as the next block's cached inputs."""
+def run_block(block: nn.Module, inputs, link: Link | None = None) -> list:
+    """Outputs of ``block`` on each cached (args, kwargs), as the next block's cached inputs:
+    the output first, then (for a ``link`` that carries them) the same other arguments."""
     with torch.inference_mode():
-        return [((block(*a, **k),), {}) for a, k in inputs]
+        return [next_inputs(block(*a, **k), a, k, link) for a, k in inputs]
+
+
+def next_inputs(out, args: tuple, kwargs: dict, link: Link | None) -> tuple[tuple, dict]:
+    """The next block's (args, kwargs) from this block's output ``out`` and its own arguments."""
+    if link is not None and link.tuple_out:
+        out = out[0]
+    if link is None or (len(args) == 1 and not kwargs):
+        return (out,), {}
+    return (out, *args[1:]), kwargs
 
 
 def capture_layer_inputs(block: nn.Module, layer: nn.Module, inputs) -> list[torch.Tensor]:
@@ -363,7 +413,7 @@ def capture_layer_inputs(block: nn.Module, layer: nn.Module, inputs) -> list[tor
 
 
 def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], inputs,
-                               keep_outputs: bool = False) -> tuple[dict[str, list], list]:
+                               keep_outputs: bool = False, link: Link | None = None) -> tuple[dict[str, list], list]:
     """Run the float ``block`` once per cached batch and keep the raw input of every layer in it
     (and the block's outputs when asked).  The float model never changes, so one pass serves
     all the block's layers.
@@ -383,7 +433,7 @@ def capture_float_layer_inputs(block: nn.Module, layers: dict[str, nn.Module], i
                 batch_no[0] = i
                 y = block(*args, **kwargs)
                 if keep_outputs:
-                    outs.append(((y,), {}))
+                    outs.append(next_inputs(y, args, kwargs, link))
     finally:
         for h in handles:
             h.remove()
