@@ -23,10 +23,13 @@ import specquant as sq
 import specquant.io as sqio
 from specquant import algorithms
 from specquant.algorithms import get_method
+from specquant.algorithms.base import ModuleSettings
 from specquant.engine.walk import fold_batchnorm
 from specquant.eval.perplexity import perplexity
 from specquant.io.files import dumps
+from specquant.models import get_entry
 from specquant.models.data import data_dir as resolve_data_dir
+from specquant.models.hf import folder_entry, is_hf_folder
 from specquant.report.run_folder import MODEL_FILE, RunFolder, RunFolderError
 
 try:
@@ -48,9 +51,15 @@ class CLIError(Exception):
 
 
 def make_config(method: str, bits: int, granularity: str = "channel", seed: int = 0,
-                redundancy: float | None = None):
-    """The algorithm config of ``method`` (library defaults for everything not given)."""
-    kw = {"bits": bits, "granularity": granularity, "seed": seed}
+                redundancy: float | None = None, symmetric: bool = True, protect=()):
+    """The algorithm config of ``method`` (library defaults for everything not given).
+
+    ``protect``: (module name or pattern, bits or None for float) pairs from ``--protect``, in order;
+    they become the config's per-module map (the first matching pattern applies)."""
+    kw = {"bits": bits, "granularity": granularity, "seed": seed, "symmetric": symmetric}
+    if protect:
+        kw["modules"] = {pattern: (ModuleSettings(skip=True) if b is None else ModuleSettings(bits=b))
+                         for pattern, b in protect}
     if redundancy is not None:
         if "redundancy" not in {f.name for f in dataclasses.fields(get_method(method).config_type)}:
             raise CLIError(f"--redundancy applies to --method frame only, not {method}")
@@ -109,6 +118,25 @@ def evaluate(model, x, y, ui: UI, desc: str = "eval", batch_size: int = 500) -> 
     return 100.0 * correct / x.shape[0]
 
 
+def resolve_entry(model: str):
+    """The model entry of a CLI model argument: a zoo id, or a Hugging Face causal-LM folder."""
+    try:
+        if is_hf_folder(model):
+            return folder_entry(model)
+        return get_entry(model)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def load_entry_model(model: str, data_dir):
+    """(trained model in eval mode, its entry) for a CLI model argument (see :func:`resolve_entry`)."""
+    entry = resolve_entry(model)
+    try:
+        return entry.load(data_dir).eval(), entry
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def check_data_dir(entry, data_dir) -> None:
     """Fail early, before any work, when the model needs the data directory and it is missing."""
     if entry.needs_data_dir:
@@ -143,19 +171,26 @@ def layer_records(report, kappas: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_and_measure(model, model_id: str, path: Path, meta: dict) -> dict:
-    """Save the packed model to ``path`` and return its storage breakdown (file bits per weight)."""
-    sqio.save(model, path, model_id=model_id, meta=meta)
+def save_and_measure(model, entry, path: Path, meta: dict) -> dict:
+    """Save the packed model to ``path`` and return its storage breakdown (file bits per weight).
+
+    A zoo model records its zoo id; a Hugging Face folder records no architecture code, only the
+    folder (``meta["hf_folder"]``), from whose config.json ``specquant eval`` rebuilds it."""
+    folder = entry.extra.get("hf_folder")
+    if folder is not None:
+        sqio.save(model, path, arch=entry.build, meta={**meta, "hf_folder": folder})
+    else:
+        sqio.save(model, path, model_id=entry.id, meta=meta)
     return sqio.storage_breakdown(path)
 
 
-def measure_storage(model, model_id: str, folder: RunFolder | None, meta: dict) -> dict:
+def measure_storage(model, entry, folder: RunFolder | None, meta: dict) -> dict:
     """Storage of the packed model: saved as the run folder's model file when there is one (into its
     staging folder), else into a temporary folder that is removed."""
     if folder is not None:
-        return save_and_measure(model, model_id, folder.path / MODEL_FILE, meta)
+        return save_and_measure(model, entry, folder.path / MODEL_FILE, meta)
     with tempfile.TemporaryDirectory(prefix="specquant-") as tmp:
-        return save_and_measure(model, model_id, Path(tmp) / MODEL_FILE, meta)
+        return save_and_measure(model, entry, Path(tmp) / MODEL_FILE, meta)
 
 
 def payload_bpw(storage: dict) -> float | None:

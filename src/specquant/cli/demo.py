@@ -64,7 +64,7 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
                 name = f"{method}-w{bits}.safetensors"
                 meta = {"model": DEMO_MODEL, "method": method, "bits": bits, "calib": args.calib, "seed": args.seed,
                         "redundancy": cfg.redundancy if method == "frame" else None}
-                storage = save_and_measure(m, DEMO_MODEL, folder.path / "models" / name, meta)
+                storage = save_and_measure(m, entry, folder.path / "models" / name, meta)
                 layers = layer_records(report, kappas)
                 runs.append({
                     "model": DEMO_MODEL, "method": method, "bits": bits,

@@ -47,6 +47,17 @@ def _bits(text: str) -> int:
     return b
 
 
+def _protect(text: str) -> tuple[str, int | None]:
+    """``NAME_PATTERN=BITS`` (BITS 1..8, or ``float`` to keep the layers in float)."""
+    pattern, sep, bits = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"--protect takes NAME_PATTERN=BITS (e.g. 'lm_head=8', "
+                                         f"'model.layers.0.*=8', '*.down_proj=float'), got {text!r}")
+    if bits.strip().lower() == "float":
+        return pattern, None
+    return pattern, _bits(bits)
+
+
 def _avg_bits(text: str) -> float:
     try:
         a = float(text)
@@ -178,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.safetensors (evaluate it again with 'specquant eval DIR'), plots, index.html."),
         epilog=f"zoo models: {models}\n"
                "example: specquant quantize resnet20-cifar10 --method gpfq --bits 4 --calib 512 --json")
-    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models})")
+    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models}) or a Hugging Face causal-LM folder "
+                                                  "(config.json, *.safetensors, tokenizer files)")
     p.add_argument("--method", required=True, choices=method_names(),
                    help="; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
                    + ". Required (no default).")
@@ -188,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", metavar="G", type=_granularity, default="channel",
                    help="scale granularity: channel (one per output channel), tensor, or group:G "
                         "(G consecutive inputs per scale) (default: channel)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="asymmetric grid with a zero point per scale (2^b levels), as usual for LLM weights "
+                        "(default: narrow symmetric, 2^b - 1 levels)")
+    p.add_argument("--protect", metavar="NAME_PATTERN=BITS", type=_protect, action="append", default=None,
+                   help="keep the modules matching NAME_PATTERN (a name or fnmatch pattern) at BITS (1..8) or "
+                        "in float ('float'); repeatable, the first matching pattern applies (e.g. "
+                        "--protect 'model.layers.0.*=8' --protect '*.down_proj=6') (default: none)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
                    help="calibration samples drawn from the training split with --seed "
                         f"(default: {DEFAULT_CALIB})")

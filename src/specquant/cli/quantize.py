@@ -19,17 +19,18 @@ from specquant.cli.common import (
     folded_float,
     layer_records,
     lm_perplexity,
+    load_entry_model,
     load_test_set,
     make_config,
     measure_storage,
     payload_bpw,
     peak_rss_mb,
+    resolve_entry,
     staged_run_folder,
     versions,
 )
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
 from specquant.mixed import allocate
-from specquant.models import get_entry, get_model
 from specquant.report import run_folder as rf
 from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
@@ -43,7 +44,7 @@ LAYER_TABLE = (("name", "layer"), ("type", "type"), ("shape", "shape"), ("bits",
 
 def quantize_config(args):
     """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
-    entry = get_entry(args.model)
+    entry = resolve_entry(args.model)
     if args.avg_bits is None and args.bits is None:
         raise CLIError("quantize: give --bits B (uniform) or --avg-bits A with --policy (mixed precision)")
     if args.avg_bits is not None and args.policy is None:
@@ -61,7 +62,8 @@ def quantize_config(args):
                        "uniform-grid method (rtn, gpfq, spfq, gptq)")
     mixed = args.avg_bits is not None
     base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
-    config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy)
+    config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
+                         symmetric=not args.asymmetric, protect=args.protect or ())
     check_data_dir(entry, args.data_dir)
     return config
 
@@ -110,7 +112,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     t_total = time.perf_counter()
     mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
-    model, entry = get_model(args.model, args.data_dir)
+    model, entry = load_entry_model(args.model, args.data_dir)
     score, calib = _scorer(args, entry, ui)
     t0 = time.perf_counter()
     float_score = score(model, "float eval")
@@ -136,8 +138,10 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     layers = layer_records(report, kappas)
     meta = {"model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
-            "redundancy": getattr(config, "redundancy", None) if args.method == "frame" else None}
-    storage = measure_storage(model, args.model, folder, meta)
+            "redundancy": getattr(config, "redundancy", None) if args.method == "frame" else None,
+            "symmetric": not args.asymmetric,
+            "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()]}
+    storage = measure_storage(model, entry, folder, meta)
 
     metrics: dict = {
         "command": "quantize",
@@ -153,6 +157,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         metrics["redundancy"] = config.redundancy
     metrics.update({
         "granularity": args.granularity,
+        "symmetric": not args.asymmetric,
         "bits_per_weight": storage["bits_per_weight"],
         "bits_per_weight_payload": payload_bpw(storage),
         "storage": storage,
