@@ -32,8 +32,9 @@ power iteration), the authors' rule, used there with damp 1e-6 on large language
 calibration sets; on small calibration sets that tiny λ lets the least-squares refit move
 weights far off the grid's range (digits-mlp, 256 samples, 2 bits: 16% of the refitted weights
 of the last layer off the grid against 3% with the default; relative logit error 0.26 against
-0.15).  The ridge term λ‖w − u‖² is what damping means in the
-least-squares step (the authors add λI to G as well as to H).
+0.15).  The ridge term λ‖w − u‖² is what damping means in the least-squares step (the authors
+add λI to G as well as to H).
+
 Inputs that never fire in X̃ (H_tt = 0) are dead: their weights are set to 0; the target
 X w still includes their float contribution, which the other columns absorb.
 """
