@@ -1,9 +1,9 @@
 """The quantization methods: one file each, each a pure ``quantize_weight(W, stats, config, ctx)``
 registered with its config type (see ``algorithms.base``).  Importing this package imports the
-built-in methods, which registers them, in this order: rtn, gpfq, spfq, gptq, frame."""
+built-in methods, which registers them, in this order: rtn, gpfq, spfq, gptq, qronos, frame."""
 # isort: off
 # Importing a method's module registers it: this order is the order of method_names().
-from specquant.algorithms import rtn, gpfq, spfq, gptq, frame  # noqa: F401
+from specquant.algorithms import rtn, gpfq, spfq, gptq, qronos, frame  # noqa: F401
 # isort: on
 from specquant.algorithms.base import (
     LayerStats,
@@ -20,11 +20,12 @@ from specquant.algorithms.base import (
 from specquant.algorithms.frame import FrameConfig
 from specquant.algorithms.gpfq import GPFQConfig
 from specquant.algorithms.gptq import GPTQConfig
+from specquant.algorithms.qronos import QronosConfig
 from specquant.algorithms.rtn import RTNConfig
 from specquant.algorithms.spfq import SPFQConfig
 
 __all__ = [
     "LayerStats", "QuantConfig", "ModuleSettings", "ResolvedSettings", "QuantContext", "Method",
     "register_method", "get_method", "method_names", "make_config",
-    "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "FrameConfig",
+    "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "FrameConfig",
 ]

@@ -290,7 +290,7 @@ def register_method(name: str, config_type: type[QuantConfig], quantize_weight: 
 
 
 def method_names() -> tuple[str, ...]:
-    """Registered names in registration order: rtn, gpfq, spfq, gptq, frame, then any added later."""
+    """Registered names in registration order: rtn, gpfq, spfq, gptq, qronos, frame, then any added later."""
     return tuple(_METHODS)
 
 

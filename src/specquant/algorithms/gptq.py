@@ -34,6 +34,37 @@ class GPTQConfig(QuantConfig):
     needs_data = True
 
 
+def error_feedback(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: GridSpec,
+                   block_size: int = 128) -> torch.Tensor:
+    """GPTQ's sweep on columns already in processing order: round column t, spread its error
+    over the later columns through row t of ``U``, the upper Cholesky factor of H⁻¹ (N0, N0)
+    (row t of U, scaled by 1/U_tt, is the optimal update of the later columns once the
+    earlier ones are fixed), lazily in blocks of ``block_size`` columns.
+
+    W: (out, N0) float64 weights to round, S, Z: (out, N0) step and zero point per entry (a
+    step of 0 gives 0).  Returns the quantized (out, N0), in the same column order."""
+    W = W.clone()
+    n = W.shape[1]
+    safe = torch.where(S > 0, S, torch.ones_like(S))
+    Q = torch.zeros_like(W)  # (out, N0)
+    for i0 in range(0, n, block_size):
+        i1 = min(i0 + block_size, n)
+        W1 = W[:, i0:i1].clone()  # (out, B)
+        E1 = torch.zeros_like(W1)  # (out, B) scaled errors of the block
+        U1 = U[i0:i1, i0:i1]  # (B, B)
+        for j in range(i1 - i0):
+            t = i0 + j
+            w = W1[:, j]  # (out,)
+            c = torch.round(w / safe[:, t] + Z[:, t]).clamp(spec.qmin, spec.qmax)
+            q = torch.where(S[:, t] > 0, (c - Z[:, t]) * S[:, t], torch.zeros_like(w))
+            Q[:, t] = q
+            err = (w - q) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            E1[:, j] = err
+        W[:, i1:] -= E1 @ U[i0:i1, i1:]
+    return Q
+
+
 def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: GridSpec,
               col_order: torch.Tensor, damp: float = 0.01, block_size: int = 128, layer: str = "layer") -> torch.Tensor:
     """Quantized Ŵ (out, N0) in the original column order.  S, Z: (out, N0) step and zero point."""
@@ -56,23 +87,7 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor
     except RuntimeError as e:
         raise ValueError(f"GPTQ: the damped Hessian of layer '{layer}' is not positive definite; "
                          f"raise damp (now {damp}): {str(e).splitlines()[0]}") from None
-    safe = torch.where(S > 0, S, torch.ones_like(S))
-    Q = torch.zeros_like(W)
-    for i0 in range(0, n, block_size):
-        i1 = min(i0 + block_size, n)
-        W1 = W[:, i0:i1].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i0:i1, i0:i1]
-        for j in range(i1 - i0):
-            t = i0 + j
-            w = W1[:, j]
-            c = torch.round(w / safe[:, t] + Z[:, t]).clamp(spec.qmin, spec.qmax)
-            q = torch.where(S[:, t] > 0, (c - Z[:, t]) * S[:, t], torch.zeros_like(w))
-            Q[:, t] = q
-            err = (w - q) / U1[j, j]
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            E1[:, j] = err
-        W[:, i1:] -= E1 @ U[i0:i1, i1:]
+    Q = error_feedback(W, U, S, Z, spec, block_size)
     inv = torch.argsort(col_order)
     return Q[:, inv]
 

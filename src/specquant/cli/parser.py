@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, formatter_class=_Formatter,
         description=_wrap("specquant: post-training weight quantization of PyTorch networks "
-                    "(RTN, GPFQ, SPFQ, GPTQ, frame Sigma-Delta)."),
+                    "(RTN, GPFQ, SPFQ, GPTQ, Qronos, frame Sigma-Delta)."),
         epilog=f"zoo models: {models}\nrun 'specquant COMMAND --help' for the options of each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", formatter_class=_Formatter, help="quantize digits-mlp with every method at 2, 3, 4 bits",
         description=_wrap("Train (in about a second) the digits-mlp classifier on scikit-learn's 8x8 digits, "
-                    "quantize it with every method (rtn, gpfq, spfq, gptq, frame) at 2, 3 and 4 bits, print "
+                    f"quantize it with every method ({', '.join(method_names())}) at 2, 3 and 4 bits, print "
                     "a table (accuracy, true bits per weight, seconds) and write a run folder with the "
                     "packed models, plots and index.html. Needs no data directory."))
     p.add_argument("--out", metavar="DIR", default=None,

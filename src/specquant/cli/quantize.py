@@ -59,7 +59,7 @@ def quantize_config(args):
         raise CLIError("quantize: --per-channel-bits needs --avg-bits A --policy sensitivity")
     if args.per_channel_bits and (args.method == "frame" or args.granularity != "channel"):
         raise CLIError("quantize: --per-channel-bits needs per-channel scales (--granularity channel) and a "
-                       "uniform-grid method (rtn, gpfq, spfq, gptq)")
+                       "uniform-grid method (rtn, gpfq, spfq, gptq, qronos)")
     mixed = args.avg_bits is not None
     base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,

@@ -233,7 +233,7 @@ def quantize(
 
     Args:
         model: any ``nn.Module`` in eval mode.
-        config: a method config (RTNConfig, GPFQConfig, SPFQConfig, GPTQConfig, FrameConfig).
+        config: a method config (RTNConfig, GPFQConfig, SPFQConfig, GPTQConfig, QronosConfig, FrameConfig).
         calib: calibration inputs: a tensor (N, …), or an iterable of tensors or (x, y) batches.
             Required by data-driven methods; used by the others for BN folding and the report.
         example_input: a batch used to read the forward order when ``calib`` is None.
