@@ -9,7 +9,7 @@ from specquant.algorithms import method_names
 from specquant.cli import main
 
 
-def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_keys):
+def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_keys, request):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--calib", "128", "--json"]) == 0
     captured = capsys.readouterr()
@@ -30,6 +30,16 @@ def test_demo_quantizes_every_method_at_2_3_4_bits(tmp_path, capsys, contract_ke
     # The table on stderr lists every method.
     for meth in method_names():
         assert f"\n{meth} " in captured.err
+    # The language model (the data directory is there: conftest fails under CI otherwise).
+    request.getfixturevalue("data_dir")  # skips here without it (fails under CI)
+    lm = {r["bits"]: r for r in m["language_model"]}
+    assert set(lm) == {32, 2, 3, 4} and m["language_model_skipped"] is None
+    for b in (2, 3, 4):
+        assert (out / lm[b]["file"]).is_file() and lm[b]["bits_per_weight"] > b
+        assert lm[b]["float_perplexity"] == lm[32]["perplexity"] and lm[b]["sample"]
+    assert lm[4]["perplexity"] < 1.1 * lm[32]["perplexity"]  # 4 bits stays close to float
+    assert lm[2]["perplexity"] > lm[4]["perplexity"]
+    assert "Language model: stories260k" in (out / "index.html").read_text(encoding="utf-8")
 
 
 def test_a_failed_demo_leaves_nothing_under_runs(capsys, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
-"""``specquant demo``: train digits-mlp, quantize it with every method at 2, 3 and 4 bits, print
-the table and write the run folder (needs no data directory)."""
+"""``specquant demo``: train digits-mlp, quantize it with every method at 2, 3 and 4 bits; quantize
+the stories260k language model with the best method at 2, 3 and 4 bits (perplexity and a greedy
+sample before and after; only when the data directory is there, else said and skipped); print the
+tables and write the run folder."""
 from __future__ import annotations
 
 import copy
@@ -26,7 +28,10 @@ from specquant.cli.common import (
     versions,
 )
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
-from specquant.models import get_model
+from specquant.eval.perplexity import perplexity
+from specquant.models import DataNotFoundError, get_model
+from specquant.models.data import data_dir as resolve_data_dir
+from specquant.models.llama2c import BOS_ID, greedy_generate
 from specquant.report import run_folder as rf
 from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
@@ -34,6 +39,49 @@ from specquant.report.table import format_table
 DEMO_MODEL = "digits-mlp"
 DEMO_BITS = (2, 3, 4)
 DEMO_REDUNDANCY = 1.5  # frame redundancy N/d used by the demo (true storage ≈ 1.5 × code bits)
+DEMO_LM = "stories260k"  # the language model of the demo (needs the data directory)
+DEMO_LM_METHOD = "qronos"  # its method: the best on stories260k in BENCHMARKS.md (clearly so at 2 bits)
+DEMO_LM_SEQ_LEN = 256  # window length of its calibration and perplexity
+DEMO_LM_CALIB = 32  # calibration windows (validation text)
+DEMO_LM_WINDOWS = 16  # perplexity windows (the first ones of the test text)
+DEMO_LM_NEW_TOKENS = 40  # length of the greedy sample from BOS
+
+
+def run_demo_lm(args, ui: UI, folder: RunFolder) -> tuple[list[dict], str | None]:
+    """The language-model part of the demo: stories260k quantized with DEMO_LM_METHOD at 2, 3 and 4
+    bits, perplexity and one greedy sample before and after. Returns (rows, None), or ([], why)
+    when the data directory is not there."""
+    try:
+        data = resolve_data_dir(None)
+    except DataNotFoundError as e:
+        return [], f"{DEMO_LM} skipped: {e}"
+    ui.say(f"loading {DEMO_LM} (language model) ...")
+    model, entry = get_model(DEMO_LM, data)
+    tok = entry.extra["tokenizer"](data)
+    ids, _ = entry.test(data)
+    calib = entry.calib(DEMO_LM_CALIB, args.seed, data, seq_len=DEMO_LM_SEQ_LEN)
+
+    def sample(m) -> str:
+        return tok.decode(greedy_generate(m, [BOS_ID], DEMO_LM_NEW_TOKENS))
+
+    float_res = perplexity(model, ids, DEMO_LM_SEQ_LEN, DEMO_LM_WINDOWS)
+    rows = [{"model": DEMO_LM, "method": "float", "bits": 32, "perplexity": float_res.perplexity,
+             "tokens": float_res.tokens, "seq_len": DEMO_LM_SEQ_LEN, "sample": sample(model)}]
+    with ui.bar(len(DEMO_BITS), f"demo {DEMO_LM}", "run") as bar:
+        for bits in DEMO_BITS:
+            m = copy.deepcopy(model)
+            cfg = make_config(DEMO_LM_METHOD, bits, "channel", args.seed)
+            report = sq.quantize(m, cfg, calib=calib, progress=False)
+            res = perplexity(m, ids, DEMO_LM_SEQ_LEN, DEMO_LM_WINDOWS)
+            name = f"{DEMO_LM}-{DEMO_LM_METHOD}-w{bits}.safetensors"
+            storage = save_and_measure(m, entry, folder.path / "models" / name,
+                                       {"model": DEMO_LM, "method": DEMO_LM_METHOD, "bits": bits, "seed": args.seed})
+            rows.append({"model": DEMO_LM, "method": DEMO_LM_METHOD, "bits": bits, "perplexity": res.perplexity,
+                         "float_perplexity": float_res.perplexity, "tokens": res.tokens, "seq_len": DEMO_LM_SEQ_LEN,
+                         "bits_per_weight": storage["bits_per_weight"], "quant_seconds": report.seconds,
+                         "file": f"models/{name}", "sample": sample(m)})
+            bar.update(1)
+    return rows, None
 
 
 def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -> tuple[dict, list[dict]]:
@@ -81,6 +129,9 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
                 layer_rows.extend({"method": method, "run_bits": bits, **row} for row in layers)
                 bar.update(1)
 
+    lm_rows, lm_skipped = run_demo_lm(args, ui, folder)
+    if lm_skipped:
+        ui.say(lm_skipped)
     sweeps = [frame_redundancy_sweep(float_model, b, FRAME_SWEEP) for b in DEMO_BITS]
     names = [r["name"] for r in runs[0]["layers"]]
     mid = DEMO_BITS[len(DEMO_BITS) // 2]
@@ -98,7 +149,7 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
         **stamp, "command": "demo", "model": DEMO_MODEL, "float_accuracy": float_acc, "seed": args.seed,
         "n_calib": int(calib.shape[0]), "n_test": int(x_test.shape[0]), "methods": list(methods),
         "bits": list(DEMO_BITS), "frame_redundancy_setting": args.redundancy,
-        "runs": runs, "frame_redundancy": sweeps,
+        "runs": runs, "frame_redundancy": sweeps, "language_model": lm_rows, "language_model_skipped": lm_skipped,
         "total_seconds": time.perf_counter() - t_total, "peak_rss_mb": peak_rss_mb(),
     }
     config_json = {
@@ -119,12 +170,17 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
         "about one bit per weight.",
         f"frame: data-free Sigma-Delta over a harmonic tight frame with redundancy {args.redundancy}, so it stores "
         f"about {args.redundancy} × the code bits per weight.",
+        lm_skipped or (f"{DEMO_LM}: the llama2.c TinyStories Llama, {DEMO_LM_METHOD} per-channel symmetric, "
+                       f"{DEMO_LM_CALIB} calibration windows of {DEMO_LM_SEQ_LEN} tokens from the WikiText-2 "
+                       f"validation text; perplexity on the first {DEMO_LM_WINDOWS} windows of the test text (out of "
+                       f"the model's TinyStories domain); the sample is greedy decoding of {DEMO_LM_NEW_TOKENS} "
+                       "tokens from BOS. The tied embeddings / lm_head stay float."),
     ]
     metrics["total_seconds"] = time.perf_counter() - t_total
     metrics["peak_rss_mb"] = peak_rss_mb()
     rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layer_rows, plots=plots,
                         summary=summary, title=f"specquant demo: {DEMO_MODEL}, every method at 2, 3 and 4 bits",
-                        notes=notes)
+                        notes=notes, sections=[(f"Language model: {DEMO_LM}", lm_rows)] if lm_rows else [])
     return metrics, summary
 
 
@@ -143,7 +199,16 @@ def cmd_demo(args, argv: list[str]) -> int:
                                   ("bits_per_weight_payload", "bits/weight (payload)"),
                                   ("quant_seconds", "seconds")]))
     ui.say(f"\nfloat accuracy {metrics['float_accuracy']:.2f} %; frame uses redundancy {args.redundancy} "
-           f"(bits = bits per code). Total {metrics['total_seconds']:.1f} s.")
+           f"(bits = bits per code).")
+    if metrics["language_model"]:
+        ui.say("")
+        ui.say(format_table(metrics["language_model"], [("model", "model"), ("method", "method"), ("bits", "bits"),
+                                                        ("perplexity", "perplexity"),
+                                                        ("bits_per_weight", "bits/weight (file)"),
+                                                        ("quant_seconds", "seconds")]))
+        for r in metrics["language_model"]:
+            ui.say(f"  {r['method']} {r['bits']}-bit sample: {r['sample'][:100]!r}")
+    ui.say(f"Total {metrics['total_seconds']:.1f} s.")
     ui.say(f"run folder: {out}  (open {out / 'index.html'})")
     if args.json:
         emit_json(metrics)

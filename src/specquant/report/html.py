@@ -81,8 +81,10 @@ def _columns(rows: Sequence[Mapping], preferred: Sequence[str] | None = None) ->
 
 
 def render_html(*, title: str, summary: Sequence[Mapping], plots: Mapping[str, bytes], layers: Sequence[Mapping],
-                config: Mapping | None = None, notes: Sequence[str] = ()) -> str:
-    """The page as a string (see the module docstring)."""
+                config: Mapping | None = None, notes: Sequence[str] = (),
+                sections: Sequence[tuple[str, Sequence[Mapping]]] = ()) -> str:
+    """The page as a string (see the module docstring); ``sections``: more (heading, rows) tables
+    after the summary."""
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
@@ -90,6 +92,9 @@ def render_html(*, title: str, summary: Sequence[Mapping], plots: Mapping[str, b
         out.append(f'<p class="note">{e(n)}</p>')
     out.append("<h2>Summary</h2>")
     out.append(_table(summary, _columns(summary, SUMMARY_COLUMNS), "summary"))
+    for i, (heading, rows) in enumerate(sections):
+        out.append(f"<h2>{e(heading)}</h2>")
+        out.append(_table(rows, _columns(rows), f"section-{i}"))
     if plots:
         out.append("<h2>Plots</h2>")
         for name, png in plots.items():

@@ -198,7 +198,8 @@ def plot_frame_redundancy(sweeps: Sequence[Mapping], title: str = "frame ΣΔ: w
 
 def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, layers: Sequence[Mapping],
                      plots: Mapping[str, bytes] | None = None, summary: Sequence[Mapping] | None = None,
-                     title: str = "specquant run", notes: Sequence[str] = ()) -> Path:
+                     title: str = "specquant run", notes: Sequence[str] = (),
+                     sections: Sequence[tuple[str, Sequence[Mapping]]] = ()) -> Path:
     """Write config.json, metrics.json, layers.csv, the plots and index.html into ``out``.
 
     ``plots`` maps file names (``"layers.png"``) to PNG bytes; ``summary`` is the rows of the
@@ -217,7 +218,7 @@ def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, laye
     write_json(out / CONFIG_JSON, config)
     write_json(out / METRICS_JSON, metrics)
     html.write_html(out / INDEX_HTML, title=title, summary=summary if summary is not None else [metrics],
-                    plots=plots, layers=layers, config=config, notes=notes)
+                    plots=plots, layers=layers, config=config, notes=notes, sections=sections)
     return out
 
 
