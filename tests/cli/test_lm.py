@@ -28,7 +28,14 @@ def test_quantize_a_language_model_and_evaluate_its_run_folder(data_dir, tmp_pat
     assert again["perplexity"] == res["perplexity"] and again["matches_recorded"] is True
 
 
-def test_mixed_precision_is_refused_for_language_models_for_now(data_dir, capsys):
+def test_mixed_precision_on_a_language_model(data_dir, capsys):
+    """The budgeted allocator on a causal LM: sensitivities from the logits, the tied lm_head takes
+    no bits (it stays float), the budget holds over the quantized layers."""
     assert main(["quantize", "stories260k", "--method", "rtn", "--avg-bits", "3", "--policy", "sensitivity",
-                 "--quiet", "--data-dir", str(data_dir)]) == 2
-    assert "not available for language models" in capsys.readouterr().err
+                 "--calib", "4", "--seq-len", "64", "--eval-windows", "2", "--json", "--quiet",
+                 "--data-dir", str(data_dir)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    widths = {r["name"]: r["bits"] for r in res["layers"]}
+    assert len(widths) == 35 and "lm_head" not in widths and len(set(widths.values())) > 1
+    assert res["avg_bits"] <= 3 + 1e-9  # stored code bits (a 3-level 2-bit code takes 1.6)
+    assert res["perplexity"] > 0 and res["target_avg_bits"] == 3

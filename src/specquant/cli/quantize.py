@@ -73,8 +73,6 @@ def _scorer(args, entry, ui: UI):
     test images for classifiers; for language models perplexity on the WikiText-2 test text and
     calibration windows of --seq-len tokens from the validation text."""
     if entry.kind == "lm":
-        if args.avg_bits is not None:
-            raise CLIError("quantize: mixed precision (--avg-bits) is not available for language models yet")
         seq_len = args.seq_len or entry.extra["seq_len"]
         ids, _ = entry.test(args.data_dir)
         calib = entry.calib(args.calib, args.seed, args.data_dir, seq_len=seq_len)

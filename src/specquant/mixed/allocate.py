@@ -29,7 +29,7 @@ from specquant.algorithms import RTNConfig
 from specquant.algorithms.base import ModuleSettings, QuantConfig
 from specquant.core import spectral
 from specquant.engine.calibrate import as_batches
-from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
+from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers, resolve_ties
 from specquant.io.files import jsonable
 from specquant.mixed.policies import (
     DEFAULT_CANDIDATES,
@@ -197,6 +197,8 @@ def allocate(
         fold_batchnorm(base, example)
     names = forward_order(base, example) if example is not None else [n for n, _ in quantizable_layers(base)]
     names = [n for n in names if not cfg.settings_for(n).skip]
+    # Layers the engine leaves float or quantizes through another (tied weights) take no bits.
+    names = resolve_ties(base, names, lambda n: cfg.settings_for(n).skip).layer_order
     if not names:
         raise ValueError("the model has no quantizable layers to allocate bits to")
     mods = dict(base.named_modules())

@@ -38,7 +38,7 @@ from specquant.algorithms import RTNConfig
 from specquant.algorithms.base import ModuleSettings, QuantConfig
 from specquant.engine.apply import quantize
 from specquant.engine.calibrate import as_batches, capture_layer_inputs
-from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers
+from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers, resolve_ties
 from specquant.mixed.policies import DEFAULT_CANDIDATES, check_candidates
 
 SENSITIVITY_METRICS = ("output", "loss")
@@ -96,9 +96,22 @@ class SensitivityReport:
         return "\n".join(lines)
 
 
+def _model_output(out) -> torch.Tensor:
+    """The tensor a model returns: itself, a Hugging Face output's ``logits``, or a tuple's first item."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned {type(out).__name__}; sensitivities need a tensor or an output with logits")
+
+
 def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The model's outputs on the batches, (N, -1) float64 (a language model's logits, flattened)."""
     with torch.inference_mode():
-        return torch.cat([model(x).reshape(x.shape[0], -1).double() for x in batches])
+        return torch.cat([_model_output(model(x)).reshape(x.shape[0], -1).double() for x in batches])
 
 
 def _metric(metric: str, ref: torch.Tensor, out: torch.Tensor, labels: torch.Tensor | None,
@@ -148,6 +161,7 @@ def measure_sensitivity(
     base = copy.deepcopy(model).eval()
     folded = fold_batchnorm(base, batches[0]) if fold_bn else []
     order = [n for n in forward_order(base, batches[0]) if not cfg0.settings_for(n).skip]
+    order = resolve_ties(base, order, lambda n: cfg0.settings_for(n).skip).layer_order  # as the engine does
     if layers is None:
         layers = order
     else:
