@@ -154,6 +154,19 @@ class SharedNorm(nn.Module):
         return self.t(self.tie_norm(y)) + self.u(y)
 
 
+class CatNet(nn.Module):
+    """The norm's output is also concatenated into the result (read inside a list argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return torch.cat([self.fc(h), h], -1)
+
+
 class OffsetRMSNorm(nn.Module):
     """Gemma-style RMSNorm, x·(1 + w): dividing w by s does not divide the output by s."""
 
@@ -189,6 +202,9 @@ def test_folds_that_would_change_another_consumer_are_skipped_with_a_reason():
     assert all(not r.folded for r in records.values())
     for (_, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b)
+
+    (group,) = find_awq_groups(CatNet().eval(), x[:2])
+    assert group.predecessor is None and "also read by torch op" in group.reason
 
     torch.manual_seed(0)
     net = OffsetNet().eval()

@@ -124,8 +124,9 @@ def _probe(model: nn.Module, example) -> _Probe:
                                                  and isinstance(out[0], torch.Tensor)):
                 n_ops[0] += 1
                 who = inside[-1] if inside else f"torch op #{n_ops[0]}"  # metadata queries (dim, size) do not count
-                read = [id(t) for t in list(args) + list(kwargs.values())
-                        if isinstance(t, torch.Tensor) and id(t) in p.produced]
+                flat = [a for arg in list(args) + list(kwargs.values())  # torch.cat([h, ...]) reads h too
+                        for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+                read = [id(t) for t in flat if isinstance(t, torch.Tensor) and id(t) in p.produced]
                 for t in read:
                     p.readers.setdefault(t, set()).add(who)
                 if read and isinstance(out, torch.Tensor):
