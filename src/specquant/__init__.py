@@ -1,6 +1,6 @@
 """specquant: post-training quantization of PyTorch networks with theory-backed algorithms."""
 from specquant._version import __version__
-from specquant.algorithms import GPFQConfig, GPTQConfig, QronosConfig, QuantConfig, RTNConfig, SPFQConfig
+from specquant.algorithms import AWQConfig, GPFQConfig, GPTQConfig, QronosConfig, QuantConfig, RTNConfig, SPFQConfig
 from specquant.core import metrics, spectral
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.quantizer import quantize_tensor
@@ -11,7 +11,8 @@ from specquant.io import load, save
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
-    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "metrics", "spectral",
+    "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "AWQConfig", "metrics",
+    "spectral",
     "save", "load", "analyze",
     "__version__",
 ]

@@ -30,7 +30,7 @@ from specquant.algorithms import (
 from specquant.algorithms import base as algorithms_base
 from specquant.core.quantizer import quantize_tensor
 
-BUILT_IN = ("rtn", "gpfq", "spfq", "gptq", "qronos", "frame")
+BUILT_IN = ("rtn", "gpfq", "spfq", "gptq", "qronos", "frame", "awq")
 
 
 # --------------------------------------------------------------------------- a method from outside
@@ -133,7 +133,7 @@ def test_make_config_builds_by_name_and_names_what_is_wrong():
     assert make_config("frame", redundancy=3.0).redundancy == 3.0
     with pytest.raises(ValueError) as e:
         make_config("nope", bits=3)
-    assert str(e.value) == "unknown method 'nope'; allowed: rtn, gpfq, spfq, gptq, qronos, frame"
+    assert str(e.value) == "unknown method 'nope'; allowed: rtn, gpfq, spfq, gptq, qronos, frame, awq"
     with pytest.raises(ValueError) as e:
         make_config("rtn", bitz=3)
     assert str(e.value).startswith("unknown setting 'bitz' for method 'rtn'; allowed: bits, granularity,")

@@ -59,6 +59,19 @@ def test_frame_run_reports_redundancy_and_plots_the_sweep(tmp_path, capsys):
     assert (out / "frame_redundancy.png").is_file()
 
 
+def test_awq_composes_with_any_method_by_name(capsys, error_line):
+    """``--method awq+gptq``: GPTQ after the AWQ pre-step; digits-mlp has no module that can take the
+    scales (ReLU between its layers), so every group is reported as skipped, with the reason."""
+    assert main(["quantize", "digits-mlp", "--method", "awq+gptq", "--bits", "4", "--calib", "64", "--json",
+                 "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["method"] == "awq+gptq" and [r["name"] for r in m["layers"]] == ["fc1", "fc2", "fc3"]
+    assert [r["layers"] for r in m["awq"]] == [["fc1"], ["fc2"], ["fc3"]]
+    assert all(r["reason"] and not r["folded"] for r in m["awq"])
+    assert "invalid choice: 'awq+nope'" in error_line(["quantize", "digits-mlp", "--method", "awq+nope",
+                                                       "--bits", "4"])
+
+
 def test_mixed_precision_under_an_average_budget(capsys):
     argv = ["quantize", "digits-mlp", "--method", "rtn", "--avg-bits", "2.5", "--policy", "spectral", "--calib", "64",
             "--json", "--quiet"]

@@ -1,10 +1,13 @@
 """The quantization methods: one file each, each a pure ``quantize_weight(W, stats, config, ctx)``
 registered with its config type (see ``algorithms.base``).  Importing this package imports the
-built-in methods, which registers them, in this order: rtn, gpfq, spfq, gptq, qronos, frame."""
+built-in methods, which registers them, in this order: rtn, gpfq, spfq, gptq, qronos, frame, awq.
+Any method also runs with the AWQ pre-step (``config.awq = True``, the name "awq+NAME" in
+``make_config``); "awq" itself is AWQ then round-to-nearest."""
 # isort: off
 # Importing a method's module registers it: this order is the order of method_names().
-from specquant.algorithms import rtn, gpfq, spfq, gptq, qronos, frame  # noqa: F401
+from specquant.algorithms import rtn, gpfq, spfq, gptq, qronos, frame, awq  # noqa: F401
 # isort: on
+from specquant.algorithms.awq import AWQConfig
 from specquant.algorithms.base import (
     LayerStats,
     Method,
@@ -14,6 +17,7 @@ from specquant.algorithms.base import (
     ResolvedSettings,
     get_method,
     make_config,
+    method_choices,
     method_names,
     register_method,
 )
@@ -26,6 +30,6 @@ from specquant.algorithms.spfq import SPFQConfig
 
 __all__ = [
     "LayerStats", "QuantConfig", "ModuleSettings", "ResolvedSettings", "QuantContext", "Method",
-    "register_method", "get_method", "method_names", "make_config",
-    "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "FrameConfig",
+    "register_method", "get_method", "method_names", "method_choices", "make_config",
+    "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "FrameConfig", "AWQConfig",
 ]

@@ -196,6 +196,8 @@ class QuantConfig(metaclass=_ConfigType):
     seed: int = 0  # seed for every random choice (stochastic rounding, patch subsampling)
     bias_correction: bool = False  # shift each output channel's bias to match the float mean output
     modules: dict[str, ModuleSettings] = field(default_factory=dict)  # {module name or pattern: settings}
+    awq: bool = False  # AWQ pre-step (engine/awq.py): input-channel scales folded in before rounding; needs data
+    awq_grid: int = 20  # AWQ: exponents α searched, 0, 1/n, …, (n−1)/n (used only with awq=True)
 
     method = "base"  # the method's name (class attribute, not a field; the registry checks it)
     needs_data = False  # whether the engine must stream calibration statistics
@@ -204,6 +206,12 @@ class QuantConfig(metaclass=_ConfigType):
         check_bits(self.bits, "config.bits")
         self.granularity = Granularity.parse(self.granularity)  # a string is accepted for convenience
         self.modules = _check_modules(self.modules)
+        if not isinstance(self.awq, bool):
+            raise ValueError(f"config.awq must be True or False, got {self.awq!r}")
+        if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or self.awq_grid < 1:
+            raise ValueError(f"config.awq_grid must be a positive integer, got {self.awq_grid!r}")
+        if self.awq:
+            self.needs_data = True  # the AWQ search reads the activations (an instance value over the class's)
 
     def settings_for(self, name: str) -> ResolvedSettings:
         """The settings of module ``name`` (see the class docstring for which entry applies)."""
@@ -219,8 +227,13 @@ class QuantConfig(metaclass=_ConfigType):
                                 row_bits=entry.row_bits, granularity=gran)
 
     def to_dict(self) -> dict:
-        """Every field plus ``method``, strict-JSON-safe (granularities as their labels)."""
+        """Every field plus ``method``, strict-JSON-safe (granularities as their labels).
+
+        ``awq`` and ``awq_grid`` appear only when AWQ is on, so the dicts of configs without it
+        (in reports and run folders) are what they were before AWQ existed."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if not self.awq:
+            del d["awq"], d["awq_grid"]
         d["granularity"] = self.granularity.label()
         d["modules"] = {k: s.to_dict() for k, s in self.modules.items()}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -290,7 +303,7 @@ def register_method(name: str, config_type: type[QuantConfig], quantize_weight: 
 
 
 def method_names() -> tuple[str, ...]:
-    """Registered names in registration order: rtn, gpfq, spfq, gptq, qronos, frame, then any added later."""
+    """Registered names in registration order: rtn, gpfq, spfq, gptq, qronos, frame, awq, then any added later."""
     return tuple(_METHODS)
 
 
@@ -302,11 +315,38 @@ def get_method(name: str) -> Method:
     return method
 
 
+AWQ_PREFIX = "awq+"  # "awq+NAME": method NAME with the AWQ pre-step (config.awq = True)
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """("NAME", True) for "awq+NAME", else (name, False)."""
+    if isinstance(name, str) and name.startswith(AWQ_PREFIX):
+        return name[len(AWQ_PREFIX):], True
+    return name, False
+
+
+def method_choices() -> tuple[str, ...]:
+    """Every name ``make_config`` takes: the registered methods, then "awq+NAME" for each of
+    them but "awq" itself (method NAME with AWQ scales folded in first)."""
+    names = method_names()
+    return names + tuple(AWQ_PREFIX + n for n in names if n != "awq")
+
+
 def make_config(method: str, **settings) -> QuantConfig:
     """The config of ``method`` with ``settings`` (its field names; defaults for the rest).
 
-    An unknown method or setting is a one-line ValueError naming it; a bad value raises the
-    config's own error."""
+    ``method`` may be "awq+NAME": method NAME with ``awq=True`` (AWQ scales, then NAME's
+    rounding).  An unknown method or setting is a one-line ValueError naming it; a bad value
+    raises the config's own error."""
+    name, awq = split_method(method)
+    if awq:
+        if name == "awq":
+            raise ValueError("'awq+awq' is not a method; method 'awq' already is AWQ then RTN")
+        if settings.get("awq", True) is not True:
+            raise ValueError(f"method {method!r} turns AWQ on; it takes no awq={settings['awq']!r}")
+        get_method(name)
+        settings = {**settings, "awq": True}
+        method = name
     cls = get_method(method).config_type
     allowed = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in settings:

@@ -23,7 +23,7 @@ import specquant as sq
 import specquant.io as sqio
 from specquant import algorithms
 from specquant.algorithms import get_method
-from specquant.algorithms.base import ModuleSettings
+from specquant.algorithms.base import ModuleSettings, split_method
 from specquant.engine.walk import fold_batchnorm
 from specquant.eval.perplexity import perplexity
 from specquant.io.files import dumps
@@ -61,7 +61,8 @@ def make_config(method: str, bits: int, granularity: str = "channel", seed: int 
         kw["modules"] = {pattern: (ModuleSettings(skip=True) if b is None else ModuleSettings(bits=b))
                          for pattern, b in protect}
     if redundancy is not None:
-        if "redundancy" not in {f.name for f in dataclasses.fields(get_method(method).config_type)}:
+        base = split_method(method)[0]  # "awq+frame" is frame with the AWQ pre-step
+        if "redundancy" not in {f.name for f in dataclasses.fields(get_method(base).config_type)}:
             raise CLIError(f"--redundancy applies to --method frame only, not {method}")
         kw["redundancy"] = redundancy
     try:

@@ -86,7 +86,7 @@ def run_demo_lm(args, ui: UI, folder: RunFolder) -> tuple[list[dict], str | None
 
 def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -> tuple[dict, list[dict]]:
     """The work of ``specquant demo``: every file of the run folder written into ``folder.path``
-    (the 15 packed models under models/). Returns (metrics, rows of the summary table)."""
+    (one packed model per method and width under models/). Returns (metrics, rows of the summary table)."""
     methods = method_names()  # every registered method
     ui.say(f"training {DEMO_MODEL} on scikit-learn's digits ...")
     model, entry = get_model(DEMO_MODEL)

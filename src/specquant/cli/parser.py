@@ -6,7 +6,7 @@ import argparse
 import math
 import textwrap
 
-from specquant.algorithms import get_method, method_names
+from specquant.algorithms import get_method, method_choices, method_names
 from specquant.algorithms.frame import FrameConfig
 from specquant.cli.analyze import cmd_analyze
 from specquant.cli.common import PROG, CLIError
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, formatter_class=_Formatter,
         description=_wrap("specquant: post-training weight quantization of PyTorch networks "
-                    "(RTN, GPFQ, SPFQ, GPTQ, Qronos, frame Sigma-Delta)."),
+                    "(RTN, GPFQ, SPFQ, GPTQ, Qronos, frame Sigma-Delta, AWQ)."),
         epilog=f"zoo models: {models}\nrun 'specquant COMMAND --help' for the options of each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -191,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                "example: specquant quantize resnet20-cifar10 --method gpfq --bits 4 --calib 512 --json")
     p.add_argument("model", metavar="MODEL", help=f"zoo id ({models}) or a Hugging Face causal-LM folder "
                                                   "(config.json, *.safetensors, tokenizer files)")
-    p.add_argument("--method", required=True, choices=method_names(),
+    p.add_argument("--method", required=True, choices=method_choices(), metavar="METHOD",
                    help="; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
-                   + ". Required (no default).")
+                   + ". awq+NAME (" + ", ".join(c for c in method_choices() if c.startswith("awq+"))
+                   + "): method NAME with the AWQ pre-step (activation-aware input-channel scales searched on "
+                   "the calibration data and folded into the preceding norm / up_proj / Linear, the float model "
+                   "unchanged), then NAME's rounding. Required (no default).")
     p.add_argument("--bits", metavar="B", type=_bits, default=None,
                    help="bits per weight code, 1..8 (for frame: per Sigma-Delta code) (default: none; "
                         "required unless --avg-bits is given)")

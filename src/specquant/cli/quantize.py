@@ -7,6 +7,7 @@ import datetime
 import time
 
 import specquant as sq
+from specquant.algorithms.base import split_method
 from specquant.cli.common import (
     FRAME_SWEEP,
     UI,
@@ -42,6 +43,11 @@ LAYER_TABLE = (("name", "layer"), ("type", "type"), ("shape", "shape"), ("bits",
                ("kappa", "kappa"), ("seconds", "s"))
 
 
+def base_method(args) -> str:
+    """The method that rounds: "gptq" for ``--method awq+gptq`` (AWQ scales, then GPTQ)."""
+    return split_method(args.method)[0]
+
+
 def quantize_config(args):
     """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
     entry = resolve_entry(args.model)
@@ -53,11 +59,11 @@ def quantize_config(args):
         raise CLIError("quantize: --policy needs --avg-bits A")
     if args.avg_bits is not None and args.bits is not None:
         raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
-    if args.redundancy is not None and args.method != "frame":
+    if args.redundancy is not None and base_method(args) != "frame":
         raise CLIError("quantize: --redundancy applies to --method frame only")
     if args.per_channel_bits and args.policy != "sensitivity":
         raise CLIError("quantize: --per-channel-bits needs --avg-bits A --policy sensitivity")
-    if args.per_channel_bits and (args.method == "frame" or args.granularity != "channel"):
+    if args.per_channel_bits and (base_method(args) == "frame" or args.granularity != "channel"):
         raise CLIError("quantize: --per-channel-bits needs per-channel scales (--granularity channel) and a "
                        "uniform-grid method (rtn, gpfq, spfq, gptq, qronos)")
     mixed = args.avg_bits is not None
@@ -136,7 +142,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     layers = layer_records(report, kappas)
     meta = {"model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
-            "redundancy": getattr(config, "redundancy", None) if args.method == "frame" else None,
+            "redundancy": getattr(config, "redundancy", None) if base_method(args) == "frame" else None,
             "symmetric": not args.asymmetric,
             "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()]}
     storage = measure_storage(model, entry, folder, meta)
@@ -151,7 +157,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     if mixed:
         metrics.update({"target_avg_bits": args.avg_bits, "policy": args.policy,
                         "allocation": allocation.to_dict()})
-    if args.method == "frame":
+    if base_method(args) == "frame":
         metrics["redundancy"] = config.redundancy
     metrics.update({
         "granularity": args.granularity,
@@ -170,6 +176,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         "peak_rss_mb": peak_rss_mb(),
         "skipped": [dataclasses.asdict(s) for s in report.skipped],
         "folded_bn": [dataclasses.asdict(f) for f in report.folded_bn],
+        **({"awq": [dataclasses.asdict(r) for r in report.awq]} if report.awq else {}),  # --method awq / awq+NAME
         "layers": layers,
     })
 
@@ -178,7 +185,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             [r["name"] for r in layers], {args.method: [r["rel_output_error"] for r in layers]},
             [r["kappa"] for r in layers], title=f"{args.model} {args.method}: per-layer relative output error and κ")}
         notes = []
-        if args.method == "frame":
+        if base_method(args) == "frame":
             sweep = frame_redundancy_sweep(float_model, config.bits, FRAME_SWEEP, order=config.order,
                                            frame=config.frame, step=config.step, dim=config.dim,
                                            granularity=config.granularity, seed=config.seed)

@@ -18,6 +18,7 @@ from specquant.algorithms.common import row_output_error
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
 from specquant.core.layouts import RowsLayout
 from specquant.core.qweight import QuantizedWeight
+from specquant.engine.awq import AWQRecord, apply_awq
 from specquant.engine.calibrate import (
     StreamOptions,
     all_finite,
@@ -73,6 +74,7 @@ class QuantReport:
     layers: list[LayerRecord] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
     folded_bn: list[FoldedBN] = field(default_factory=list)
+    awq: list[AWQRecord] = field(default_factory=list)  # the AWQ pre-step, one record per input group (config.awq)
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
     peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)
@@ -106,6 +108,7 @@ class QuantReport:
             "layers": [dataclasses.asdict(r) for r in self.layers],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
+            **({"awq": [dataclasses.asdict(r) for r in self.awq]} if self.awq else {}),
         }
 
 
@@ -279,6 +282,9 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     folded: list[FoldedBN] = []
     if fold_bn and example is not None:
         folded = fold_batchnorm(model, example)
+    # AWQ pre-step (engine/awq.py): scales searched on the float model and folded into it
+    # (function unchanged) before any layer is quantized; the method then rounds the scaled weights.
+    awq_records = apply_awq(model, config, batches, example) if config.awq else []
     if example is not None:
         layer_order = forward_order(model, example)
     else:
@@ -289,7 +295,7 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     layer_order = ties.layer_order
     holders = parameter_holders(model)
     mods = dict(model.named_modules())
-    report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded,
+    report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded, awq=awq_records,
                          n_calib=sum(b.shape[0] for b in batches) if batches else 0)
     starts = batch_starts(batches) if batches else None
 
