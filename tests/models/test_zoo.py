@@ -15,11 +15,11 @@ ZOO_IDS = ["digits-mlp", "mnist-mlp", "resnet20-cifar10", "resnet32-cifar10"]
 
 
 def test_list_models():
-    assert list_models() == ZOO_IDS + ["stories260k"]
+    assert list_models() == ZOO_IDS + ["stories260k", "smollm2-135m"]
     for model_id in ZOO_IDS:
         entry = zoo.get_entry(model_id)
         assert isinstance(entry, ZooEntry) and entry.id == model_id and entry.kind == "classifier"
-    assert zoo.get_entry("stories260k").kind == "lm"
+    assert zoo.get_entry("stories260k").kind == "lm" and zoo.get_entry("smollm2-135m").kind == "lm"
 
 
 def test_unknown_id_lists_known_ids():

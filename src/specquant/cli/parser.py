@@ -91,7 +91,7 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
     """The language-model settings (ignored by classifiers)."""
     p.add_argument("--seq-len", metavar="L", type=_positive_int, default=None,
                    help="language models: tokens per window, for calibration and perplexity (default: the zoo "
-                        "entry's, 256 for stories260k)")
+                        "entry's, 256 for stories260k, 2048 for smollm2-135m)")
     p.add_argument("--eval-windows", metavar="N", type=_positive_int, default=None,
                    help="language models: perplexity on the first N non-overlapping windows of the WikiText-2 test "
                         "text only, for quick runs (default: the whole text)")

