@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specquant.algorithms.common import target_energy
-from specquant.core.grid import Granularity, check_bits
+from specquant.core.grid import Granularity, check_bits, scale_dtype
 
 if TYPE_CHECKING:
     from specquant.core.qweight import QuantizedWeight
@@ -195,6 +195,7 @@ class QuantConfig(metaclass=_ConfigType):
     symmetric: bool = True  # narrow symmetric grid (2^b − 1 levels; binary at 1 bit) or asymmetric
     seed: int = 0  # seed for every random choice (stochastic rounding, patch subsampling)
     bias_correction: bool = False  # shift each output channel's bias to match the float mean output
+    scale_dtype: str = "float32"  # scales stored (and used to pick codes) as "float32" or "float16" (or "fp32"/"fp16")
     modules: dict[str, ModuleSettings] = field(default_factory=dict)  # {module name or pattern: settings}
 
     method = "base"  # the method's name (class attribute, not a field; the registry checks it)
@@ -203,6 +204,11 @@ class QuantConfig(metaclass=_ConfigType):
     def __post_init__(self) -> None:
         check_bits(self.bits, "config.bits")
         self.granularity = Granularity.parse(self.granularity)  # a string is accepted for convenience
+        try:
+            dt = scale_dtype(self.scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"config.{e}") from None
+        self.scale_dtype = "float16" if dt == torch.float16 else "float32"
         self.modules = _check_modules(self.modules)
 
     def settings_for(self, name: str) -> ResolvedSettings:

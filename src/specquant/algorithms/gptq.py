@@ -83,7 +83,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx:
     ctx = context(ctx, config)
     spec = GridSpec.default(config.bits, config.symmetric)
     gran = config.granularity
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     col_order = column_order(stats.H, config.act_order)
@@ -94,7 +94,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx:
                          config.block_size)
     info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule,
             "refine_sweeps": config.refine_sweeps}
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype, config.scale_dtype)
 
 
 register_method("gptq", GPTQConfig, quantize_weight,

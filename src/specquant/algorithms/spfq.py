@@ -127,7 +127,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx:
         Wt = perfect_alignment(W, stats, ctx.layer)
     else:
         Wt = align(W, stats, config.order, col_order, config.block_size)
-    scale, zp = choose_scales(Wt.float(), spec, gran, config.scale_rule, stats.H, config.c_alpha)
+    scale, zp = choose_scales(Wt.float(), spec, gran, config.scale_rule, stats.H, config.c_alpha,
+                              store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     gen = make_generator(ctx.seed)
@@ -139,7 +140,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx:
         W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, col_order, config.rounding, gen, config.block_size)
     info = {"order": config.order, "perfect_alignment": config.perfect_alignment, "rounding": config.rounding,
             "scale_rule": config.scale_rule}
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "spfq", info, W.dtype)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "spfq", info, W.dtype, config.scale_dtype)
 
 
 register_method("spfq", SPFQConfig, quantize_weight, "stochastic path following with data alignment (Zhang & Saab)")
