@@ -206,8 +206,9 @@ class QuantConfig(metaclass=_ConfigType):
         self.granularity = Granularity.parse(self.granularity)  # a string is accepted for convenience
         try:
             dt = scale_dtype(self.scale_dtype)
-        except ValueError as e:
-            raise ValueError(f"config.{e}") from None
+        except ValueError:
+            raise ValueError(f"config.scale_dtype must be 'float32' ('fp32') or 'float16' ('fp16'), "
+                             f"got {self.scale_dtype!r}") from None
         self.scale_dtype = "float16" if dt == torch.float16 else "float32"
         self.modules = _check_modules(self.modules)
 

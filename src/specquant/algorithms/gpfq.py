@@ -12,6 +12,11 @@ so that u_t = X w_{≤t} − X̃ q_{≤t} is the running output error.  specquan
 covariance form: it keeps V = X̃ᵀu (one row per neuron), and ⟨X̃_t, u⟩ = V[:, t],
 ⟨X̃_t, X_t⟩ = G[t, t], ‖X̃_t‖² = H[t, t], with rank-B lazy updates of V (as in GPTQ's lazy
 batches).  Cost O(out·N0²) per layer, memory O(N0²), independent of the number of samples.
+
+Steps are chosen from the original weights before the path (per channel, per tensor, or per
+group of the original column order, the last group shorter when G does not divide N0); with
+``act_order`` the path visits the inputs by decreasing ‖X̃_t‖ and rounds each on its own group's
+grid — static groups, as in ``algorithms.gptq``: nothing about the order is stored.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ Phase 1, data alignment, finds continuous weights w̃ with X̃w̃ ≈ Xw:
   * perfect alignment: min ‖w̃‖_∞ subject to X̃w̃ = Xw, a linear program (SciPy HiGHS), for
     layers where that system is solvable.
 Phase 2 quantizes along the same path with the unbiased stochastic quantizer
-(E[Q(z)] = z), starting from the alignment residual.
+(E[Q(z)] = z), starting from the alignment residual.  Steps are static, chosen from the aligned
+weights before phase 2 (groups of the original column order, as in ``algorithms.gpfq``).
 """
 from __future__ import annotations
 

@@ -719,6 +719,8 @@ def _check_header(path: Path, header: dict) -> dict:
         raise _bad(path, "'tied' must map tensor names to other tensor names")
     if "quantized" in header and not isinstance(header["quantized"], bool):
         raise _bad(path, "'quantized' must be true or false")
+    if "scale_dtype" in header and not _one_of(header["scale_dtype"], ("float32", "float16", "mixed")):
+        raise _bad(path, f"'scale_dtype' {str(header['scale_dtype'])[:20]!r} is not float32, float16 or mixed")
     return model_info
 
 
