@@ -29,6 +29,7 @@ import torch
 from specquant.core.rounding import round_values
 
 GRID_KINDS = ("narrow", "full", "midrise", "binary", "asymmetric")
+MAX_GROUP_SIZE = 2**40  # largest group size accepted (a larger one is one group per row anyway)
 GRANULARITY_KINDS = ("tensor", "channel", "group")
 
 
@@ -258,8 +259,8 @@ class Granularity:
             raise ValueError(
                 f"unknown granularity {g!r}; allowed: 'tensor', 'channel', ('group', G) or 'group:G'"
             )
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"group size must be a positive integer, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_GROUP_SIZE:
+            raise ValueError(f"group size must be a positive integer up to 2^40, got {str(size)[:40]}")
         return Granularity(kind="group", group_size=size)
 
     def label(self) -> str:
@@ -278,24 +279,30 @@ class Granularity:
         _, inner = self._rows_inner(tuple(shape))
         return -(-inner // self.group_size)
 
+    def group_len(self, shape: tuple[int, ...]) -> int:
+        """Inputs in a full group: min(G, N0) (a group larger than the row is the whole row)."""
+        _, inner = self._rows_inner(tuple(shape))
+        return min(self.group_size, inner)
+
     def last_group_size(self, shape: tuple[int, ...]) -> int:
         """Inputs in the last group of a row: G, or N0 mod G when G does not divide N0."""
         _, inner = self._rows_inner(tuple(shape))
         return inner - (self.num_groups(shape) - 1) * self.group_size
 
     def is_ragged(self, shape: tuple[int, ...]) -> bool:
-        """Whether the last group of each row is shorter than the others (G does not divide N0)."""
-        return self.kind == "group" and self.last_group_size(shape) != self.group_size
+        """Whether the last group of each row is shorter than the others (G < N0 does not divide N0)."""
+        return self.kind == "group" and self.last_group_size(shape) != self.group_len(shape)
 
     def blocked_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the view in which ``scale`` broadcasts (the tensor's own shape unless grouped).
 
-        Grouped: (out, ceil(N0 / G), G).  When G does not divide N0 this view is padded (the last
-        group's N0 mod G inputs, then padding): reach it with ``to_blocks``, not a reshape."""
+        Grouped: (out, ceil(N0 / G), min(G, N0)).  When G < N0 does not divide N0 this view is
+        padded (the last group's N0 mod G inputs, then fewer than G pads): reach it with
+        ``to_blocks``, not a reshape."""
         if self.kind != "group":
             return tuple(shape)
         out, _ = self._rows_inner(tuple(shape))
-        return (out, self.num_groups(shape), self.group_size)
+        return (out, self.num_groups(shape), self.group_len(shape))
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scale tensor (broadcastable against ``blocked_shape``)."""
@@ -339,7 +346,7 @@ class Granularity:
         if self.kind == "channel":
             ax = self.axis % xb.dim()
             return xb.movedim(ax, 0).reshape(xb.shape[ax], -1)
-        return xb.reshape(-1, self.group_size)
+        return xb.reshape(-1, xb.shape[-1])  # (out·groups, min(G, N0))
 
     def row_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The blocks sharing one scale as (B_k, n_k) matrices of equal-length blocks: ``[to_rows(x)]``,
@@ -369,7 +376,7 @@ class Granularity:
         out, n = shape
         if self.kind == "group":
             per_group = t.reshape(out, -1)  # (out, groups)
-            return per_group.repeat_interleave(self.group_size, dim=1)[:, :n]  # (out, N0)
+            return per_group.repeat_interleave(min(self.group_size, n), dim=1)[:, :n]  # (out, N0)
         return t.reshape(-1, 1).expand(out, n) if t.numel() == out else t.reshape(1, 1).expand(out, n)
 
     def rows_to_scale(self, v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
