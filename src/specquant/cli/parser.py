@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "required unless --avg-bits is given)")
     p.add_argument("--granularity", metavar="G", type=_granularity, default="channel",
                    help="scale granularity: channel (one per output channel), tensor, or group:G "
-                        "(G consecutive inputs per scale) (default: channel)")
+                        "(G consecutive inputs per scale; when G does not divide a layer's inputs its "
+                        "last group is shorter) (default: channel)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
                    help="calibration samples drawn from the training split with --seed "
                         f"(default: {DEFAULT_CALIB})")
