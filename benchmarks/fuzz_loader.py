@@ -1,7 +1,8 @@
 """The loader against many generated corruptions of real saved files.
 
-Saves ``digits-mlp`` (trained on the fly, no data directory) quantized six ways (RTN 3-bit,
-GPFQ ternary, asymmetric 4-bit with fp16 scales, per-row widths, frame, float) and, when the data
+Saves ``digits-mlp`` (trained on the fly, no data directory) quantized seven ways (RTN 3-bit,
+GPFQ ternary, asymmetric 4-bit with fp16 scales, per-row widths, frame, GPTQ in groups of 24 with
+a shorter last group and float16 scales, float) and, when the data
 directory is there, ``resnet20-cifar10`` at 3 bits; then feeds ``specquant.load`` corruptions
 from ``specquant.io.corrupt.mutate`` (truncations, byte flips, header edits with a recomputed
 checksum, tensor and table edits, hostile entry points) and counts what happened:
@@ -30,7 +31,7 @@ import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
+from specquant.algorithms import GPFQConfig, GPTQConfig, ModuleSettings, RTNConfig
 from specquant.algorithms.frame import FrameConfig
 from specquant.engine.apply import quantize
 from specquant.io import load, save
@@ -49,6 +50,7 @@ def base_files(folder: Path, data_dir) -> dict[str, tuple[bytes, torch.Tensor]]:
         "digits-asym4": RTNConfig(bits=4, symmetric=False),
         "digits-rows": RTNConfig(bits=4, modules={"fc2": ModuleSettings(row_bits=tuple([2, 3, 4, 4] * 16))}),
         "digits-frame": FrameConfig(bits=2),
+        "digits-gptq4-group24-fp16": GPTQConfig(bits=4, granularity="group:24", symmetric=False, scale_dtype="fp16"),
         "digits-float": None,
     }
     out = {}

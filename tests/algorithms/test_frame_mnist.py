@@ -30,7 +30,7 @@ def test_mnist_mlp_one_bit_frame_reaches_paper_accuracy(data_dir):
         assert isinstance(q, FrameQuantizedWeight) and q.levels == 2
         assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 1  # 1-bit ΣΔ codes
         assert q.frame_size == int(REDUNDANCY) * q.frame_dim  # N = R·d frame vectors
-    # true storage: 1 bit × N/d codes plus one fp16 step per neuron, ≈ 3.02 bits per weight
+    # true storage: 1 bit × N/d codes plus one float32 step (default scale dtype) per neuron, ≈ 3.048 bits
     assert REDUNDANCY < report.bits_per_weight < REDUNDANCY + 0.05
     acc = evaluate(model, x, y)
     assert acc >= PAPER_ACCURACY, f"1-bit frame ΣΔ at R={REDUNDANCY}: {acc:.2f} % < {PAPER_ACCURACY} %"

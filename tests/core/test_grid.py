@@ -217,10 +217,27 @@ def test_granularity_parse_forms():
             Granularity.parse(bad)
 
 
-def test_group_size_must_divide_input_dimension():
+def test_group_size_need_not_divide_input_dimension():
+    """G = 5 on 12 inputs: groups of 5, 5 and 2; the blocked view is padded, the parts are not."""
     g = Granularity.parse(("group", 5))
-    with pytest.raises(ValueError, match=r"group size 5 does not divide the input dimension 12"):
-        g.blocked_shape((3, 4, 3))
+    shape = (3, 4, 3)  # (out, in, k): N0 = 12
+    assert (g.num_groups(shape), g.last_group_size(shape), g.is_ragged(shape)) == (3, 2, True)
+    assert g.blocked_shape(shape) == (3, 3, 5) and g.scale_shape(shape) == (3, 3, 1)
+    x = torch.arange(36.0).reshape(shape)
+    xb = g.to_blocks(x, fill=-1.0)  # (3, 3, 5)
+    assert xb.shape == (3, 3, 5) and xb[0, 2].tolist() == [10.0, 11.0, -1.0, -1.0, -1.0]
+    assert torch.equal(g.from_blocks(xb, shape), x)
+    full, last = g.row_parts(x)
+    assert full.shape == (6, 5) and last.shape == (3, 2)
+    assert last[1].tolist() == [22.0, 23.0] and full[2].tolist() == [12.0, 13.0, 14.0, 15.0, 16.0]
+    per_block = g.scale_from_parts([full.amax(dim=1), last.amax(dim=1)], shape)  # (3, 3, 1)
+    assert per_block[:, :, 0].tolist() == [[4.0, 9.0, 11.0], [16.0, 21.0, 23.0], [28.0, 33.0, 35.0]]
+    assert g.per_entry(per_block, (3, 12))[0].tolist() == [4.0] * 5 + [9.0] * 5 + [11.0] * 2
+    with pytest.raises(ValueError, match=r"group size 5 leaves a shorter last group .* \(use row_parts\)"):
+        g.to_rows(x)
+    g24 = Granularity.parse("group:24")  # larger than N0: one (short) group per row
+    assert g24.scale_shape(shape) == (3, 1, 1) and [p.shape for p in g24.row_parts(x)] == [(3, 12)]
+    assert not Granularity.parse("group:4").is_ragged(shape) and not Granularity("channel").is_ragged(shape)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         Granularity.parse(("group", 2)).blocked_shape((8,))
 

@@ -49,14 +49,22 @@ def test_bits_outside_1_to_8_list_the_range(bits):
         quantize_tensor(torch.ones(2, 4), bits=bits)
 
 
-def test_group_size_must_divide():
-    w = torch.randn(4, 3, 5, generator=gen(1))  # input dimension 15
-    with pytest.raises(ValueError, match=r"group size 4 does not divide the input dimension 15"):
-        quantize_tensor(w, granularity=("group", 4))
-    with pytest.raises(ValueError, match=r"group size 4 does not divide"):
-        quantize_tensor(w, granularity="group:4")
-    qw = quantize_tensor(w, granularity=("group", 5))  # a divisor works
-    assert qw.scale.shape == (4, 3, 1)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clipping", ["minmax", "mse", "percentile", "aciq-laplace"])
+def test_group_size_need_not_divide(symmetric, clipping):
+    """Input dimension 15 at G = 4: groups of 4, 4, 4 and 3, each with the scale of its own weights
+    (the last group's scale is the per-channel scale of those 3 inputs alone, not a zero-padded group's)."""
+    w = torch.randn(4, 3, 5, generator=gen(1)) + (0.0 if symmetric else 1.5)  # input dimension 15
+    qw = quantize_tensor(w, bits=4, granularity="group:4", symmetric=symmetric, clipping=clipping)
+    assert qw.scale.shape == qw.zero_point.shape == (4, 4, 1)
+    w2 = w.reshape(4, 15)
+    for j, (a, b) in enumerate([(0, 4), (4, 8), (8, 12), (12, 15)]):
+        alone = quantize_tensor(w2[:, a:b], bits=4, symmetric=symmetric, clipping=clipping)  # per channel
+        assert torch.equal(qw.scale[:, j, 0], alone.scale[:, 0]) and torch.equal(qw.zero_point[:, j, 0],
+                                                                                alone.zero_point[:, 0])
+        assert torch.equal(qw.codes.reshape(4, 15)[:, a:b], alone.codes)
+        assert torch.equal(qw.dequantize().reshape(4, 15)[:, a:b], alone.dequantize())
+    assert quantize_tensor(w, granularity=("group", 5)).scale.shape == (4, 3, 1)  # a divisor, as before
 
 
 def test_unknown_names_list_allowed_values():
@@ -203,8 +211,12 @@ def test_public_path_reaches_the_best_gaussian_grid():
 
 
 def test_storage_bits_count_codes_and_scales():
+    """As a file stores them: float32 scales (the default storage dtype), uint8 zero points when
+    asymmetric, none when the symmetric grid fixes them; or at the widths asked for."""
     w = torch.randn(4, 32, generator=gen(9))
     sym = quantize_tensor(w, bits=3, granularity=("group", 8))
-    assert sym.storage_bits() == 4 * 32 * 3 + 16 * 16
+    assert sym.storage_bits() == 4 * 32 * 3 + 16 * 32
+    assert sym.storage_bits(scale_bits=16) == 4 * 32 * 3 + 16 * 16
     asym = quantize_tensor(w, bits=3, granularity="channel", symmetric=False)
-    assert asym.bits_per_weight() == pytest.approx(3 + 2 * 16 * 4 / 128)
+    assert asym.bits_per_weight() == pytest.approx(3 + (32 + 8) * 4 / 128)
+    assert asym.bits_per_weight(16, 16) == pytest.approx(3 + 2 * 16 * 4 / 128)  # the fp16-zero-point convention

@@ -9,13 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from specquant.algorithms import GPFQConfig, ModuleSettings, RTNConfig
+from specquant.algorithms import GPFQConfig, GPTQConfig, ModuleSettings, RTNConfig
 from specquant.algorithms.frame import FrameConfig
 from specquant.engine.apply import quantize
 from specquant.io import load, save
 from specquant.io.corrupt import mutate, outcome
 
-EXAMPLES = 600  # per base file: 6 files, 3,600 corruptions in all (about 2 s a file)
+EXAMPLES = 600  # per base file: 7 files, 4,200 corruptions in all (about 2 s a file)
 
 
 def _conv():
@@ -42,6 +42,9 @@ CASES = {  # name: (builder, example input, config, save options)
     "mlp-rows": (_mlp, _mlp_input,
                  RTNConfig(bits=4, modules={"2": ModuleSettings(row_bits=(2, 4, 3, 4, 2) * 3 + (4,))}), {}),
     "mlp-frame": (_mlp, _mlp_input, FrameConfig(bits=2), {}),
+    # groups of 5 on 12 and 16 inputs (last groups of 2 and 1), act order, float16 scales chosen as stored
+    "mlp-gptq-group5-fp16": (_mlp, _mlp_input, GPTQConfig(bits=4, granularity="group:5", symmetric=False,
+                                                          scale_dtype="float16"), {}),
     "mlp-float": (_mlp, _mlp_input, None, {}),
 }
 

@@ -60,8 +60,8 @@ def _set_bn_stats(model):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("granularity,symmetric", [("channel", True), ("tensor", True), ("group:8", True),
-                                                   ("channel", False)])
-def test_linear_equals_dequantized(bits, granularity, symmetric):
+                                                   ("channel", False), ("group:16", True), ("group:16", False)])
+def test_linear_equals_dequantized(bits, granularity, symmetric):  # group:16 of 40 inputs: 16, 16 and 8
     lin = _linear(40, 12)
     qw = quantize_tensor(lin.weight.detach(), bits=bits, granularity=granularity, symmetric=symmetric,
                          clipping="minmax")
@@ -102,8 +102,8 @@ def test_cache_dequantized_counts_and_clears():
 
 
 @pytest.mark.parametrize("bits,granularity", [(3, "channel"), (4, "group:9"), (8, "tensor"), (5, "channel"),
-                                              (2, "channel")])
-def test_chunked_large_linear(bits, granularity):
+                                              (2, "channel"), (4, "group:128"), (8, "group:100"), (3, "group:64")])
+def test_chunked_large_linear(bits, granularity):  # group:128 of 513 inputs: the last group holds one input
     # 520·513 weights > CHUNK_WEIGHTS: dequantized in row chunks; odd K makes rows straddle bytes
     lin = _linear(513, 520)
     qw = quantize_tensor(lin.weight.detach(), bits=bits, granularity=granularity, symmetric=bits != 3,
@@ -148,6 +148,41 @@ def test_int8_conv_equals_core_int_matmul(symmetric):
     torch.testing.assert_close(qc(x), ref, rtol=1e-6, atol=1e-6)
     yf = F.conv2d(x, qw.dequantize(), conv.bias, stride=2, padding=1)
     assert (qc(x) - yf).norm() / yf.norm() < 0.02
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_conv_with_a_shorter_last_group(bits, symmetric):
+    """Conv2d(8, 6, 3): 72 inputs per output channel in groups of 32, 32 and 8 along in·kh·kw."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    qw = quantize_tensor(conv.weight.detach(), bits=bits, granularity="group:32", symmetric=symmetric)
+    assert tuple(qw.scale.shape) == (6, 3, 1)
+    qc = QuantConv2d.from_quantized(conv, qw)
+    assert torch.equal(qc.dequantized_weight(), qw.dequantize())
+    x = torch.randn(2, 8, 7, 7)
+    assert torch.equal(qc(x), F.conv2d(x, qw.dequantize(), conv.bias, padding=1))
+    back = qc.to_quantized_weight()
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.scale, qw.scale)
+
+
+def test_float16_scales_are_held_as_stored():
+    """A weight quantized with float16 scales keeps them in float16 (half the scale memory) and
+    computes with exactly the values its QuantizedWeight dequantizes with."""
+    from specquant.algorithms import rtn
+
+    lin = _linear(64, 32)
+    qw = rtn.quantize_weight(lin.weight.detach(), None, RTNConfig(bits=4, granularity="group:24",
+                                                                  symmetric=False, scale_dtype="fp16"))
+    assert qw.scale_dtype == torch.float16 and qw.scale.dtype == torch.float32
+    ql = QuantLinear.from_quantized(lin, qw)
+    assert ql.packed.scale.dtype == torch.float16
+    assert memory_bytes(ql) == packed_nbytes(64 * 32, 4) + 32 * 3 * (2 + 4) + 32 * 4  # codes, fp16 scales, zps, bias
+    assert torch.equal(ql.dequantized_weight(), qw.dequantize())
+    assert ql.to_quantized_weight().scale_dtype == torch.float16
+    with pytest.raises(ValueError, match="not exact in float16"):
+        QuantizedWeight(codes=qw.codes, scale=qw.scale * 1.0001, zero_point=qw.zero_point, spec=qw.spec,
+                        granularity=qw.granularity, scale_dtype=torch.float16)
 
 
 def test_int8_mode_refuses_ineligible_layers():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specquant.core.grid import Granularity, GridSpec, fake_quantize, quantize_codes
+from specquant.core.grid import Granularity, GridSpec, fake_quantize, quantize_codes, round_scale, scale_dtype
 from specquant.core.quantizer import compute_qparams
 from specquant.core.qweight import QuantizedWeight
 
@@ -49,9 +49,10 @@ def relative_output_error(W, W_hat, H, G, F) -> float:
 
 def choose_scales(
     W: torch.Tensor, spec: GridSpec, gran: Granularity, rule: str,
-    H: torch.Tensor | None = None, c_alpha: float = 1.16, candidates: int = 60,
+    H: torch.Tensor | None = None, c_alpha: float = 1.16, candidates: int = 60, store: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for a 2-D weight ``W`` (out, N0).
+    """Scale (float32, its values exact in the storage dtype ``store``: ``core.grid.round_scale``) and
+    zero point for a 2-D weight ``W`` (out, N0).
 
     Rules: a core range calibrator by name; ``"authors"``: the GPFQ authors' per-tensor step
     δ = C·mean_i(max_j |W_ij|)/2^(b−1); ``"output-mse"``: per output channel, the clip
@@ -60,6 +61,12 @@ def choose_scales(
     weight MSE for other granularities or without data).
     """
     check_scale_rule(rule)
+    scale, zp = _choose_scales(W, spec, gran, rule, H, c_alpha, candidates)
+    return round_scale(scale, store), zp
+
+
+def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    """``choose_scales`` before the scales are rounded to their storage dtype."""
     if rule == "authors":
         if not spec.symmetric:
             raise ValueError("the 'authors' step rule needs a symmetric grid")
@@ -106,23 +113,22 @@ def _rtn_output_error(Wd, Hd, s, z, spec) -> torch.Tensor:
 
 
 def per_column(t: torch.Tensor, gran: Granularity, shape: tuple[int, int]) -> torch.Tensor:
-    """Expand a scale/zero point to one value per weight entry (out, N0)."""
-    out, n = shape
-    if gran.kind == "group":
-        return t.reshape(out, -1, 1).expand(out, n // gran.group_size, gran.group_size).reshape(out, n)
-    return t.reshape(-1, 1).expand(out, n) if t.numel() == out else t.reshape(1, 1).expand(out, n)
+    """Expand a scale/zero point to one value per weight entry (out, N0) (a shorter last group
+    included: ``Granularity.per_entry``)."""
+    return gran.per_entry(t, shape)
 
 
 def to_quantized_weight(
     W_hat: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: GridSpec, gran: Granularity,
-    algorithm: str, info: dict, dtype: torch.dtype = torch.float32,
+    algorithm: str, info: dict, dtype: torch.dtype = torch.float32, store: str = "float32",
 ) -> QuantizedWeight:
-    """Codes of an (out, N0) tensor whose entries already lie on the grid."""
-    blocked = W_hat.double().reshape(gran.blocked_shape(tuple(W_hat.shape)))
+    """Codes of an (out, N0) tensor whose entries already lie on the grid; ``store``: the scales'
+    storage dtype (their values must be exact in it: ``choose_scales(..., store=...)``)."""
+    blocked = gran.to_blocks(W_hat.double())  # blocked_shape, a shorter last group padded
     codes = quantize_codes(blocked, scale.double(), zp.double(), spec)
     return QuantizedWeight(
-        codes=codes.reshape(W_hat.shape).to(torch.uint8), scale=scale.float(), zero_point=zp.float(),
-        spec=spec, granularity=gran, dtype=dtype, algorithm=algorithm, info=info,
+        codes=gran.from_blocks(codes, tuple(W_hat.shape)).to(torch.uint8), scale=scale.float(), zero_point=zp.float(),
+        spec=spec, granularity=gran, dtype=dtype, algorithm=algorithm, info=info, scale_dtype=scale_dtype(store),
     )
 
 

@@ -35,7 +35,7 @@ import torch
 
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
 from specquant.core.frames import FRAME_KINDS, check_frame_size, frame_size, make_frame
-from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
+from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite, round_scale, scale_dtype
 from specquant.core.qweight import FrameQuantizedWeight
 from specquant.core.sigma_delta import SD_ORDERS, sigma_delta, stable_input_bound
 
@@ -117,7 +117,7 @@ def _quantize_vectors(
     delta = ref / rho * config.step_scale
     if config.granularity.kind == "tensor":
         delta = delta.max().expand(M)
-    delta = delta.float().double()  # the step that is stored is the step that is used
+    delta = round_scale(delta, config.scale_dtype, "a frame step").double()  # the step stored is the step used
     res = sigma_delta(X, delta, config.bits, order=config.order)
     K = 1 << (config.bits - 1)
     scale_shape = (1, 1) if config.granularity.kind == "tensor" else (1, M)
@@ -132,6 +132,7 @@ def _quantize_vectors(
         granularity=Granularity("tensor" if config.granularity.kind == "tensor" else "channel", axis=1),
         dtype=dtype,
         algorithm="frame",
+        scale_dtype=scale_dtype(config.scale_dtype),
         info={
             "redundancy": N / d,
             "order": config.order,

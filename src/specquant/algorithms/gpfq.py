@@ -12,6 +12,11 @@ so that u_t = X w_{≤t} − X̃ q_{≤t} is the running output error.  specquan
 covariance form: it keeps V = X̃ᵀu (one row per neuron), and ⟨X̃_t, u⟩ = V[:, t],
 ⟨X̃_t, X_t⟩ = G[t, t], ‖X̃_t‖² = H[t, t], with rank-B lazy updates of V (as in GPTQ's lazy
 batches).  Cost O(out·N0²) per layer, memory O(N0²), independent of the number of samples.
+
+Steps are chosen from the original weights before the path (per channel, per tensor, or per
+group of the original column order, the last group shorter when G does not divide N0); with
+``act_order`` the path visits the inputs by decreasing ‖X̃_t‖ and rounds each on its own group's
+grid — static groups, as in ``algorithms.gptq``: nothing about the order is stored.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from specquant.algorithms.common import (
     to_quantized_weight,
 )
 from specquant.algorithms.refine import refine_codes
-from specquant.core.grid import GridSpec
+from specquant.core.grid import GridSpec, round_scale
 from specquant.core.rounding import round_values
 
 
@@ -112,7 +117,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, ctx:
     (deterministic: ``ctx`` is not used)."""
     spec = GridSpec.default(config.bits, config.symmetric)
     gran = config.granularity
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, config.c_alpha)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, config.c_alpha, store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     col_order = column_order(stats.H, config.act_order)
@@ -123,7 +128,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, ctx:
         W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, col_order, config.block_size)
     info = {"scale_rule": config.scale_rule, "act_order": config.act_order, "search": list(config.search),
             "refine_sweeps": config.refine_sweeps}
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gpfq", info, W.dtype, config.scale_dtype)
 
 
 def _search_steps(W, stats, scale, zp, spec, col_order, config):
@@ -132,7 +137,11 @@ def _search_steps(W, stats, scale, zp, spec, col_order, config):
     mults = (1.0,) + tuple(m for m in config.search if m != 1.0)
     K, (out, n) = len(mults), W.shape
     s0 = scale.reshape(out, 1).double()
-    Ss = torch.cat([s0 * m for m in mults]).expand(K * out, n)  # (K·out, N0)
+    cands = [s0 * m for m in mults]  # K × (out, 1) candidate steps
+    fp16 = config.scale_dtype == "float16"
+    if fp16:  # candidates the file can store: the path runs with the steps that will be saved
+        cands = [round_scale(c, torch.float16).double() for c in cands]
+    Ss = torch.cat(cands).expand(K * out, n)  # (K·out, N0)
     Zs = zp.reshape(out, 1).double().repeat(K, 1).expand(K * out, n)
     Wk = W.double().repeat(K, 1)  # (K·out, N0)
     Q = path_follow(Wk, stats.H, stats.G, Ss, Zs, spec, col_order, block_size=config.block_size)
@@ -141,6 +150,8 @@ def _search_steps(W, stats, scale, zp, spec, col_order, config):
     best = err.argmin(0)  # (out,)
     idx = torch.arange(out)
     W_hat = Q.reshape(K, out, n)[best, idx]
+    if fp16:
+        return torch.stack(cands)[best, idx].reshape(scale.shape).float(), zp, W_hat  # (K, out, 1) → best per row
     m = torch.tensor(mults, dtype=torch.float64)[best].reshape(scale.shape)
     return (scale.double() * m).float(), zp, W_hat
 

@@ -7,6 +7,19 @@ Minimises ‖X̃Wᵀ − X̃Ŵᵀ‖² column by column: after rounding column t
 the columns not yet quantized through the upper Cholesky factor of H⁻¹ (H = X̃ᵀX̃, damped),
 with lazy updates in blocks of ``block_size`` columns.  Inputs that never fire (H_tt = 0) are
 dead: their weights are set to 0 and get no error feedback.
+
+Scales are static: chosen from the original weights before the error feedback, one per output
+channel, per tensor or per group.  Groups are always the contiguous groups of the *original*
+column order (inputs j·G … j·G + G − 1; the last one shorter when G does not divide N0), also
+with ``act_order``: the columns are then processed by decreasing H_tt and each one is rounded on
+the grid of its own group, whose scale was fixed beforehand.  This is the variant GPTQModel
+calls ``static_groups``: the codes and scales are stored in the original order, so the file
+needs no permutation (no ``g_idx``) and loads with the plain group layout in every runtime.
+The reference implementation instead recomputes a group's scale from the error-updated weights
+when the loop reaches the group's first column; in natural order that measured the same as
+static scales on correlated test layers (relative output error 0.0742 vs 0.0741, 4-bit g128), and
+with ``act_order`` it would make groups follow the processing order, which needs a stored
+permutation.
 """
 from __future__ import annotations
 
@@ -22,11 +35,11 @@ from specquant.core.grid import GridSpec
 
 @dataclass
 class GPTQConfig(QuantConfig):
-    """GPTQ with static scales chosen before the error feedback."""
+    """GPTQ with static scales chosen before the error feedback (static groups with ``act_order``)."""
 
     damp: float = 0.01  # added to H's diagonal as a fraction of its mean diagonal
     block_size: int = 128  # lazy-batch width in columns
-    act_order: bool = True  # quantize columns by decreasing H_tt (activation order)
+    act_order: bool = True  # quantize columns by decreasing H_tt (activation order); groups stay the original ones
     scale_rule: str = "output-mse"  # step size rule (see algorithms.common.choose_scales)
     refine_sweeps: int = 0  # coordinate-descent sweeps on ‖X̃(w − ŵ)‖ after GPTQ (algorithms.refine); 0 = off
 
@@ -98,7 +111,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx:
     ctx = context(ctx, config)
     spec = GridSpec.default(config.bits, config.symmetric)
     gran = config.granularity
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     col_order = column_order(stats.H, config.act_order)
@@ -109,7 +122,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx:
                          config.block_size)
     info = {"damp": config.damp, "act_order": config.act_order, "scale_rule": config.scale_rule,
             "refine_sweeps": config.refine_sweeps}
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "gptq", info, W.dtype, config.scale_dtype)
 
 
 register_method("gptq", GPTQConfig, quantize_weight,

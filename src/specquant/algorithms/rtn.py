@@ -32,10 +32,11 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: RTNConfig
     spec = GridSpec.default(config.bits, config.symmetric)
     gran = config.granularity
     H = stats.H if stats is not None else None
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, H)
-    blocked = W.double().reshape(gran.blocked_shape(tuple(W.shape)))
-    W_hat = fake_quantize(blocked, scale.double(), zp.double(), spec).reshape(W.shape)
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "rtn", {"scale_rule": config.scale_rule}, W.dtype)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, H, store=config.scale_dtype)
+    blocked = gran.to_blocks(W.double())  # blocked_shape, a shorter last group padded
+    W_hat = gran.from_blocks(fake_quantize(blocked, scale.double(), zp.double(), spec), tuple(W.shape))
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "rtn", {"scale_rule": config.scale_rule}, W.dtype,
+                               config.scale_dtype)
 
 
 register_method("rtn", RTNConfig, quantize_weight, "round-to-nearest on a calibrated grid (data-free)")

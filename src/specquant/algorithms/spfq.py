@@ -9,7 +9,8 @@ Phase 1, data alignment, finds continuous weights w̃ with X̃w̃ ≈ Xw:
   * perfect alignment: min ‖w̃‖_∞ subject to X̃w̃ = Xw, a linear program (SciPy HiGHS), for
     layers where that system is solvable.
 Phase 2 quantizes along the same path with the unbiased stochastic quantizer
-(E[Q(z)] = z), starting from the alignment residual.
+(E[Q(z)] = z), starting from the alignment residual.  Steps are static, chosen from the aligned
+weights before phase 2 (groups of the original column order, as in ``algorithms.gpfq``).
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx:
         Wt = perfect_alignment(W, stats, ctx.layer)
     else:
         Wt = align(W, stats, config.order, col_order, config.block_size)
-    scale, zp = choose_scales(Wt.float(), spec, gran, config.scale_rule, stats.H, config.c_alpha)
+    scale, zp = choose_scales(Wt.float(), spec, gran, config.scale_rule, stats.H, config.c_alpha,
+                              store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     gen = make_generator(ctx.seed)
@@ -139,7 +141,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx:
         W_hat = path_follow(W, stats.H, stats.G, S, Z, spec, col_order, config.rounding, gen, config.block_size)
     info = {"order": config.order, "perfect_alignment": config.perfect_alignment, "rounding": config.rounding,
             "scale_rule": config.scale_rule}
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "spfq", info, W.dtype)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "spfq", info, W.dtype, config.scale_dtype)
 
 
 register_method("spfq", SPFQConfig, quantize_weight, "stochastic path following with data alignment (Zhang & Saab)")

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "required unless --avg-bits is given)")
     p.add_argument("--granularity", metavar="G", type=_granularity, default="channel",
                    help="scale granularity: channel (one per output channel), tensor, or group:G "
-                        "(G consecutive inputs per scale) (default: channel)")
+                        "(G consecutive inputs per scale; when G does not divide a layer's inputs its "
+                        "last group is shorter) (default: channel)")
     p.add_argument("--asymmetric", action="store_true",
                    help="asymmetric grid with a zero point per scale (2^b levels), as usual for LLM weights "
                         "(default: narrow symmetric, 2^b - 1 levels)")

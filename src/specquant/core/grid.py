@@ -29,6 +29,7 @@ import torch
 from specquant.core.rounding import round_values
 
 GRID_KINDS = ("narrow", "full", "midrise", "binary", "asymmetric")
+MAX_GROUP_SIZE = 2**40  # largest group size accepted (a larger one is one group per row anyway)
 GRANULARITY_KINDS = ("tensor", "channel", "group")
 
 
@@ -52,6 +53,38 @@ def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
             f"{name} has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) "
             f"of {x.numel()}; first at index {first}"
         )
+
+
+SCALE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16}  # the dtypes a scale is stored in, by name (and short name)
+
+
+def scale_dtype(dtype: "str | torch.dtype") -> torch.dtype:
+    """The storage dtype of scales named by ``dtype`` ("float32"/"fp32", "float16"/"fp16" or the
+    torch dtype); a one-line ValueError otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16):
+        return dtype
+    if isinstance(dtype, str) and dtype in SCALE_DTYPES:
+        return SCALE_DTYPES[dtype]
+    raise ValueError(f"scale dtype must be 'float32' ('fp32') or 'float16' ('fp16'), got {dtype!r}")
+
+
+def round_scale(scale: torch.Tensor, dtype: "str | torch.dtype", name: str = "scale") -> torch.Tensor:
+    """``scale`` rounded to the storage dtype and returned as float32 (the values a file stores and a
+    loaded model uses).  Methods round their scales with this *before* choosing codes, so that the
+    codes fit the stored scales.  float16: a scale that overflows, or a non-zero one that becomes 0,
+    is a one-line ValueError naming ``name`` (subnormal scales below 6.1e-5 keep fewer digits)."""
+    dt = scale_dtype(dtype)
+    s32 = scale.float()
+    if dt == torch.float32:
+        return s32
+    s16 = s32.to(torch.float16)
+    bad = ~torch.isfinite(s16) | ((s16 == 0) & (s32 != 0))
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad.reshape(-1))[0])
+        raise ValueError(f"{name} {float(s32.reshape(-1)[i]):.3g} does not fit in float16 (overflow or underflow "
+                         f"to 0); use scale dtype float32")
+    return s16.float()
 
 
 @dataclass(frozen=True)
@@ -184,11 +217,27 @@ def fake_quantize(
 
 @dataclass(frozen=True)
 class Granularity:
-    """Which elements share one scale: the whole tensor, one channel, or a group of inputs."""
+    """Which elements share one scale: the whole tensor, one channel, or a group of inputs.
+
+    Groups run along the flattened input dimension N0 = in·kh·kw of the (out, N0) view: group
+    j of a row holds inputs j·G … j·G + G − 1.  When G does not divide N0 the last group is
+    shorter (N0 mod G inputs) and, like every group, has its own scale and zero point computed
+    from its own weights only: a row has ceil(N0 / G) groups, the scale shape is
+    (out, ceil(N0 / G), 1).  (Brevitas instead pads the row with zeros to a multiple of G and
+    takes its statistics over the padded group.  With specquant's calibrators a range always
+    contains 0, so for min/max the two agree; statistics that count the padding — percentiles,
+    ACIQ's spread, the binary grid's mean |w| — differ, and so does Brevitas' min/max scale of
+    a last group whose weights are all positive (older AbsMinMax) or all negative (newer
+    AbsMinMax, which clamps only the minimum), where the padded zeros widen the range.)
+
+    Element-wise work on the blocks goes through ``to_blocks`` / ``from_blocks``, which pad the
+    last group (the padding is cut off again, it never reaches a statistic or a stored code);
+    per-block statistics go through ``row_parts`` / ``scale_from_parts``.
+    """
 
     kind: str = "channel"  # "tensor" | "channel" | "group"
     axis: int = 0  # channel axis (kind="channel")
-    group_size: int = 0  # inputs per group along the flattened input dimension (kind="group")
+    group_size: int = 0  # inputs per group along the flattened input dimension (kind="group"); the last may be shorter
 
     @staticmethod
     def parse(g: "str | tuple | Granularity", axis: int = 0) -> "Granularity":
@@ -210,8 +259,8 @@ class Granularity:
             raise ValueError(
                 f"unknown granularity {g!r}; allowed: 'tensor', 'channel', ('group', G) or 'group:G'"
             )
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"group size must be a positive integer, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_GROUP_SIZE:
+            raise ValueError(f"group size must be a positive integer up to 2^40, got {str(size)[:40]}")
         return Granularity(kind="group", group_size=size)
 
     def label(self) -> str:
@@ -219,20 +268,41 @@ class Granularity:
             return f"group:{self.group_size}"
         return self.kind
 
-    def blocked_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Shape of the view in which ``scale`` broadcasts (the tensor's own shape unless grouped)."""
-        if self.kind != "group":
-            return tuple(shape)
-        out = shape[0]
-        inner = math.prod(shape[1:]) if len(shape) > 1 else 1
+    def _rows_inner(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(out, N0) of a grouped tensor's (out, N0) view."""
         if len(shape) < 2:
             raise ValueError("group granularity needs a tensor with at least 2 dimensions (out, in)")
-        if inner % self.group_size:
-            raise ValueError(
-                f"group size {self.group_size} does not divide the input dimension {inner} "
-                f"(tensor shape {tuple(shape)}); choose a divisor of {inner}"
-            )
-        return (out, inner // self.group_size, self.group_size)
+        return shape[0], math.prod(shape[1:])
+
+    def num_groups(self, shape: tuple[int, ...]) -> int:
+        """Groups per row, ceil(N0 / G) (kind "group" only)."""
+        _, inner = self._rows_inner(tuple(shape))
+        return -(-inner // self.group_size)
+
+    def group_len(self, shape: tuple[int, ...]) -> int:
+        """Inputs in a full group: min(G, N0) (a group larger than the row is the whole row)."""
+        _, inner = self._rows_inner(tuple(shape))
+        return min(self.group_size, inner)
+
+    def last_group_size(self, shape: tuple[int, ...]) -> int:
+        """Inputs in the last group of a row: G, or N0 mod G when G does not divide N0."""
+        _, inner = self._rows_inner(tuple(shape))
+        return inner - (self.num_groups(shape) - 1) * self.group_size
+
+    def is_ragged(self, shape: tuple[int, ...]) -> bool:
+        """Whether the last group of each row is shorter than the others (G < N0 does not divide N0)."""
+        return self.kind == "group" and self.last_group_size(shape) != self.group_len(shape)
+
+    def blocked_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the view in which ``scale`` broadcasts (the tensor's own shape unless grouped).
+
+        Grouped: (out, ceil(N0 / G), min(G, N0)).  When G < N0 does not divide N0 this view is
+        padded (the last group's N0 mod G inputs, then fewer than G pads): reach it with
+        ``to_blocks``, not a reshape."""
+        if self.kind != "group":
+            return tuple(shape)
+        out, _ = self._rows_inner(tuple(shape))
+        return (out, self.num_groups(shape), self.group_len(shape))
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scale tensor (broadcastable against ``blocked_shape``)."""
@@ -244,15 +314,70 @@ class Granularity:
             return tuple(n if i == ax else 1 for i, n in enumerate(bs))
         return (bs[0], bs[1], 1)
 
+    def to_blocks(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """``x`` in ``blocked_shape(x.shape)``; a shorter last group is padded with ``fill``
+        (the padding takes part only in element-wise work and ``from_blocks`` cuts it off)."""
+        shape = tuple(x.shape)
+        blocked = self.blocked_shape(shape)
+        if not self.is_ragged(shape):
+            return x.reshape(blocked)
+        out, inner = self._rows_inner(shape)
+        x2 = x.reshape(out, inner)  # (out, N0)
+        pad = x2.new_full((out, blocked[1] * blocked[2] - inner), fill)  # (out, padding)
+        return torch.cat([x2, pad], dim=1).reshape(blocked)  # (out, groups, G)
+
+    def from_blocks(self, xb: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Inverse of ``to_blocks``: blocked values back in ``shape``, padding dropped."""
+        shape = tuple(shape)
+        if not self.is_ragged(shape):
+            return xb.reshape(shape)
+        out, inner = self._rows_inner(shape)
+        return xb.reshape(out, -1)[:, :inner].reshape(shape)  # (out, N0) → shape
+
     def to_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, n) matrix whose rows are the blocks sharing one scale."""
+        """(B, n) matrix whose rows are the blocks sharing one scale (every block the same length;
+        groups with a shorter last one: use ``row_parts``)."""
+        if self.is_ragged(tuple(x.shape)):
+            raise ValueError(f"group size {self.group_size} leaves a shorter last group in a tensor of shape "
+                             f"{tuple(x.shape)}: its blocks are not one matrix (use row_parts)")
         xb = x.reshape(self.blocked_shape(tuple(x.shape)))
         if self.kind == "tensor":
             return xb.reshape(1, -1)
         if self.kind == "channel":
             ax = self.axis % xb.dim()
             return xb.movedim(ax, 0).reshape(xb.shape[ax], -1)
-        return xb.reshape(-1, self.group_size)
+        return xb.reshape(-1, xb.shape[-1])  # (out·groups, min(G, N0))
+
+    def row_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The blocks sharing one scale as (B_k, n_k) matrices of equal-length blocks: ``[to_rows(x)]``,
+        or, when the last group of each row is shorter, the full groups (out·(groups − 1), G) and
+        the last groups (out, N0 mod G).  Read the per-block results back with ``scale_from_parts``."""
+        shape = tuple(x.shape)
+        if not self.is_ragged(shape):
+            return [self.to_rows(x)]
+        out, inner = self._rows_inner(shape)
+        x2 = x.reshape(out, inner)  # (out, N0)
+        cut = (self.num_groups(shape) - 1) * self.group_size  # inputs in full groups
+        parts = [x2[:, :cut].reshape(-1, self.group_size)] if cut else []  # (out·(groups−1), G)
+        return parts + [x2[:, cut:]]  # + (out, N0 mod G)
+
+    def scale_from_parts(self, values: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """One value per block, given as (B_k,) vectors in the order of ``row_parts``, in the scale's shape."""
+        shape = tuple(shape)
+        if not self.is_ragged(shape):
+            (v,) = values
+            return self.rows_to_scale(v, shape)
+        out, _ = self._rows_inner(shape)
+        cols = [v.reshape(out, -1) for v in values]  # (out, groups − 1) and (out, 1)
+        return torch.cat(cols, dim=1).reshape(self.scale_shape(shape))
+
+    def per_entry(self, t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """A scale or zero point of a 2-D (out, N0) tensor expanded to one value per entry (out, N0)."""
+        out, n = shape
+        if self.kind == "group":
+            per_group = t.reshape(out, -1)  # (out, groups)
+            return per_group.repeat_interleave(min(self.group_size, n), dim=1)[:, :n]  # (out, N0)
+        return t.reshape(-1, 1).expand(out, n) if t.numel() == out else t.reshape(1, 1).expand(out, n)
 
     def rows_to_scale(self, v: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Reshape a per-row vector (B,) to the broadcastable scale shape."""

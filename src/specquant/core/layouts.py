@@ -96,7 +96,6 @@ class Layout:
     codes_are_weights: ClassVar[bool] = True  # codes are the weight's own entries, in its shape
     cheap_row_slices: ClassVar[bool] = False  # unpack_rows cuts rows without unpacking the rest (a subclass
     #                                           that stores rows its own way sets it False again)
-    stores_zero_points: ClassVar[bool] = False  # zero points are stored even on a symmetric grid
 
     shape: tuple[int, ...]  # shape of the codes it stores
 
@@ -326,14 +325,13 @@ class RowsLayout(Layout):
     For each width b present, in increasing order, the rows of width b (in row order) are
     stored in the layout of ``GridSpec.default(b, symmetric)`` (trits for the 3-level 2-bit
     grid, else bits); the segments are concatenated.  The widths are stored as the
-    ``row_bits`` tensor (uint8, one byte per row), and zero points are always stored (rows of
-    different widths have different ones).
+    ``row_bits`` tensor (uint8, one byte per row), and the zero points are stored (rows of
+    different widths have different ones; ``core.qweight.zero_point_storage``).
     """
 
     name = "rows"
     packing = "rows"
     tensor_names = ("row_bits",)
-    stores_zero_points = True
 
     def __init__(self, row_bits, shape, symmetric: bool = True) -> None:
         raw = row_bits.tolist() if isinstance(row_bits, torch.Tensor) else list(row_bits)

@@ -13,16 +13,21 @@ def compute_qparams(
     w: torch.Tensor, spec: GridSpec, granularity: Granularity, clipping: str = "mse"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of ``w`` for the grid, granularity and range calibrator given."""
-    rows = granularity.to_rows(w.detach().float())  # (B, n)
-    if spec.kind == "binary":
-        # sign(w)·α with α = mean|w| minimises ‖w − α·sign(w)‖² over α: no clipping to choose.
-        alpha = rows.abs().mean(dim=1)  # (B,)
-        scale, zp = spec.qparams_from_alpha(alpha)
-    else:
-        lo, hi = calibrate(rows, clipping, spec)
-        scale, zp = spec.qparams_from_range(lo, hi)
-    shape = granularity.scale_shape(tuple(w.shape))
-    return scale.reshape(shape), zp.reshape(shape)
+    scales, zps = [], []
+    # one (B, n) matrix of equal-length blocks, or two when the last group of each row is shorter:
+    # each block's range comes from its own weights only
+    for rows in granularity.row_parts(w.detach().float()):  # (B, n)
+        if spec.kind == "binary":
+            # sign(w)·α with α = mean|w| minimises ‖w − α·sign(w)‖² over α: no clipping to choose.
+            alpha = rows.abs().mean(dim=1)  # (B,)
+            scale, zp = spec.qparams_from_alpha(alpha)
+        else:
+            lo, hi = calibrate(rows, clipping, spec)
+            scale, zp = spec.qparams_from_range(lo, hi)
+        scales.append(scale)
+        zps.append(zp)
+    shape = tuple(w.shape)
+    return granularity.scale_from_parts(scales, shape), granularity.scale_from_parts(zps, shape)
 
 
 def quantize_tensor(
@@ -43,7 +48,8 @@ def quantize_tensor(
         w: float tensor of any shape (conv weights are (out, in, kh, kw)).
         bits: storage bits per value, 1..8.
         granularity: "tensor", "channel" (along ``axis``), ("group", G) or "group:G"
-            (G consecutive inputs of the flattened (out, in·kh·kw) view share a scale).
+            (G consecutive inputs of the flattened (out, in·kh·kw) view share a scale; when G does
+            not divide in·kh·kw the last group of each row is shorter, with its own scale).
         symmetric: narrow symmetric grid (binary at 1 bit) if True, else asymmetric.
         clipping: range calibrator, one of ``specquant.core.clipping.CLIPPING_METHODS``.
         rounding: "nearest" or "stochastic" (unbiased, seeded by ``seed``).
@@ -66,11 +72,11 @@ def quantize_tensor(
     if g.kind == "channel" and not -w.dim() <= g.axis < w.dim():
         raise ValueError(f"channel axis {g.axis} is out of range for {name} of shape {tuple(w.shape)}")
     scale, zp = compute_qparams(w, spec, g, clipping)
-    blocked = w.detach().float().reshape(g.blocked_shape(tuple(w.shape)))
+    blocked = g.to_blocks(w.detach().float())  # blocked_shape; a shorter last group padded with zeros
     gen = make_generator(seed) if rounding == "stochastic" else None
     codes = quantize_codes(blocked, scale, zp, spec, rounding, gen)
     return QuantizedWeight(
-        codes=codes.reshape(w.shape).to(torch.uint8),
+        codes=g.from_blocks(codes, tuple(w.shape)).to(torch.uint8),
         scale=scale,
         zero_point=zp,
         spec=spec,

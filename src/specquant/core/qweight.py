@@ -8,8 +8,24 @@ from dataclasses import dataclass, field
 import torch
 
 from specquant.core.frames import make_frame
-from specquant.core.grid import Granularity, GridSpec, dequantize_codes
+from specquant.core.grid import Granularity, GridSpec, dequantize_codes, scale_dtype
 from specquant.core.layouts import FrameLayout, Layout, RowsLayout, grid_layout
+
+ZERO_POINT_BITS = {"implicit": 0, "uint8": 8, "float32": 32}  # stored bits per zero point, by storage kind
+
+
+def zero_point_storage(spec: GridSpec, zero_point: torch.Tensor) -> str:
+    """How a file stores these zero points: "implicit" when the grid is symmetric and every zero point
+    is its fixed one (nothing stored), "uint8" when they are integers in 0..255 (asymmetric grids), else
+    "float32" (e.g. the half-integer zero points of binary rows in a mixed-width layer)."""
+    if spec.symmetric and bool(torch.all(zero_point == spec.symmetric_zero_point)):
+        return "implicit"
+    return "uint8" if integer_zero_points(zero_point) else "float32"
+
+
+def integer_zero_points(zero_point: torch.Tensor) -> bool:
+    """Whether every zero point is an integer in 0..255 (a file stores them as uint8)."""
+    return bool(((zero_point >= 0) & (zero_point <= 255) & (zero_point == zero_point.round())).all())
 
 
 @dataclass
@@ -36,6 +52,7 @@ class QuantizedWeight:
     algorithm: str = "rtn"  # name of the method that chose the codes
     info: dict = field(default_factory=dict)  # method settings worth recording (JSON-able values)
     layout: Layout | None = None  # how the codes are stored (core.layouts); None: the grid's own
+    scale_dtype: torch.dtype = torch.float32  # storage dtype of the scales (float32 or float16); exact in it
 
     def __post_init__(self) -> None:
         shape = tuple(self.codes.shape)
@@ -44,6 +61,14 @@ class QuantizedWeight:
         elif self.layout.shape != shape:
             self.layout = self.layout.for_shape(shape)
         self.layout.validate(spec=self.spec, granularity=self.granularity, weight_shape=shape)
+        self._check_scale_dtype()
+
+    def _check_scale_dtype(self) -> None:
+        """``scale_dtype`` is float32 or float16, and every scale is exact in it (ValueError)."""
+        self.scale_dtype = scale_dtype(self.scale_dtype)
+        if self.scale_dtype == torch.float16 and not torch.equal(self.scale.float(), self.scale.half().float()):
+            raise ValueError("the scales are not exact in float16, their storage dtype: round them with "
+                             "core.grid.round_scale before choosing the codes")
 
     @property
     def bits(self) -> int:
@@ -68,23 +93,36 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """Float tensor of the original shape and dtype."""
-        blocked = self.granularity.blocked_shape(self.shape)
-        c = self.codes.reshape(blocked)
-        return dequantize_codes(c, self.scale, self.zero_point).reshape(self.shape).to(self.dtype)
+        g = self.granularity
+        c = g.to_blocks(self.codes)  # blocked_shape (a shorter last group padded, cut off below)
+        return g.from_blocks(dequantize_codes(c, self.scale, self.zero_point), self.shape).to(self.dtype)
 
     def num_weights(self) -> int:
         return self.codes.numel()
 
-    def storage_bits(self, scale_bits: int = 16) -> int:
-        """True storage: code bits (ternary 1.6 per code) plus one scale per block, a zero point when
-        asymmetric or the layout stores them (mixed rows), and the layout's own tensors (one width
-        byte per row for mixed rows)."""
-        zero_points = not self.spec.symmetric or self.layout.stores_zero_points
-        n_params = self.scale.numel() * (2 if zero_points else 1)
-        return round(self.layout.code_bits()) + n_params * scale_bits + self.layout.extra_bits()
+    def storage_bits(self, scale_bits: int | None = None, zero_point_bits: int | None = None) -> int:
+        """True storage, as ``specquant.save`` writes the layer by default: code bits (ternary 1.6 per
+        code), one scale per block at ``scale_dtype`` (16 or 32 bits), one zero point per block when
+        the file stores them (``zero_point_storage``: none when the symmetric grid fixes them, 8
+        bits as uint8, else 32), and the layout's own tensors (one width byte per row for mixed rows).
 
-    def bits_per_weight(self, scale_bits: int = 16) -> float:
-        return self.storage_bits(scale_bits) / max(1, self.num_weights())
+        ``scale_bits`` / ``zero_point_bits`` count the scales / the stored zero points at another
+        width instead, e.g. ``(16, 16)`` for the "fp16 scale and fp16 zero point" convention of
+        papers (4-bit, groups of 128, asymmetric: 4 + 32/128 = 4.25 bits per weight; the file's
+        uint8 zero points make it 4 + 24/128 = 4.1875 with float16 scales)."""
+        if scale_bits is None:
+            scale_bits = 8 * torch.empty(0, dtype=self.scale_dtype).element_size()
+        kind = zero_point_storage(self.spec, self.zero_point)
+        if kind == "implicit":
+            zero_point_bits = 0
+        elif zero_point_bits is None:
+            zero_point_bits = ZERO_POINT_BITS[kind]
+        n = self.scale.numel()
+        return round(self.layout.code_bits()) + n * (scale_bits + zero_point_bits) + self.layout.extra_bits()
+
+    def bits_per_weight(self, scale_bits: int | None = None, zero_point_bits: int | None = None) -> float:
+        """``storage_bits`` per weight of the original tensor."""
+        return self.storage_bits(scale_bits, zero_point_bits) / max(1, self.num_weights())
 
 
 @dataclass(kw_only=True)
@@ -112,15 +150,17 @@ class FrameQuantizedWeight(QuantizedWeight):
                                   dim=self.frame_dim, size=self.frame_size, seed=self.frame_seed,
                                   order=self.order, along=self.along)
         self.layout.validate(spec=self.spec, granularity=self.granularity, weight_shape=tuple(self.weight_shape))
+        self._check_scale_dtype()
 
     @classmethod
     def from_layout(cls, layout: FrameLayout, codes: torch.Tensor, scale: torch.Tensor,
                     zero_point: torch.Tensor, *, spec: GridSpec, granularity: Granularity,
                     weight_shape: tuple, dtype: torch.dtype = torch.float32, algorithm: str = "frame",
-                    info: dict | None = None) -> FrameQuantizedWeight:
+                    info: dict | None = None, scale_dtype: torch.dtype = torch.float32) -> FrameQuantizedWeight:
         """The frame-quantized weight whose frame fields are ``layout``'s."""
         return cls(codes=codes, scale=scale, zero_point=zero_point, spec=spec, granularity=granularity,
-                   dtype=dtype, algorithm=algorithm, info=dict(info or {}), weight_shape=tuple(weight_shape),
+                   dtype=dtype, algorithm=algorithm, info=dict(info or {}), scale_dtype=scale_dtype,
+                   weight_shape=tuple(weight_shape),
                    frame_kind=layout.frame_kind, frame_dim=layout.dim, frame_size=layout.size,
                    frame_seed=layout.seed, order=layout.order, along=layout.along)
 
@@ -155,11 +195,15 @@ class FrameQuantizedWeight(QuantizedWeight):
 
 def from_stored(layout: Layout, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, *,
                 spec: GridSpec, granularity: Granularity, weight_shape: tuple, dtype: torch.dtype = torch.float32,
-                algorithm: str = "rtn", info: dict | None = None) -> QuantizedWeight:
+                algorithm: str = "rtn", info: dict | None = None,
+                scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """The quantized weight of stored parts: a ``FrameQuantizedWeight`` for a ``FrameLayout``,
-    else a ``QuantizedWeight`` with ``layout`` (its codes in the weight's shape)."""
+    else a ``QuantizedWeight`` with ``layout`` (its codes in the weight's shape).  ``scale_dtype``:
+    the dtype the scales were stored in (``scale`` itself is float32)."""
     if isinstance(layout, FrameLayout):
         return FrameQuantizedWeight.from_layout(layout, codes, scale, zero_point, spec=spec, granularity=granularity,
-                                                weight_shape=weight_shape, dtype=dtype, algorithm=algorithm, info=info)
+                                                weight_shape=weight_shape, dtype=dtype, algorithm=algorithm, info=info,
+                                                scale_dtype=scale_dtype)
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zero_point, spec=spec, granularity=granularity,
-                           dtype=dtype, algorithm=algorithm, info=dict(info or {}), layout=layout)
+                           dtype=dtype, algorithm=algorithm, info=dict(info or {}), layout=layout,
+                           scale_dtype=scale_dtype)

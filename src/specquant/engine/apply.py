@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from specquant.algorithms.base import LayerStats, Method, QuantConfig, QuantContext, ResolvedSettings, get_method
 from specquant.algorithms.common import row_output_error
-from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite
+from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite, scale_dtype
 from specquant.core.layouts import RowsLayout
 from specquant.core.qweight import QuantizedWeight
 from specquant.engine.awq import AWQRecord, apply_awq
@@ -56,7 +56,7 @@ class LayerRecord:
     bits: int  # storage bits per code (the widest row's, when rows mix widths)
     levels: int  # distinct values of the grid (of the widest rows)
     method: str  # algorithm
-    bits_per_weight: float  # true storage per weight, scales (fp16) included
+    bits_per_weight: float  # true storage per weight as saved: codes, scales (config.scale_dtype), zero points
     weight_sqnr_db: float  # 10·log10(‖W‖²/‖W − Ŵ‖²)
     rel_output_error: float | None  # ‖XWᵀ − X̃Ŵᵀ‖/‖XWᵀ‖ on the calibration data (None without data;
     #                                  inf when the float output is 0 and the quantized one is not)
@@ -92,7 +92,8 @@ class QuantReport:
 
     @property
     def bits_per_weight(self) -> float:
-        """Average true storage bits per weight (codes plus fp16 scales) over the quantized layers."""
+        """Average true storage bits per weight over the quantized layers: codes, scales at their storage
+        dtype and stored zero points (``QuantizedWeight.bits_per_weight``), file headers not included."""
         n = self.num_weights
         return sum(r.bits_per_weight * r.params for r in self.layers) / n if n else 0.0
 
@@ -493,10 +494,15 @@ def _layer_config(name: str, config: QuantConfig, bits: int, granularity: Granul
 def _run(method: Method, W: torch.Tensor, stats: LayerStats | None, cfg: QuantConfig, name: str):
     """The algorithm on one weight matrix; its errors name the layer."""
     try:
-        return method.quantize_weight(W, stats, cfg, QuantContext(layer=name, seed=cfg.seed))
+        qw = method.quantize_weight(W, stats, cfg, QuantContext(layer=name, seed=cfg.seed))
     except ValueError as e:
         msg = _first_line(e)
         raise ValueError(msg if f"'{name}'" in msg else f"layer '{name}': {msg}") from None
+    stored = getattr(qw, "scale_dtype", None)
+    if stored is not None and stored != scale_dtype(cfg.scale_dtype):
+        raise ValueError(f"layer '{name}': method '{cfg.method}' gave {str(stored).removeprefix('torch.')} scales, "
+                         f"the config asks for scale_dtype {cfg.scale_dtype!r}")
+    return qw
 
 
 def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, config: QuantConfig,
@@ -533,4 +539,5 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zp, spec=GridSpec.default(top, config.symmetric),
                            granularity=Granularity("channel"), algorithm=algorithm or config.method,
                            info={"row_widths": {str(b): row_bits.count(b) for b in sorted(set(row_bits))}},
-                           layout=RowsLayout(row_bits, codes.shape, config.symmetric))
+                           layout=RowsLayout(row_bits, codes.shape, config.symmetric),
+                           scale_dtype=scale_dtype(config.scale_dtype))

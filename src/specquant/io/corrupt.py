@@ -54,7 +54,8 @@ def _json_values():
     leaves = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, -1, 8, 9, 255, 2**31])
               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
               | st.sampled_from(["float32", "float16", "uint8", "Linear", "Conv2d", "frame", "uniform", "rows",
-                                 "trits", "bits", "group:4", "channel", "tensor", "asymmetric", "narrow"]))
+                                 "trits", "bits", "group:4", "group:5", "group:1000", "channel", "tensor",
+                                 "asymmetric", "narrow"]))
     return st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c,
                                                                                       max_size=4), max_leaves=8)
 

@@ -4,8 +4,11 @@ Tensors
     ``<layer>.codes``       uint8, 1-D: the layer's codes packed by its layout
                             (``specquant.core.layouts``; bit packed: ceil(numel·bits/8) bytes, at 8
                             bits the codes themselves)
-    ``<layer>.scale``       one scale per block, ``granularity.scale_shape``; float32 unless the
-                            file was saved with ``scale_dtype="fp16"`` (stated per layer)
+    ``<layer>.scale``       one scale per block, ``granularity.scale_shape`` (groups: one per
+                            ceil(N0/G) groups of a row, the last one shorter when G does not
+                            divide N0); float32 or float16, stated per layer: the dtype the layer
+                            was quantized with (``QuantConfig.scale_dtype``) unless ``save`` was
+                            given ``scale_dtype``
     ``<layer>.zero_point``  only when the grid does not fix it (asymmetric grids): uint8 when every
                             zero point is an integer in 0..255, else float32
     ``<layer>.bias``        the layer's float bias, when it has one
@@ -18,7 +21,8 @@ Header: the safetensors metadata maps ``"specquant"`` to a JSON object::
 
     {"format": "specquant", "version": 1, "specquant_version": "0.1.0",
      "model": {"zoo_id": "resnet20-cifar10" | null, "arch": "package.module:function" | null},
-     "quantized": true, "scale_dtype": "float32",
+     "quantized": true, "scale_dtype": "float32",  (the layers' scale dtype, "mixed" when they differ;
+                                                    informational, each layer states its own)
      "layers": [{"name", "type" (Linear/Conv1d/Conv2d), "kind" ("uniform" | "frame"), "bits",
                  "grid", "levels", "granularity" ("tensor"/"channel"/"group:G"), "axis",
                  "shape", "codes_shape", "dtype", "scale_dtype", "zero_point"
@@ -99,8 +103,9 @@ import torch
 from torch import nn
 
 from specquant._version import __version__
-from specquant.core.grid import Granularity, GridSpec
+from specquant.core.grid import SCALE_DTYPES, Granularity, GridSpec
 from specquant.core.layouts import Layout, layout_tensor_names
+from specquant.core.qweight import integer_zero_points
 from specquant.io.files import atomic_write_bytes
 from specquant.io.files import loads as strict_loads
 from specquant.nn.layers import (
@@ -117,8 +122,6 @@ from specquant.nn.layers import (
 FORMAT_NAME = "specquant"
 FORMAT_VERSION = 1
 METADATA_KEY = "specquant"
-SCALE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-                "float16": torch.float16}
 _DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "float64": torch.float64, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
@@ -285,8 +288,9 @@ def _quantized_source(mod: nn.Module):
     return qw
 
 
-def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tuple[dict, dict]:
-    """Header record and tensors of one quantized layer."""
+def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype | None) -> tuple[dict, dict]:
+    """Header record and tensors of one quantized layer (``scale_dtype`` None: the scales in the dtype
+    the packed layer holds them, ``QuantizedWeight.scale_dtype``)."""
     if isinstance(src, _QuantLayer):
         layer = src
     else:
@@ -296,6 +300,8 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
             raise ValueError(f"layer '{name}': {e}") from None
     packed = layer.packed
     scale = packed.scale
+    if scale_dtype is None:  # as the layer holds them: float16 when quantized (or loaded) with float16 scales
+        scale_dtype = scale.dtype if scale.dtype in (torch.float16, torch.float32) else torch.float32
     if scale_dtype == torch.float16 and scale.dtype != torch.float16:
         s16 = scale.to(torch.float16)
         # rounding is the point of fp16 (relative error ≤ 2^-11, more for scales below 6.1e-5, which
@@ -312,7 +318,7 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype) -> tu
         zp_kind = "implicit"
     else:
         zp = packed.zero_point
-        if bool(((zp >= 0) & (zp <= 255) & (zp == zp.round())).all()):
+        if integer_zero_points(zp):
             zp_kind = "uint8"
             tensors[f"{name}.zero_point"] = zp.to(torch.uint8).contiguous()
         else:
@@ -416,7 +422,7 @@ def _folded_bns(model: nn.Module, skeleton: nn.Module) -> list[str]:
 
 
 def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta: dict | None = None,
-         scale_dtype: str = "fp32") -> Path:
+         scale_dtype: str | None = None) -> Path:
     """Write ``model`` (quantized by ``specquant.quantize``, converted, loaded, or float) to ``path``.
 
     Args:
@@ -427,15 +433,19 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
             Either defaults to what ``load`` recorded on a loaded model.
         meta: free JSON-able information kept in the header (e.g. the quantization report);
             defaults to the meta of the file a loaded model came from.
-        scale_dtype: ``"fp32"`` (default: loads bit-identical) or ``"fp16"`` (half the scale
-            bytes; the loaded model then uses the fp16-rounded scales).
+        scale_dtype: None (default): each layer's scales in the dtype it was quantized with
+            (``QuantConfig.scale_dtype``: float32 unless asked otherwise) or loaded with — the file
+            then loads bit-identical to the model; ``"fp32"``: float32 scales; ``"fp16"``: float16
+            scales, half the scale bytes, rounded here when the model's are float32 (the loaded
+            model then uses the rounded scales and differs slightly from this one; quantize with
+            ``scale_dtype="float16"`` instead to have the codes chosen for the rounded scales).
     Returns the path written.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be 'fp32' or 'fp16', got {scale_dtype!r}")
-    sdt = SCALE_DTYPES[scale_dtype]
+    if scale_dtype is not None and scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be None, 'fp32' or 'fp16', got {scale_dtype!r}")
+    sdt = None if scale_dtype is None else SCALE_DTYPES[scale_dtype]
     model_id = model_id if model_id is not None else getattr(model, "_specquant_model_id", None)
     arch_given = arch
     arch = _arch_string(arch if arch is not None else getattr(model, "_specquant_arch", None))
@@ -495,9 +505,14 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
         tensors[key] = t.contiguous()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
+    if sdt is None:  # the layers' own: one name when they agree (float32 for a float model), else "mixed"
+        stored = {r["scale_dtype"] for r in layers if "scale_dtype" in r}
+        header_sdt = stored.pop() if len(stored) == 1 else ("float32" if not stored else "mixed")
+    else:
+        header_sdt = _dtype_name(sdt)
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "specquant_version": __version__,
-        "model": model_info, "quantized": bool(layers), "scale_dtype": _dtype_name(sdt),
+        "model": model_info, "quantized": bool(layers), "scale_dtype": header_sdt,
     }
     header["layer_defaults"], header["layers"] = _compact_layers(layers)
     header["folded_bn"] = folded
@@ -704,6 +719,8 @@ def _check_header(path: Path, header: dict) -> dict:
         raise _bad(path, "'tied' must map tensor names to other tensor names")
     if "quantized" in header and not isinstance(header["quantized"], bool):
         raise _bad(path, "'quantized' must be true or false")
+    if "scale_dtype" in header and not _one_of(header["scale_dtype"], ("float32", "float16", "mixed")):
+        raise _bad(path, f"'scale_dtype' {str(header['scale_dtype'])[:20]!r} is not float32, float16 or mixed")
     return model_info
 
 

@@ -12,9 +12,10 @@ A layer holds what ``specquant.save`` writes, nothing more: its bias and one ``P
                    bytes).  When the layout stores one byte per code (8-bit codes): the same
                    bytes with the top bit flipped, i.e. the int8 values ``u − 128`` in the
                    weight's (out, in·k…) layout, which torch's int8 kernels take without a copy.
-``scale``          buffer: one scale per block, ``granularity.scale_shape(layout.shape)``; float32
-                   by default, float16 when loaded from a file saved with ``scale_dtype="fp16"``
-                   (upcast to float32 when used).
+``scale``          buffer: one scale per block, ``granularity.scale_shape(layout.shape)``, in its
+                   storage dtype: float32 by default, float16 when quantized with
+                   ``scale_dtype="float16"`` (``QuantizedWeight.scale_dtype``) or loaded from a
+                   file that stores float16 scales (upcast to float32 when used).
 ``zero_point``     buffer: same shape as ``scale`` (float32), or absent (``None``) for symmetric
                    grids whose zero point is fixed by the grid kind (``zero_point_value``).
 ``row_bits`` …     buffers: the layout's own tensors (``layout.tensors()``), under their names.
@@ -60,7 +61,7 @@ from torch import nn
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
 from specquant.core.layouts import Layout
-from specquant.core.qweight import QuantizedWeight, from_stored
+from specquant.core.qweight import QuantizedWeight, from_stored, zero_point_storage
 
 MODES = ("weight_only", "int8_dynamic")
 CHUNK_WEIGHTS = 1 << 18  # weight-only Linear layers above this size are dequantized in row chunks
@@ -81,6 +82,7 @@ def _to_module_shape(qw: QuantizedWeight, shape: tuple[int, ...]) -> QuantizedWe
         codes=qw.codes.reshape(shape), scale=qw.scale.reshape(sshape),
         zero_point=qw.zero_point.reshape(sshape),
         spec=qw.spec, granularity=g, dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info, layout=qw.layout,
+        scale_dtype=qw.scale_dtype,
     )
 
 
@@ -155,8 +157,9 @@ class PackedWeight(nn.Module):
             raise ValueError(f"{qw.layout.name} weight of shape {tuple(qw.shape)} does not fit a weight of shape "
                              f"{shape}")
         zp = qw.zero_point
-        implicit = qw.spec.symmetric and bool(torch.all(zp == qw.spec.symmetric_zero_point))
-        return cls(qw.layout, qw.layout.pack(qw.codes.to(torch.uint8)), qw.scale.float(),
+        implicit = zero_point_storage(qw.spec, zp) == "implicit"
+        # the scales in their storage dtype (exact: QuantizedWeight checks that they fit it)
+        return cls(qw.layout, qw.layout.pack(qw.codes.to(torch.uint8)), qw.scale.to(qw.scale_dtype),
                    None if implicit else zp.float(), spec=qw.spec, granularity=qw.granularity, weight_shape=shape,
                    dtype=qw.dtype, algorithm=qw.algorithm, info=qw.info)
 
@@ -199,7 +202,8 @@ class PackedWeight(nn.Module):
         """The ``QuantizedWeight`` this was packed from (codes unpacked, scales as stored)."""
         return from_stored(self.layout, self.unpack(), self.scale.float(), self.zero_point_tensor(), spec=self.spec,
                            granularity=self.granularity, weight_shape=self.weight_shape, dtype=self.dtype,
-                           algorithm=self.algorithm, info=self.info)
+                           algorithm=self.algorithm, info=self.info,
+                           scale_dtype=torch.float16 if self.scale.dtype == torch.float16 else torch.float32)
 
     # ---- dequantization ---------------------------------------------------------------------
 
@@ -224,14 +228,16 @@ class PackedWeight(nn.Module):
         """Rows r0:r1 of the float weight, (r1 − r0, *weight_shape[1:]) in the original dtype, uniform
         weights only: the same float operations as ``QuantizedWeight.dequantize()`` on those rows."""
         rows, n = r1 - r0, self.weight_shape[0]
-        blocked = self.granularity.blocked_shape(self.weight_shape)
+        g = self.granularity
+        shape = (rows, *self.weight_shape[1:])
         c = self.codes[r0:r1] if self.int8_codes else self.layout.unpack_rows(self.codes, r0, r1)
         per_row = self.scale.shape[0] == n and n > 1
         s = (self.scale[r0:r1] if per_row else self.scale).float()
         # (codes − zp)·scale, the subtraction fused with the uint8/int8 → float32 conversion: the
-        # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer
-        w = (c.reshape(rows, *blocked[1:]) - self._zero_point_for(r0, r1)) * s
-        return w.reshape(rows, *self.weight_shape[1:]).to(self.dtype)
+        # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer;
+        # blocked_shape, a shorter last group padded and cut off again
+        w = (g.to_blocks(c.reshape(shape)) - self._zero_point_for(r0, r1)) * s
+        return g.from_blocks(w, shape).to(self.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.layout!r}, grid={self.spec.kind}, granularity={self.granularity.label()}, "
