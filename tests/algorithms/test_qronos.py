@@ -221,3 +221,26 @@ def test_cli_method_qronos(capsys):
     assert m["method"] == "qronos" and m["bits"] == 3
     assert m["accuracy"] >= m["float_accuracy"] - 3.0
     assert [r["name"] for r in m["layers"]] == ["fc1", "fc2", "fc3"]
+
+
+def test_uneven_groups_and_float16_scales_through_the_engine():
+    """576 inputs at group:128 (last group of 64) with float16 scales: the stored scales are exact
+    float16, and Qronos stays below RTN on the same data."""
+    import copy
+
+    import specquant as sq
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(576, 48), torch.nn.GELU(), torch.nn.Linear(48, 24))
+    x = torch.randn(192, 576)
+    errs = {}
+    for name in ("qronos", "rtn"):
+        m = copy.deepcopy(model)
+        cfg = sq.algorithms.make_config(name, bits=3, granularity="group:128", symmetric=False,
+                                        scale_dtype="float16")
+        report = sq.quantize(m, cfg, calib=x, progress=False)
+        qw = m[0].qweight
+        assert qw.scale_dtype == torch.float16 and qw.scale.shape[1] == 5  # 4 groups of 128, one of 64
+        assert torch.equal(qw.scale.half().float(), qw.scale.float())  # exact in float16
+        errs[name] = report.layers[-1].rel_output_error
+    assert errs["qronos"] < errs["rtn"]

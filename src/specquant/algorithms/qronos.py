@@ -185,7 +185,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: QronosConfig,
         raise ValueError(f"Qronos needs calibration statistics (H, G) for layer '{ctx.layer}'")
     spec = GridSpec.default(config.bits, config.symmetric)
     gran = config.granularity
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H)
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))
     Z = per_column(zp, gran, tuple(W.shape))
     col_order = column_order(stats.H, config.act_order)
@@ -194,7 +194,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: QronosConfig,
     W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, col_order, config.block_size)
     info = {"damp": config.damp, "damp_rule": config.damp_rule, "act_order": config.act_order,
             "scale_rule": config.scale_rule, "refine_sweeps": config.refine_sweeps}
-    return to_quantized_weight(W_hat, scale, zp, spec, gran, "qronos", info, W.dtype)
+    return to_quantized_weight(W_hat, scale, zp, spec, gran, "qronos", info, W.dtype, config.scale_dtype)
 
 
 register_method("qronos", QronosConfig, quantize_weight,
