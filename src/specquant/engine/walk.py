@@ -200,6 +200,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
     """
     from torch.overrides import TorchFunctionMode
 
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []  # nothing to fold: skip the traced pass (it keeps every intermediate tensor alive)
     mods = dict(model.named_modules())
     produced: dict[int, str] = {}  # id of a conv/linear output -> producer name
     readers: dict[int, set] = {}  # id of a produced tensor -> who computed a tensor from it
