@@ -1,0 +1,557 @@
+"""specquant against Brevitas on a causal language model: weight-only, same grid, same data.
+
+Every ``nn.Linear`` inside the decoder blocks is quantized (q/k/v/o and gate/up/down); the
+embeddings and the lm_head (tied to them) stay float; activations stay float.  Both tools see the
+same calibration windows and are scored by the same perplexity code
+(``specquant.eval.perplexity.perplexity``).  Each run happens in a fresh process (spawn) so that
+its peak RSS is its own; the float model is scored once, in its own process.
+
+Protocol (the defaults)::
+
+    python benchmarks/llm_vs_peers.py                       # smollm2-135m, the whole protocol
+    python benchmarks/llm_vs_peers.py --smoke               # tiniest setting on stories260k
+    python benchmarks/llm_vs_peers.py --model stories260k --calib 8 --seq-len 128 --eval-windows 8 \\
+        --grids w4c w3g4a --runs specquant:gptq brevitas:gptq --repeats 3
+
+  model ``smollm2-135m``; calibration: 64 windows of 512 tokens at seeded offsets (seed 0) of the
+  WikiText-2 validation text (``entry.calib(64, 0, data_dir, seq_len=512)``); perplexity on the
+  first 40 non-overlapping windows of 512 tokens of the WikiText-2 test text (``--full-eval``: also
+  the whole test text); grids ``w4g128a w3g128a w2g64a w4c``.
+
+Grids (``--grids``): ``wBgGa`` = B bits, groups of G inputs along the input dimension, each with
+its own scale and integer zero point (asymmetric, 2^B levels, range min/max of the group with 0
+included); ``wBc`` = B bits per output channel, symmetric narrow (2^B - 1 levels, max-abs);
+``wBca`` = per output channel asymmetric.
+
+specquant (``--runs specquant:M``): M is any registered method (``rtn``, ``gptq``, ``gpfq``,
+``spfq``, ``qronos`` once registered, ...), ``rtn-minmax`` (RTN with min/max ranges: the very grid
+Brevitas' RTN uses, a cross-check), or ``awq+M`` (AWQ scales, then M's rounding), built by name
+through ``specquant.algorithms.make_config("awq+M")`` or, failing that, as M's config with
+``awq=True``.  A method this specquant does not have is skipped with the reason printed.  Each
+method keeps its own default step rule (RTN: MSE-clipped ranges; GPTQ/GPFQ/SPFQ: output-MSE).
+A grid specquant refuses (a group size that does not divide some layer's input dimension, before
+uneven groups land) is skipped for specquant with the reason printed; Brevitas still runs it.
+
+Brevitas 0.13.4 (``--runs brevitas:M``, M in rtn gptq gpfq qronos): each target ``nn.Linear`` is
+replaced by a ``brevitas.nn.QuantLinear`` with an integer weight quantizer on the same grid:
+
+* ``wBgGa``: ``brevitas.quant.shifted_scaled_int.ShiftedUint8WeightGroupQuantFloat`` (what the
+  Brevitas LLM example picks for int/per_group/asym) with ``bit_width=B, group_size=G``, integer
+  zero point (``quantize_zero_point=True``, its default);
+* ``wBc``: ``brevitas.quant.scaled_int.Int8WeightPerChannelFloat`` with ``bit_width=B`` (narrow
+  range, max-abs scale);  ``wBca``: ``ShiftedUint8WeightPerChannelFloat``.
+
+  In every case ``scaling_impl_type=PARAMETER_FROM_STATS`` and, for the asymmetric grids,
+  ``zero_point_impl=ParameterFromStatsFromParameterZeroPoint`` (the LLM example's defaults for
+  ``--weight-param-method stats``): scale and zero point are computed once from the *full* float
+  weight by one forward pass and then held.  Brevitas' default runtime-stats scale (and zero
+  point) is recomputed from whatever tensor it is given; GPTQ/GPFQ/Qronos quantize one column
+  slice at a time, so each slice would get its own range and the algorithms would silently become
+  round-to-nearest.  The script checks this per run: the scales and zero points after GPxQ must
+  equal those before, and the dequantized weights must differ from RTN's on the same grid
+  (asserted; the share of changed weights is in the JSON as ``changed_vs_rtn``).
+
+  The grids match specquant's except in one corner: Brevitas' asymmetric range is
+  [min(w_min, 0), w_max] (``AbsMinMax`` clamps only the minimum to 0), so a group whose weights
+  are all negative gets a grid whose top is w_max < 0, not 0, and a zero point that can exceed
+  2^B - 1; specquant's range always contains 0.  On smollm2-135m no group of 128 or 64 inputs is
+  all negative (counted), so the grids are identical there; with tiny groups (stories260k, G = 4)
+  they are not (``specquant:rtn-minmax`` vs ``brevitas:rtn`` shows it).  Per-channel symmetric
+  RTN weights agree bit for bit up to rounding ties (1 weight of 0.23 M differed on stories260k at W3).
+
+  Groups that do not divide the input dimension (smollm2's 576 = 4 x 128 + 64 inputs with G = 128;
+  stories260k's 64 and 172 with G = 32 or 128): Brevitas pads each row with zeros to a multiple of
+  G (``brevitas.utils.torch_utils.padding_to_multiple``, called by the group view of the weight)
+  and cuts the padding off again; the last group is a short one with its own scale and zero point.
+  The zero padding does not change that group's min/max range (its maximum can only rise to 0,
+  which specquant's range contains anyway): the grid is that of a short last group (checked:
+  Brevitas' RTN weights equal a hand-written min/max rounding with a short last group, bit for
+  bit, on stories260k's 172-input layers at G = 128).
+
+  Algorithms: ``gptq`` = ``brevitas.graph.gptq.gptq_mode`` with ``act_order=True``; ``gpfq`` =
+  ``brevitas.graph.gpfq.gpfq_mode`` with ``act_order=True``; ``qronos`` = ``gpfq_mode`` with
+  ``algorithm_impl=partial(brevitas.graph.qronos.Qronos, alpha=1e-6)`` (the LLM example's
+  ``apply_qronos``), ``act_order=True``; all with ``use_quant_activations=False`` (weight-only).
+  They run as documented, on the whole model: one pass over the calibration batches per layer
+  group, each pass stopped (Brevitas' StopFwdException) at the layer it collects; q/k/v and
+  gate/up, which read the same input, are given as ``group_of_parallel_layers`` (a public argument
+  of the modes; same result, fewer passes; ``--brevitas-sequential`` turns it off).  Brevitas has
+  no block-wise option in the library itself: the LLM example's block-wise driver
+  (``brevitas_examples.llm.llm_quant.gpxq.block_optimization``, ``--gpxq-block-name``) imports
+  ``accelerate`` (not installed here) and moves every cached input to ``'cuda'``, so it cannot run
+  on this CPU machine.  The whole-model passes cost about (layer groups) x (blocks) / 2 block
+  forwards per calibration window instead of a few per block.  With a group-wise quantizer
+  Brevitas also re-quantizes the whole weight for every column it rounds (its group-wise
+  quantizers cannot quantize a column slice): on smollm2-135m one GPTQ run at w4g64a took 853 s
+  with only 2 calibration windows of 64 tokens (forward passes negligible there; specquant GPTQ
+  342 s, both on a shared 2-core machine, 1 thread).  Times are reported as they are.
+
+Timing: ``quant_seconds`` is the quantization alone (specquant: ``quantize``; Brevitas: module
+replacement, the scale-initialising forward and GPxQ; the RTN snapshot and checks taken for the
+assertion are not counted).  ``peak_rss_mb`` is the process's peak after quantizing (model,
+calibration and test tokens loaded, no evaluation yet), ``peak_rss_eval_mb`` after evaluating.
+Perplexity is deterministic at a fixed thread count; times and RSS are medians over ``--repeats``
+runs, interleaved across tools (A B A B ...).  The JSON holds the protocol, the thread counts
+(``--threads``, ``OMP_NUM_THREADS``, torch's count inside each job), the float perplexity, one
+record per run and the skipped runs with their reasons.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_GRIDS = ["w4g128a", "w3g128a", "w2g64a", "w4c"]
+DEFAULT_RUNS = [
+    "specquant:rtn", "specquant:gptq", "specquant:gpfq", "specquant:spfq", "specquant:qronos",
+    "specquant:awq+gptq", "specquant:awq+gpfq", "specquant:awq+qronos",
+    "brevitas:rtn", "brevitas:gptq", "brevitas:gpfq", "brevitas:qronos",
+]
+BREVITAS_METHODS = ("rtn", "gptq", "gpfq", "qronos")
+SMOKE = {"model": "stories260k", "calib": 4, "seq_len": 64, "eval_windows": 4, "grids": ["w4g32a", "w4c"],
+         "runs": ["specquant:rtn", "specquant:gptq", "specquant:gpfq", "brevitas:rtn", "brevitas:gptq",
+                  "brevitas:gpfq"]}
+MIN_CHANGED = 0.01  # Brevitas GPxQ must move at least this share of the weights off RTN's codes
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    bits: int
+    granularity: str  # specquant's label: "channel" or "group:G"
+    group_size: int | None
+    symmetric: bool
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1 if self.symmetric else 1 << self.bits
+
+
+def parse_grid(name: str) -> Grid:
+    m = re.fullmatch(r"w([1-8])g(\d+)a", name)
+    if m:
+        g = int(m.group(2))
+        if g < 1:
+            raise ValueError(f"grid {name!r}: the group size must be positive")
+        return Grid(name, int(m.group(1)), f"group:{g}", g, symmetric=False)
+    m = re.fullmatch(r"w([2-8])c(a?)", name)
+    if m:
+        return Grid(name, int(m.group(1)), "channel", None, symmetric=not m.group(2))
+    raise ValueError(f"unknown grid {name!r}: expected wBgGa (group G, asymmetric), wBc (per channel, "
+                     "symmetric narrow) or wBca (per channel, asymmetric), e.g. w4g128a w4c")
+
+
+class Unavailable(Exception):
+    """A run this installation cannot do (a method not registered, a grid refused): skipped."""
+
+
+# ----------------------------------------------------------------------------------- the model
+
+
+def decoder_linears(model) -> list[str]:
+    """Names of every nn.Linear inside the decoder blocks (the model's ``layers`` ModuleList)."""
+    from torch import nn
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    blocks = decoder.layers
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    names = [f"{prefix}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("found no nn.Linear inside the decoder blocks")
+    return names
+
+
+def parallel_groups(names: list[str]) -> list[list[str]]:
+    """Layers that read the same input inside a block: [q, k, v] and [gate, up]."""
+    have = set(names)
+    groups = []
+    for n in names:
+        for first, rest in (("self_attn.q_proj", ("self_attn.k_proj", "self_attn.v_proj")),
+                            ("mlp.gate_proj", ("mlp.up_proj",))):
+            if n.endswith("." + first):
+                base = n[: -len(first)]
+                group = [n] + [base + r for r in rest]
+                if all(g in have for g in group):
+                    groups.append(group)
+    return groups
+
+
+# ------------------------------------------------------------------------------------ specquant
+
+
+def specquant_config(method: str, grid: Grid, seed: int):
+    """The specquant config of ``method`` on ``grid``; Unavailable when this specquant lacks it."""
+    from specquant.algorithms import ModuleSettings, make_config, method_names
+
+    settings = {"bits": grid.bits, "granularity": grid.granularity, "symmetric": grid.symmetric, "seed": seed,
+                "modules": {"lm_head": ModuleSettings(skip=True)}}
+    if method == "rtn-minmax":
+        return make_config("rtn", scale_rule="minmax", **settings)
+    if method.startswith("awq+"):
+        inner = method[len("awq+"):]
+        try:  # AWQ exposed as a method name "awq+M" ...
+            return make_config(method, **settings)
+        except ValueError as by_name:
+            if inner not in method_names():
+                raise Unavailable(f"method {inner!r} is not registered ({by_name})") from None
+            try:  # ... or as a config field awq=True of M's config
+                return make_config(inner, awq=True, **settings)
+            except (ValueError, TypeError) as by_field:
+                raise Unavailable(f"no AWQ in this specquant (by name: {by_name}; as a field: {by_field})") from None
+    if method not in method_names():
+        raise Unavailable(f"method {method!r} is not registered (have: {', '.join(method_names())})")
+    return make_config(method, **settings)
+
+
+def specquant_grid_check(grid: Grid, in_dims: list[int]) -> None:
+    """Unavailable when specquant refuses ``grid`` on a Linear with one of these input widths."""
+    import torch
+    from torch import nn
+
+    import specquant as sq
+
+    for d in sorted(set(in_dims)):
+        layer = nn.Sequential(nn.Linear(d, 2, bias=False))
+        cfg = sq.RTNConfig(bits=grid.bits, granularity=grid.granularity, symmetric=grid.symmetric)
+        try:
+            sq.quantize(layer, cfg, example_input=torch.zeros(1, d), progress=False)
+        except ValueError as e:
+            raise Unavailable(f"specquant refuses {grid.name} on a {d}-input layer ({str(e).split(': ', 1)[-1]})"
+                              ) from None
+
+
+# ------------------------------------------------------------------------------------- Brevitas
+
+
+def brevitas_weight_quant(grid: Grid):
+    from brevitas.core.zero_point import ParameterFromStatsFromParameterZeroPoint
+    from brevitas.inject.enum import ScalingImplType
+    from brevitas.quant.scaled_int import Int8WeightPerChannelFloat
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8WeightGroupQuantFloat, ShiftedUint8WeightPerChannelFloat
+
+    held = {"bit_width": grid.bits, "scaling_impl_type": ScalingImplType.PARAMETER_FROM_STATS}
+    if grid.symmetric:
+        return Int8WeightPerChannelFloat.let(**held)
+    held["zero_point_impl"] = ParameterFromStatsFromParameterZeroPoint
+    if grid.group_size is not None:
+        return ShiftedUint8WeightGroupQuantFloat.let(group_size=grid.group_size, **held)
+    return ShiftedUint8WeightPerChannelFloat.let(**held)
+
+
+def _quant_state(layer):
+    """(dequantized weight, scale, zero point) of a QuantLinear, detached copies."""
+    q = layer.quant_weight()
+    return q.value.detach().clone(), q.scale.detach().clone(), q.zero_point.detach().clone()
+
+
+def brevitas_quantize(model, names: list[str], method: str, grid: Grid, batches: list, sequential: bool) -> dict:
+    """Quantize ``names`` with Brevitas in place; returns timing and the GPxQ checks."""
+    from functools import partial
+
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.graph.gpfq import gpfq_mode
+    from brevitas.graph.gptq import gptq_mode
+    from brevitas.graph.qronos import Qronos
+
+    if method not in BREVITAS_METHODS:
+        raise ValueError(f"unknown Brevitas method {method!r}; allowed: {', '.join(BREVITAS_METHODS)}")
+    t0 = time.perf_counter()
+    weight_quant = brevitas_weight_quant(grid)
+    for name in names:
+        lin = model.get_submodule(name)
+        new = qnn.QuantLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, weight_quant=weight_quant)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    model.eval()
+    with torch.no_grad():  # one forward: the held scales and zero points are set from the full weights
+        model(batches[0][:1])
+    setup_s = time.perf_counter() - t0
+    layers = {n: model.get_submodule(n) for n in names}
+    for n, layer in layers.items():
+        for sub in layer.weight_quant.modules():
+            if getattr(sub, "init_done", True) is not True:
+                raise AssertionError(f"Brevitas' weight quantizer of {n} was not initialised by the forward")
+    if method == "rtn":
+        return {"quant_seconds": setup_s, "changed_vs_rtn": 0.0}
+    before = {n: _quant_state(m) for n, m in layers.items()}  # RTN on the held grid (not timed)
+
+    t1 = time.perf_counter()
+    kwargs = {"act_order": True, "use_quant_activations": False,
+              "group_of_parallel_layers": None if sequential else parallel_groups(names) or None}
+    if method == "gptq":
+        mode = gptq_mode(model, **kwargs)
+    elif method == "gpfq":
+        mode = gpfq_mode(model, **kwargs)
+    else:
+        mode = gpfq_mode(model, algorithm_impl=partial(Qronos, alpha=1e-6), **kwargs)
+    with torch.no_grad(), mode as ctx:
+        for _ in range(ctx.num_layers):
+            for x in batches:
+                ctx.model(x)
+            ctx.update()
+    gpxq_s = time.perf_counter() - t1
+
+    changed = total = 0
+    unchanged_layers = []
+    for n, layer in layers.items():
+        w_rtn, s0, z0 = before[n]
+        w, s, z = _quant_state(layer)
+        if not (torch.equal(s, s0) and torch.equal(z, z0)):
+            raise AssertionError(f"Brevitas {method}: the scale or zero point of {n} moved during GPxQ "
+                                 "(runtime statistics): the grid is not held")
+        c = int((w != w_rtn).sum())
+        changed += c
+        total += w.numel()
+        if c == 0:
+            unchanged_layers.append(n)
+    share = changed / total
+    if share < MIN_CHANGED:
+        raise AssertionError(f"Brevitas {method} left {100 * (1 - share):.2f} % of the weights on RTN's codes: "
+                             "GPxQ did not run on the held grid (Brevitas' runtime-stats scale trap?)")
+    return {"quant_seconds": setup_s + gpxq_s, "changed_vs_rtn": share, "unchanged_layers": unchanged_layers,
+            "brevitas_parallel_groups": not sequential}
+
+
+# --------------------------------------------------------------------------------------- a job
+
+
+def _job(spec: dict) -> dict:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+
+    torch.set_num_threads(spec["threads"])
+    from specquant.eval.perplexity import perplexity
+    from specquant.models import get_model
+
+    model, entry = get_model(spec["model"], spec["data_dir"])
+    if entry.kind != "lm":
+        raise ValueError(f"{spec['model']} is not a language model (kind {entry.kind!r})")
+    ids, _ = entry.test(spec["data_dir"])
+    names = decoder_linears(model)
+    tool, method = spec["tool"], spec["method"]
+    rec = {"tool": tool, "method": method, "grid": spec.get("grid"), "model": spec["model"], "calib": spec["calib"],
+           "seq_len": spec["seq_len"], "seed": spec["seed"], "threads": spec["threads"],
+           "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+           "quantized_layers": len(names)}
+    if tool == "float":
+        rec["in_dims"] = sorted({model.get_submodule(n).in_features for n in names})
+    else:
+        grid = parse_grid(spec["grid"])
+        rec.update(bits=grid.bits, levels=grid.levels, granularity=grid.granularity, symmetric=grid.symmetric)
+        calib = entry.calib(spec["calib"], spec["seed"], spec["data_dir"], seq_len=spec["seq_len"])
+        if tool == "specquant":
+            import specquant as sq
+
+            config = specquant_config(method, grid, spec["seed"])
+            t0 = time.perf_counter()
+            report = sq.quantize(model, config, calib=calib, batch_size=spec["batch"], progress=False)
+            rec["quant_seconds"] = time.perf_counter() - t0
+            done = sorted(r.name for r in report.layers)
+            if done != sorted(names):
+                raise AssertionError(f"specquant quantized {done}, not the decoder Linears {sorted(names)}")
+            rec["config"] = config.to_dict()
+        elif tool == "brevitas":
+            rec.update(brevitas_quantize(model, names, method, grid, list(calib.split(spec["batch"])),
+                                         spec["brevitas_sequential"]))
+        else:
+            raise ValueError(f"unknown tool {tool!r}")
+        rec["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    r = perplexity(model, ids, spec["seq_len"], spec["eval_windows"])
+    rec["eval_seconds"] = time.perf_counter() - t0
+    rec.update(ppl=r.perplexity, nll=r.nll, tokens=r.tokens, predicted_tokens=r.predicted, windows=r.windows)
+    if spec["full_eval"]:
+        f = perplexity(model, ids, spec["seq_len"], None)
+        rec.update(ppl_full=f.perplexity, tokens_full=f.tokens, predicted_tokens_full=f.predicted,
+                   windows_full=f.windows)
+    rec["peak_rss_eval_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rec
+
+
+def run_job(spec: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(1, maxtasksperchild=1)
+    try:
+        return pool.apply(_job, (spec,))
+    finally:
+        pool.close()
+        pool.join()
+
+
+# --------------------------------------------------------------------------------------- output
+
+
+def print_tables(records: list[dict], float_rec: dict, grids: list[str], runs: list[str], full: bool) -> None:
+    print(f"\nfloat perplexity {float_rec['ppl']:.3f} ({float_rec['windows']} x {float_rec['seq_len']} tokens)"
+          + (f", whole test text {float_rec['ppl_full']:.3f} ({float_rec['windows_full']} windows)" if full else ""))
+    cols = [r for r in runs if any(f"{x['tool']}:{x['method']}" == r for x in records)]
+    by = {(x["grid"], f"{x['tool']}:{x['method']}"): x for x in records}
+    if cols:
+        wide = 9 if full else 0
+        print("\nperplexity (first windows)" + (" / whole test text" if full else ""))
+        print(f"{'grid':<9}" + "".join(f" {c:>{max(9, len(c)) + wide}}" for c in cols))
+        for g in grids:
+            cells = []
+            for c in cols:
+                x = by.get((g, c))
+                cell = "skipped" if x is None else f"{x['ppl']:.3f}" + (f" / {x['ppl_full']:.3f}" if full else "")
+                cells.append(f" {cell:>{max(9, len(c)) + wide}}")
+            print(f"{g:<9}" + "".join(cells))
+    print(f"\n{'grid':<9} {'tool':>9} {'method':<12} {'ppl':>9} {'quant s':>9} {'peak MB':>8} {'changed':>8}")
+    for x in records:
+        ch = x.get("changed_vs_rtn")
+        print(f"{x['grid']:<9} {x['tool']:>9} {x['method']:<12} {x['ppl']:>9.3f} {x['quant_seconds']:>9.2f} "
+              f"{x['peak_rss_mb']:>8.0f} {'-' if ch is None else f'{100 * ch:.1f} %':>8}")
+
+
+def write_json(path: str, obj: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo id of a language model (default {DEFAULT_MODEL})")
+    p.add_argument("--calib", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window, calibration and test (default 512)")
+    p.add_argument("--eval-windows", type=int, default=40, help="first test windows scored (default 40)")
+    p.add_argument("--full-eval", action="store_true", help="also score the whole test text")
+    p.add_argument("--grids", nargs="+", default=DEFAULT_GRIDS, help=f"grids (default {' '.join(DEFAULT_GRIDS)})")
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="tool:method entries (default: all)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per job, interleaved; times are medians (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="calibration windows per forward, both tools (default 8)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per job (default: $OMP_NUM_THREADS, else 1)")
+    p.add_argument("--brevitas-sequential", action="store_true",
+                   help="no group_of_parallel_layers for Brevitas: one pass per layer (slower, same result)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default bench-out/llm_vs_peers.json; --smoke: bench-out/llm_vs_peers_smoke.json)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiniest setting: " + " ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    a = p.parse_args(argv)
+    if a.smoke:
+        for k, v in SMOKE.items():
+            setattr(a, k, v)
+    a.out = a.out or ("bench-out/llm_vs_peers_smoke.json" if a.smoke else "bench-out/llm_vs_peers.json")
+    threads = a.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    try:
+        grids = [parse_grid(g) for g in a.grids]
+    except ValueError as e:
+        p.error(f"--grids: {e}")
+    for r in a.runs:
+        tool, _, method = r.partition(":")
+        if tool not in ("specquant", "brevitas") or not method:
+            p.error(f"--runs: expected specquant:METHOD or brevitas:METHOD, got {r!r}")
+        if tool == "brevitas" and method not in BREVITAS_METHODS:
+            p.error(f"--runs: Brevitas methods are {', '.join(BREVITAS_METHODS)}, got {method!r}")
+
+    import brevitas
+    import torch
+    import transformers
+
+    import specquant
+    from specquant.models import get_entry
+    from specquant.models.data import data_dir
+
+    entry = get_entry(a.model)  # an unknown id fails here, before any work
+    dd = str(data_dir(a.data_dir))
+    base = {"model": a.model, "calib": a.calib, "seq_len": a.seq_len, "eval_windows": a.eval_windows,
+            "full_eval": a.full_eval, "seed": a.seed, "batch": a.batch, "threads": threads, "data_dir": dd,
+            "brevitas_sequential": a.brevitas_sequential}
+    meta = {"script": "benchmarks/llm_vs_peers.py", "argv": sys.argv[1:] if argv is None else list(argv),
+            **{k: v for k, v in base.items() if k != "data_dir"}, "grids": a.grids, "runs": a.runs,
+            "repeats": a.repeats, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "versions": {"specquant": specquant.__version__, "brevitas": brevitas.__version__,
+                         "torch": torch.__version__, "transformers": transformers.__version__},
+            "model_description": entry.description}
+    print(f"float {a.model} ...", file=sys.stderr, flush=True)
+    float_rec = run_job({**base, "tool": "float", "method": "float"})
+    print(f"float perplexity {float_rec['ppl']:.3f}", file=sys.stderr, flush=True)
+    meta["torch_threads"] = float_rec["torch_threads"]
+
+    # What this installation cannot run, decided before any job: the reason is printed and kept.
+    skipped, jobs = [], []
+    for g in grids:
+        grid_refused = None
+        if any(r.startswith("specquant:") for r in a.runs):
+            try:
+                specquant_grid_check(g, float_rec["in_dims"])
+            except Unavailable as e:
+                grid_refused = str(e)
+                print(f"skip specquant on {g.name}: {e}", file=sys.stderr, flush=True)
+        for r in a.runs:
+            tool, _, method = r.partition(":")
+            reason = None
+            if tool == "specquant":
+                reason = grid_refused
+                if reason is None:
+                    try:
+                        specquant_config(method, g, a.seed)
+                    except Unavailable as e:
+                        reason = str(e)
+            if reason is not None:
+                skipped.append({"tool": tool, "method": method, "grid": g.name, "reason": reason})
+                if reason != grid_refused and reason not in {x["reason"] for x in skipped[:-1]}:
+                    print(f"skip {r}: {reason}", file=sys.stderr, flush=True)
+            else:
+                jobs.append((g.name, tool, method))
+
+    records: list[dict] = []
+    for gname in a.grids:
+        todo = [j for j in jobs if j[0] == gname]
+        reps: dict[tuple, list] = {j: [] for j in todo}
+        for _ in range(a.repeats):
+            for j in todo:
+                rec = run_job({**base, "grid": j[0], "tool": j[1], "method": j[2]})
+                reps[j].append(rec)
+                print(f"{gname:<8} {j[1]:>9}:{j[2]:<12} ppl {rec['ppl']:9.3f}  {rec['quant_seconds']:8.2f} s  "
+                      f"{rec['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
+        for j in todo:
+            rs = reps[j]
+            rec = dict(rs[0])
+            if len({r["ppl"] for r in rs}) > 1:
+                rec["ppl_all"] = [r["ppl"] for r in rs]  # should not happen at a fixed thread count
+            for key in ("quant_seconds", "peak_rss_mb", "peak_rss_eval_mb", "eval_seconds"):
+                rec[key + "_all"] = [r[key] for r in rs]
+                rec[key] = statistics.median(rec[key + "_all"])
+            rec["float_ppl"] = float_rec["ppl"]
+            if a.full_eval:
+                rec["float_ppl_full"] = float_rec["ppl_full"]
+            records.append(rec)
+        write_json(a.out, {"meta": meta, "float": float_rec, "runs": records, "skipped": skipped})
+    write_json(a.out, {"meta": meta, "float": float_rec, "runs": records, "skipped": skipped})
+    print_tables(records, float_rec, a.grids, a.runs, a.full_eval)
+    reasons: dict[str, list[str]] = {}
+    for s in skipped:
+        reasons.setdefault(s["reason"], []).append(f"{s['tool']}:{s['method']} on {s['grid']}")
+    for reason, what in reasons.items():
+        print(f"skipped {', '.join(what)}: {reason}")
+    print(f"\nthreads per job: {threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch "
+          f"{float_rec['torch_threads']}); JSON: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
