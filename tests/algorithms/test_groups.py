@@ -11,7 +11,7 @@ from specquant.algorithms.common import choose_scales
 from specquant.core.grid import Granularity, GridSpec
 
 N0, OUT = 576, 24  # a 576-input layer (Qwen2-0.5B-like width): 576 = 4·128 + 64 = 9·64
-GROUP_METHODS = ("rtn", "gpfq", "spfq", "gptq")
+GROUP_METHODS = ("rtn", "gpfq", "spfq", "gptq", "qronos", "awq")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,7 +75,8 @@ def test_576_inputs_in_groups(layer, method, G, symmetric):
     spec = GridSpec.default(4, symmetric)
     for j in range(groups):
         a, b = j * G, min(N0, (j + 1) * G)
-        alone, z_alone = choose_scales(W[:, a:b], spec, Granularity("channel"), "mse")  # per row of the group alone
+        rule = "minmax" if method == "awq" else "mse"  # awq's RTN keeps min/max ranges; output-mse falls back to mse
+        alone, z_alone = choose_scales(W[:, a:b], spec, Granularity("channel"), rule)  # per row of the group alone
         assert torch.equal(qw.scale[:, j, 0], alone[:, 0]) and torch.equal(qw.zero_point[:, j, 0], z_alone[:, 0])
     S = qw.granularity.per_entry(qw.scale, (OUT, N0))  # (OUT, N0)
     Z = qw.granularity.per_entry(qw.zero_point, (OUT, N0))
