@@ -1,4 +1,4 @@
-"""specquant (RTN, GPFQ, SPFQ, GPTQ) against Brevitas (GPFQ, GPTQ) on ResNet-20 / CIFAR-10.
+"""specquant (RTN, GPFQ, SPFQ, GPTQ) against Brevitas (GPFQ, GPTQ) on a CIFAR-10 ResNet (ResNet-20 by default).
 
 Weight-only, activations in float, every conv and linear layer quantized, per-output-channel
 scales on a narrow symmetric grid (2^b − 1 levels), the same calibration images (from the
@@ -8,6 +8,7 @@ that its peak RSS (torch and data included) is its own.
 
     python benchmarks/ptq_vs_peers.py --out bench-out/ptq_vs_peers.json
     python benchmarks/ptq_vs_peers.py --bits 4 --runs specquant:gpfq brevitas:gpfq --repeats 3
+    python benchmarks/ptq_vs_peers.py --model resnet32-cifar10 --bits 2 --runs specquant:gptq brevitas:gptq
 
 Accuracy is deterministic; times are medians over --repeats runs of the same job.
 """
@@ -33,7 +34,9 @@ def _specquant_config(method: str, bits: int, seed: int):
     """``method`` is a base name with optional ``+`` modifiers, e.g. ``gpfq+bc+search`` or
     ``gpfq+r2`` (order-2 alignment, nearest rounding): bc = bias correction, nosearch = no per-channel
     step search (GPFQ's default searches), natural = no activation order, minmax = max-abs steps,
-    cdN = N coordinate-descent sweeps over the codes afterwards (GPFQ/GPTQ ``refine_sweeps``)."""
+    cdN = N coordinate-descent sweeps over the codes afterwards (GPFQ/GPTQ ``refine_sweeps``),
+    scale=RULE = that step rule (``algorithms.common.SCALE_RULES``), dampX = GPTQ damping X (a
+    fraction of H's mean diagonal)."""
     import dataclasses
 
     import specquant as sq
@@ -62,6 +65,10 @@ def _specquant_config(method: str, bits: int, seed: int):
             cfg = dataclasses.replace(cfg, act_order=False)
         elif m == "minmax":
             cfg = dataclasses.replace(cfg, scale_rule="minmax")
+        elif m.startswith("scale="):
+            cfg = dataclasses.replace(cfg, scale_rule=m.removeprefix("scale="))
+        elif m.startswith("damp"):
+            cfg = dataclasses.replace(cfg, damp=float(m.removeprefix("damp")))
         elif m.startswith("r") and m[1:].isdigit():
             if isinstance(cfg, sq.GPFQConfig):  # aligned GPFQ = SPFQ's alignment with nearest rounding
                 cfg = sq.SPFQConfig(bits=bits, seed=seed, rounding="nearest", bias_correction=cfg.bias_correction)
@@ -108,9 +115,12 @@ def _brevitas_quantize(model, method: str, bits: int, batches):
         model(batches[0][:2])
     if method == "rtn":  # the same grid with no data-driven correction: must match specquant's RTN max-abs
         return model
-    act_order = method.endswith("-actorder")
-    mode = gpfq_mode if method.startswith("gpfq") else gptq_mode
-    with torch.no_grad(), mode(model, use_quant_activations=False, act_order=act_order) as ctx:
+    # Suffixes: "-actorder" (activation order), "-f64" (GPTQ's Hessian buffers in float64, not float32).
+    base, *opts = method.split("-")
+    act_order = "actorder" in opts
+    mode = gpfq_mode if base == "gpfq" else gptq_mode
+    kw = {"dtype": torch.float64} if "f64" in opts else {}
+    with torch.no_grad(), mode(model, use_quant_activations=False, act_order=act_order, **kw) as ctx:
         for _ in range(ctx.num_layers):
             for x in batches:
                 ctx.model(x)
@@ -119,7 +129,7 @@ def _brevitas_quantize(model, method: str, bits: int, batches):
 
 
 def _job(args: tuple) -> dict:
-    tool_method, bits, n_calib, seed, data_dir, threads = args
+    tool_method, bits, n_calib, seed, data_dir, threads, model_id = args
     import torch
 
     torch.set_num_threads(threads)
@@ -127,11 +137,11 @@ def _job(args: tuple) -> dict:
     from specquant.models.zoo import evaluate, get_model
 
     tool, method = tool_method.split(":", 1)
-    model, entry = get_model("resnet20-cifar10", data_dir)
+    model, entry = get_model(model_id, data_dir)
     calib = entry.calib(n_calib, seed=seed, data_dir=data_dir)
     x_test, y_test = entry.test(data_dir)
-    rec = {"tool": tool, "method": method, "bits": bits, "levels": (1 << bits) - 1, "n_calib": n_calib,
-           "seed": seed}
+    rec = {"model": model_id, "tool": tool, "method": method, "bits": bits, "levels": (1 << bits) - 1,
+           "n_calib": n_calib, "seed": seed}
     t0 = time.perf_counter()
     if tool == "specquant":
         import specquant as sq
@@ -159,6 +169,8 @@ def run_job(job: tuple) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-out/ptq_vs_peers.json", help="JSON output file")
+    p.add_argument("--model", default="resnet20-cifar10",
+                   help="zoo id of a CIFAR-10 ResNet (default resnet20-cifar10; e.g. resnet32-cifar10)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit widths (default 4 3 2)")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="tool:method entries")
     p.add_argument("--calib", type=int, default=512, help="calibration images (default 512)")
@@ -177,7 +189,7 @@ def main(argv=None) -> int:
         reps: dict[str, list] = {run: [] for run in a.runs}
         for _ in range(a.repeats):
             for run in a.runs:
-                reps[run].append(run_job((run, bits, a.calib, a.seed, dd, a.threads)))
+                reps[run].append(run_job((run, bits, a.calib, a.seed, dd, a.threads, a.model)))
         for run in a.runs:
             rs = reps[run]
             rec = dict(rs[0])

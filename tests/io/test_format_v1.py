@@ -27,7 +27,7 @@ def _cases() -> dict:
     return {  # name: (config, save options)
         "rtn4": (RTNConfig(bits=4), {}),
         "gpfq2-trits": (GPFQConfig(bits=2), {}),
-        "gptq3-asym-fp16": (GPTQConfig(bits=3, symmetric=False), {"scale_dtype": "fp16"}),
+        "gptq3-asym-fp16": (GPTQConfig(bits=3, symmetric=False, search=()), {"scale_dtype": "fp16"}),
         "gpfq-rows": (GPFQConfig(bits=4, modules={"fc2": ModuleSettings(row_bits=widths)}), {}),
         "spfq3-group16": (SPFQConfig(bits=3, granularity="group:16", seed=3), {}),
         "frame2": (FrameConfig(bits=2), {}),
