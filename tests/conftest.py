@@ -31,3 +31,15 @@ def require_data_dir() -> Path:
 def data_dir() -> Path:
     """The real data directory (read-only). Skips, or fails under CI, when it is missing."""
     return require_data_dir()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    shared 2-core machine OpenMP waits make small ops 100x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

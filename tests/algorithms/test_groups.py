@@ -14,12 +14,7 @@ N0, OUT = 576, 24  # a 576-input layer (Qwen2-0.5B-like width): 576 = 4·128 + 6
 GROUP_METHODS = ("rtn", "gpfq", "spfq", "gptq", "qronos", "awq")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(seed: int, m: int = 800):

@@ -17,12 +17,7 @@ from specquant.io import SQFormatError, load, payload_digest, read_header, save,
 N0 = 576  # 576 = 4·128 + 64 = 9·64; the second layer's 40 inputs make one short group at either size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net():

@@ -18,14 +18,7 @@ from specquant.core.qweight import QuantizedWeight
 from specquant.engine.apply import quantize
 from specquant.nn import PackedWeight, QuantConv1d, QuantConv2d, QuantLinear, convert, memory_bytes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP waits make small ops 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(n_in, n_out, seed=0, bias=True):

@@ -118,16 +118,23 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor
     return Q[:, inv]
 
 
+def static_grid(W: torch.Tensor, H: torch.Tensor, spec: GridSpec, config):
+    """The grid fixed before the column loop (GPTQ, Qronos): steps and zero points from the original
+    weights by ``config.scale_rule`` in ``config.scale_dtype``, their per-entry (out, N0) expansions,
+    and the column order (``config.act_order``).  Returns (scale, zero point, S, Z, col_order)."""
+    gran = config.granularity
+    scale, zp = choose_scales(W, spec, gran, config.scale_rule, H, store=config.scale_dtype)
+    S = per_column(scale, gran, tuple(W.shape))  # (out, N0)
+    Z = per_column(zp, gran, tuple(W.shape))  # (out, N0)
+    return scale, zp, S, Z, column_order(H, config.act_order)
+
+
 def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx: QuantContext | None = None):
     """GPTQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function
     (deterministic; ``ctx.layer`` names the layer in errors)."""
     ctx = context(ctx, config)
-    spec = GridSpec.default(config.bits, config.symmetric)
-    gran = config.granularity
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, store=config.scale_dtype)
-    S = per_column(scale, gran, tuple(W.shape))
-    Z = per_column(zp, gran, tuple(W.shape))
-    col_order = column_order(stats.H, config.act_order)
+    spec, gran = GridSpec.default(config.bits, config.symmetric), config.granularity
+    scale, zp, S, Z, col_order = static_grid(W, stats.H, spec, config)
     if config.search and gran.kind == "channel":
         scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, col_order, config, ctx.layer)
     else:

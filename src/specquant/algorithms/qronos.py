@@ -48,12 +48,9 @@ import torch
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, context, register_method
 from specquant.algorithms.common import (
     check_scale_rule,
-    choose_scales,
-    column_order,
-    per_column,
     to_quantized_weight,
 )
-from specquant.algorithms.gptq import error_feedback
+from specquant.algorithms.gptq import error_feedback, static_grid
 from specquant.algorithms.refine import refine_codes
 from specquant.core.grid import GridSpec
 from specquant.core.qweight import QuantizedWeight
@@ -183,12 +180,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: QronosConfig,
     ctx = context(ctx, config)
     if stats is None:
         raise ValueError(f"Qronos needs calibration statistics (H, G) for layer '{ctx.layer}'")
-    spec = GridSpec.default(config.bits, config.symmetric)
-    gran = config.granularity
-    scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, store=config.scale_dtype)
-    S = per_column(scale, gran, tuple(W.shape))
-    Z = per_column(zp, gran, tuple(W.shape))
-    col_order = column_order(stats.H, config.act_order)
+    spec, gran = GridSpec.default(config.bits, config.symmetric), config.granularity
+    scale, zp, S, Z, col_order = static_grid(W, stats.H, spec, config)
     W_hat = qronos_core(W, stats.H, stats.G, S, Z, spec, col_order, config.damp, config.damp_rule,
                         config.block_size, ctx.layer)
     W_hat = refine_codes(W, W_hat, stats.H, stats.G, S, Z, spec, config.refine_sweeps, col_order, config.block_size)

@@ -24,6 +24,7 @@ import specquant.io as sqio
 from specquant import algorithms
 from specquant.algorithms import get_method
 from specquant.algorithms.base import ModuleSettings, split_method
+from specquant.engine.apply import peak_rss_mb  # noqa: F401 - the commands report it
 from specquant.engine.walk import fold_batchnorm
 from specquant.eval.perplexity import perplexity
 from specquant.io.files import dumps
@@ -31,11 +32,6 @@ from specquant.models import get_entry
 from specquant.models.data import data_dir as resolve_data_dir
 from specquant.models.hf import folder_entry, is_hf_folder
 from specquant.report.run_folder import MODEL_FILE, RunFolder, RunFolderError
-
-try:
-    import resource
-except ImportError:  # pragma: no cover - Windows
-    resource = None
 
 PROG = "specquant"
 FRAME_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)  # redundancies of the frame error-vs-redundancy plot
@@ -78,14 +74,6 @@ def config_dict(config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Human output, evaluation
 # ---------------------------------------------------------------------------------------------
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process in MiB (``resource.getrusage``), None where unknown."""
-    if resource is None:  # pragma: no cover - Windows
-        return None
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
 
 
 class UI:

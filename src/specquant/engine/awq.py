@@ -36,7 +36,7 @@ from torch import nn
 
 from specquant.algorithms.awq import awq_scales, search_quantizer
 from specquant.algorithms.base import LayerStats, QuantConfig
-from specquant.engine.walk import parameter_holders
+from specquant.engine.walk import leaf_stack_hooks, parameter_holders
 
 GROUP_KINDS = ("norm", "up_proj", "linear")  # where a group's 1/s is folded
 MUL_OPS = ("mul", "__mul__", "__rmul__", "multiply")  # the product of a gated MLP, as torch functions
@@ -151,19 +151,8 @@ def _probe(model: nn.Module, example) -> _Probe:
                     users.append(name)
         return h
 
-    def enter(name):
-        def h(_m, _i):
-            inside.append(name)
-        return h
-
-    def leave(_m, _i, _o):
-        inside.pop()
-
-    handles = []
+    handles = leaf_stack_hooks(model, inside)
     for name, mod in mods.items():
-        if name and len(list(mod.children())) == 0:
-            handles.append(mod.register_forward_pre_hook(enter(name)))
-            handles.append(mod.register_forward_hook(leave))
         if _is_linear(mod):
             handles.append(mod.register_forward_pre_hook(linear_in(name)))
         if name and (_is_linear(mod) or _is_norm(mod)):

@@ -187,6 +187,25 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def leaf_stack_hooks(model: nn.Module, inside: list[str]) -> list:
+    """Hooks that keep ``inside`` the stack of leaf modules now running (innermost last), so that a
+    traced torch op can be charged to the module that runs it; returns the handles to remove."""
+    def enter(name):
+        def h(_m, _i):
+            inside.append(name)
+        return h
+
+    def leave(_m, _i, _o):
+        inside.pop()
+
+    handles = []
+    for name, mod in model.named_modules():
+        if name and len(list(mod.children())) == 0:
+            handles.append(mod.register_forward_pre_hook(enter(name)))
+            handles.append(mod.register_forward_hook(leave))
+    return handles
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
     """Fold each BatchNorm whose input is exactly the output of a conv/linear into it.
@@ -244,19 +263,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> list[FoldedBN]:
                 pairs.append((produced[id(t)], name, id(t)))
         return h
 
-    def enter(name):
-        def h(_m, _i):
-            inside.append(name)
-        return h
-
-    def leave(_m, _i, _o):
-        inside.pop()
-
-    handles = []
+    handles = leaf_stack_hooks(model, inside)
     for name, mod in mods.items():
-        if name and len(list(mod.children())) == 0:
-            handles.append(mod.register_forward_pre_hook(enter(name)))
-            handles.append(mod.register_forward_hook(leave))
         if is_quantizable(mod):
             handles.append(mod.register_forward_hook(out_hook(name)))
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
