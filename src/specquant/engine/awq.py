@@ -36,7 +36,7 @@ from torch import nn
 
 from specquant.algorithms.awq import awq_scales, search_quantizer
 from specquant.algorithms.base import LayerStats, QuantConfig
-from specquant.engine.walk import leaf_stack_hooks, parameter_holders
+from specquant.engine.walk import leaf_stack_hooks, model_output, parameter_holders
 
 GROUP_KINDS = ("norm", "up_proj", "linear")  # where a group's 1/s is folded
 MUL_OPS = ("mul", "__mul__", "__rmul__", "multiply")  # the product of a gated MLP, as torch functions
@@ -334,24 +334,9 @@ def _chunks(groups: list[AWQGroup], mods: dict, budget: int) -> list[list[AWQGro
     return out + ([cur] if cur else [])
 
 
-def _first_tensor(out) -> torch.Tensor | None:
-    """The model's main output: the tensor itself, ``.logits``, or the first tensor inside."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    for v in items:
-        t = _first_tensor(v)
-        if t is not None:
-            return t
-    return None
-
-
 def _output(model: nn.Module, example) -> torch.Tensor | None:
     with torch.inference_mode():
-        y = _first_tensor(model(example))
+        y = model_output(model(example))
     return None if y is None else y.detach().double().clone()
 
 

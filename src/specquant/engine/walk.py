@@ -187,6 +187,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def model_output(out) -> torch.Tensor | None:
+    """A model's main output: the tensor itself, a Hugging Face output's ``.logits``, or the first
+    tensor inside a tuple / list / dict (searched in order); None when there is none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for v in items:
+        t = model_output(v)
+        if t is not None:
+            return t
+    return None
+
+
 def leaf_stack_hooks(model: nn.Module, inside: list[str]) -> list:
     """Hooks that keep ``inside`` the stack of leaf modules now running (innermost last), so that a
     traced torch op can be charged to the module that runs it; returns the handles to remove."""

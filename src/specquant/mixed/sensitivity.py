@@ -38,7 +38,7 @@ from specquant.algorithms import RTNConfig
 from specquant.algorithms.base import ModuleSettings, QuantConfig
 from specquant.engine.apply import quantize
 from specquant.engine.calibrate import as_batches, capture_layer_inputs
-from specquant.engine.walk import fold_batchnorm, forward_order, quantizable_layers, resolve_ties
+from specquant.engine.walk import fold_batchnorm, forward_order, model_output, quantizable_layers, resolve_ties
 from specquant.mixed.policies import DEFAULT_CANDIDATES, check_candidates
 
 SENSITIVITY_METRICS = ("output", "loss")
@@ -97,15 +97,11 @@ class SensitivityReport:
 
 
 def _model_output(out) -> torch.Tensor:
-    """The tensor a model returns: itself, a Hugging Face output's ``logits``, or a tuple's first item."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"the model returned {type(out).__name__}; sensitivities need a tensor or an output with logits")
+    """The tensor a model returns (``engine.walk.model_output``), or a one-line error."""
+    t = model_output(out)
+    if t is None:
+        raise TypeError(f"the model returned {type(out).__name__}; sensitivities need a tensor or logits")
+    return t
 
 
 def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
