@@ -29,10 +29,11 @@ ALLOWED: dict[str, set[str]] = {
     "mixed": {"core", "algorithms", "engine", "files"},
     "diagnostics": {"core", "algorithms", "engine", "files"},
     "report": {"files"},
+    "export": {"_version", "core", "nn", "models", "files"},  # GGUF / ONNX writers, llama.cpp runner
     "cli": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "mixed",
-            "diagnostics", "report", "root"},
+            "diagnostics", "report", "export", "root"},
     "root": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "mixed",
-             "diagnostics", "report"},
+             "diagnostics", "report", "export"},
     "entry": {"cli"},
 }
 

@@ -47,12 +47,14 @@ class CLIError(Exception):
 
 
 def make_config(method: str, bits: int, granularity: str = "channel", seed: int = 0,
-                redundancy: float | None = None, symmetric: bool = True, protect=()):
+                redundancy: float | None = None, symmetric: bool = True, protect=(), scale_dtype: str = "float32"):
     """The algorithm config of ``method`` (library defaults for everything not given).
 
     ``protect``: (module name or pattern, bits or None for float) pairs from ``--protect``, in order;
     they become the config's per-module map (the first matching pattern applies)."""
     kw = {"bits": bits, "granularity": granularity, "seed": seed, "symmetric": symmetric}
+    if scale_dtype != "float32":
+        kw["scale_dtype"] = scale_dtype
     if protect:
         kw["modules"] = {pattern: (ModuleSettings(skip=True) if b is None else ModuleSettings(bits=b))
                          for pattern, b in protect}
@@ -124,6 +126,35 @@ def load_entry_model(model: str, data_dir):
         return entry.load(data_dir).eval(), entry
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+def _hf_entry_of(path: Path):
+    """The entry of the Hugging Face folder a file was quantized from (its ``meta["hf_folder"]``), or
+    None.  The architecture is rebuilt from that folder's config.json by transformers' own classes
+    (no code from the file or the folder runs); the folder must still exist."""
+    meta = (sqio.read_header(path).get("meta") or {}) if path.is_file() else {}
+    folder = meta.get("hf_folder")
+    if not isinstance(folder, str):
+        return None
+    if not is_hf_folder(folder):
+        raise CLIError(f"{str(path)!r} was quantized from the Hugging Face folder {folder!r}, which is gone "
+                       "(its config.json rebuilds the architecture)")
+    return resolve_entry(folder)
+
+
+def load_saved_model(path: Path, allow_entry_point=None):
+    """(model, entry) of a file written by ``specquant.save`` (a run folder's model file): the
+    architecture from the Hugging Face folder it records, else its zoo id (or an allowed entry
+    point); CLIError when no entry (test set, tokenizer) is known for it."""
+    hf_entry = _hf_entry_of(path)
+    model = sqio.load(path, allow_entry_point=allow_entry_point or None,
+                      build=hf_entry.build if hf_entry is not None else None)
+    if hf_entry is not None:
+        return model, hf_entry
+    zoo_id = getattr(model, "_specquant_model_id", None)
+    if not zoo_id:
+        raise CLIError(f"{str(path)!r} names no zoo model (it was saved with arch=), so no test set is known")
+    return model, get_entry(zoo_id)
 
 
 def check_data_dir(entry, data_dir) -> None:

@@ -16,12 +16,13 @@ from specquant.cli.common import (
     evaluate,
     lm_perplexity,
     load_entry_model,
+    load_saved_model,
     load_test_set,
     peak_rss_mb,
     resolve_entry,
 )
 from specquant.io.files import read_json
-from specquant.models import get_entry, list_models
+from specquant.models import list_models
 from specquant.models.hf import is_hf_folder
 from specquant.report.run_folder import (
     CONFIG_JSON,
@@ -31,20 +32,6 @@ from specquant.report.run_folder import (
     verify_run_folder,
 )
 from specquant.report.table import format_table
-
-
-def _hf_entry_of(path: Path):
-    """The entry of the Hugging Face folder a file was quantized from (its ``meta["hf_folder"]``), or
-    None.  The architecture is rebuilt from that folder's config.json by transformers' own classes
-    (no code from the file or the folder runs); the folder must still exist."""
-    meta = (sqio.read_header(path).get("meta") or {}) if path.is_file() else {}
-    folder = meta.get("hf_folder")
-    if not isinstance(folder, str):
-        return None
-    if not is_hf_folder(folder):
-        raise CLIError(f"{str(path)!r} was quantized from the Hugging Face folder {folder!r}, which is gone "
-                       "(its config.json rebuilds the architecture)")
-    return resolve_entry(folder)
 
 
 def cmd_eval(args, argv: list[str]) -> int:
@@ -86,17 +73,9 @@ def cmd_eval(args, argv: list[str]) -> int:
             except OSError as e:
                 raise CLIError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
         t0 = time.perf_counter()
-        hf_entry = _hf_entry_of(path)
-        model = sqio.load(path, allow_entry_point=args.allow_entry_point or None,
-                          build=hf_entry.build if hf_entry is not None else None)
+        model, entry = load_saved_model(path, args.allow_entry_point)
         load_s = time.perf_counter() - t0
-        zoo_id = getattr(model, "_specquant_model_id", None)
-        if hf_entry is not None:
-            entry, zoo_id = hf_entry, hf_entry.id
-        elif not zoo_id:
-            raise CLIError(f"{str(path)!r} names no zoo model (it was saved with arch=), so no test set is known")
-        else:
-            entry = get_entry(zoo_id)
+        zoo_id = entry.id
         check_data_dir(entry, args.data_dir)
         if limit is None and run_config is not None:
             limit = run_config.get("limit")

@@ -12,7 +12,9 @@ from specquant.cli.analyze import cmd_analyze
 from specquant.cli.common import PROG, CLIError
 from specquant.cli.demo import DEMO_REDUNDANCY, cmd_demo
 from specquant.cli.eval import cmd_eval
-from specquant.cli.quantize import POLICIES, cmd_quantize
+from specquant.cli.export import FORMATS as EXPORT_FORMATS
+from specquant.cli.export import cmd_export
+from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
 from specquant.core.grid import Granularity
 from specquant.models import list_models
 
@@ -207,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true",
                    help="asymmetric grid with a zero point per scale (2^b levels), as usual for LLM weights "
                         "(default: narrow symmetric, 2^b - 1 levels)")
+    p.add_argument("--gguf", metavar="TYPE", choices=GGUF_GRIDS, default=None,
+                   help="quantize on the block grid of GGUF type TYPE (q4_0: 4-bit, q8_0: 8-bit; symmetric, groups of "
+                        "32 inputs, float16 scales) so that 'specquant export --format gguf' writes the codes exactly; "
+                        "sets --bits and --granularity group:32 (--protect NAME=8 layers become Q8_0); layers whose "
+                        "input width is not a multiple of 32 stay in float (default: none)")
     p.add_argument("--protect", metavar="NAME_PATTERN=BITS", type=_protect, action="append", default=None,
                    help="keep the modules matching NAME_PATTERN (a name or fnmatch pattern) at BITS (1..8) or "
                         "in float ('float'); repeatable, the first matching pattern applies (e.g. "
@@ -264,6 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm(p)
     _add_common(p, json_help="print the result as one JSON object on stdout.")
     p.set_defaults(func=cmd_eval)
+
+    # export ----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "export", formatter_class=_Formatter, help="write a quantized model as GGUF (llama.cpp) or ONNX (onnxruntime)",
+        description=_wrap("Write a saved quantized model (a run folder of 'specquant quantize --out', or its model "
+                    "file) in another runtime's format, with specquant's own codes: GGUF (language models of the "
+                    "Llama family; layers quantized with --gguf q4_0 / q8_0 become Q4_0 / Q8_0 blocks, layers left "
+                    "in float F32, tokenizer included) or ONNX (Linear layers as com.microsoft.MatMulNBits). A layer "
+                    "the format cannot hold exactly is refused with one line naming it, never re-rounded. JSON keys "
+                    "with --json: file, bytes, format, type."),
+        epilog="example: specquant quantize stories260k --method gptq --gguf q4_0 --out run\n"
+               "         specquant export run --format gguf --out stories-q4_0.gguf --json")
+    p.add_argument("target", metavar="RUN_DIR_OR_FILE", help="run folder or saved model file")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="gguf or onnx (required)")
+    p.add_argument("--out", metavar="FILE", required=True, help="the file to write (written whole or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
+                   default=None, help="as for eval: only for files you trust (default: off)")
+    _add_common(p, json_help="print file, bytes, format, type (and the tensor types) as one JSON object.")
+    p.set_defaults(func=cmd_export)
 
     # analyze ---------------------------------------------------------------------------------
     p = sub.add_parser(

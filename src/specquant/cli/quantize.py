@@ -7,7 +7,7 @@ import datetime
 import time
 
 import specquant as sq
-from specquant.algorithms.base import split_method
+from specquant.algorithms.base import ModuleSettings, split_method
 from specquant.cli.common import (
     FRAME_SWEEP,
     UI,
@@ -37,6 +37,7 @@ from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
 
 POLICIES = ("sensitivity", "spectral", "spectral-knapsack")  # specquant.mixed.POLICIES
+GGUF_GRIDS = {"q4_0": 4, "q8_0": 8}  # --gguf TYPE -> bits (symmetric, groups of 32, float16 scales)
 
 LAYER_TABLE = (("name", "layer"), ("type", "type"), ("shape", "shape"), ("bits", "bits"), ("levels", "levels"),
                ("bits_per_weight", "bits/w"), ("weight_sqnr_db", "SQNR dB"), ("rel_output_error", "rel. out err"),
@@ -51,6 +52,8 @@ def base_method(args) -> str:
 def quantize_config(args):
     """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
     entry = resolve_entry(args.model)
+    if getattr(args, "gguf", None) is not None:
+        _gguf_args(args)
     if args.avg_bits is None and args.bits is None:
         raise CLIError("quantize: give --bits B (uniform) or --avg-bits A with --policy (mixed precision)")
     if args.avg_bits is not None and args.policy is None:
@@ -67,11 +70,31 @@ def quantize_config(args):
         raise CLIError("quantize: --per-channel-bits needs per-channel scales (--granularity channel) and a "
                        "uniform-grid method (rtn, gpfq, spfq, gptq, qronos)")
     mixed = args.avg_bits is not None
+    scale_dtype = "float16" if getattr(args, "gguf", None) is not None else "float32"
     base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
-                         symmetric=not args.asymmetric, protect=args.protect or ())
+                         symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
     check_data_dir(entry, args.data_dir)
     return config
+
+
+def _gguf_args(args) -> None:
+    """``--gguf TYPE``: the grid GGUF's TYPE blocks hold (bits, group:32, symmetric); contradicting
+    arguments are refused."""
+    bits = GGUF_GRIDS[args.gguf]
+    if args.bits is not None and args.bits != bits:
+        raise CLIError(f"quantize: --gguf {args.gguf} is {bits}-bit; --bits {args.bits} contradicts it")
+    if args.granularity not in ("channel", "group:32"):
+        raise CLIError(f"quantize: --gguf {args.gguf} uses groups of 32; --granularity {args.granularity} "
+                       "contradicts it")
+    if args.asymmetric:
+        raise CLIError(f"quantize: --gguf {args.gguf} is a symmetric grid; drop --asymmetric")
+    if args.avg_bits is not None or base_method(args) == "frame":
+        raise CLIError("quantize: --gguf needs uniform codes (not --avg-bits, not --method frame)")
+    for pattern, b in args.protect or ():
+        if b is not None and b not in GGUF_GRIDS.values():
+            raise CLIError(f"quantize: --protect {pattern}={b}: with --gguf a protected layer is 4, 8 or float")
+    args.bits, args.granularity = bits, "group:32"
 
 
 def _scorer(args, entry, ui: UI):
@@ -129,6 +152,12 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         ui.say(f"allocating bits per {per} ({args.policy} policy, {args.avg_bits} bits on average) ...")
         allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config, granularity=per)
         config = allocation.apply(config)
+    if getattr(args, "gguf", None) is not None:
+        from specquant.export.gguf import gguf_float_layers
+
+        for name, why in gguf_float_layers(model).items():  # exact names win over --protect patterns
+            config.modules[name] = ModuleSettings(skip=True)
+            ui.say(f"--gguf: {name} stays in float ({why})")
     float_model = folded_float(model, calib)
     ui.say(f"quantizing with {args.method} "
            + (f"at {args.bits} bits" if not mixed else f"at {args.avg_bits} average bits ({args.policy})")
@@ -144,7 +173,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
             "redundancy": getattr(config, "redundancy", None) if base_method(args) == "frame" else None,
             "symmetric": not args.asymmetric,
-            "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()]}
+            "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()],
+            "gguf": getattr(args, "gguf", None)}
     storage = measure_storage(model, entry, folder, meta)
 
     metrics: dict = {
@@ -162,6 +192,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     metrics.update({
         "granularity": args.granularity,
         "symmetric": not args.asymmetric,
+        **({"gguf": args.gguf} if getattr(args, "gguf", None) else {}),
         "bits_per_weight": storage["bits_per_weight"],
         "bits_per_weight_payload": payload_bpw(storage),
         "storage": storage,

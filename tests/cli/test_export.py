@@ -1,0 +1,64 @@
+"""``specquant export``: a run quantized with --gguf becomes a GGUF that llama.cpp runs to the same
+perplexity (stories260k, small settings); a run on another grid is refused with one line."""
+import json
+
+import pytest
+import torch
+
+from specquant.cli import main
+from specquant.models.llama_gguf import load_llama_gguf
+
+
+def _quantize(data_dir, out, *extra):
+    assert main(["quantize", "stories260k", "--method", "gptq", "--calib", "8", "--seq-len", "128",
+                 "--eval-windows", "4", "--out", str(out), "--json", "--quiet", "--data-dir", str(data_dir),
+                 *extra]) == 0
+
+
+def test_gguf_flag_sets_the_grid_and_leaves_unblockable_layers_float(data_dir, tmp_path, capsys):
+    _quantize(data_dir, tmp_path / "run", "--gguf", "q4_0", "--protect", "model.layers.0.*=8")
+    res = json.loads(capsys.readouterr().out)
+    assert res["gguf"] == "q4_0" and res["granularity"] == "group:32" and res["bits"] == 4
+    widths = {r["name"]: r["bits"] for r in res["layers"]}
+    assert not any(n.endswith("down_proj") for n in widths)  # 172 inputs: no 32-block fits, kept float
+    assert {r["name"] for r in res["skipped"]} >= {f"model.layers.{i}.mlp.down_proj" for i in range(5)}
+    assert widths["model.layers.0.self_attn.q_proj"] == 8 and widths["model.layers.1.self_attn.q_proj"] == 4
+
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(gguf), "--json", "--quiet",
+                 "--data-dir", str(data_dir)]) == 0
+    exp = json.loads(capsys.readouterr().out)
+    assert {"file", "bytes", "format", "type"} <= set(exp)
+    assert exp["format"] == "gguf" and exp["type"] == "mixed(Q4_0,Q8_0)" and exp["bytes"] == gguf.stat().st_size
+    assert exp["tensors"]["blk.1.ffn_down.weight"] == "F32" and exp["tensors"]["blk.1.attn_q.weight"] == "Q4_0"
+    # the file decodes (gguf package) to the saved model's weights: same logits
+    import specquant as sq
+
+    saved = sq.load(tmp_path / "run" / "model.safetensors")
+    x = torch.randint(0, 512, (1, 32))
+    assert torch.equal(load_llama_gguf(gguf)(x).logits, saved(x).logits)
+    # refuses to overwrite without --overwrite
+    assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(gguf), "--quiet",
+                 "--data-dir", str(data_dir)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_export_refuses_a_grid_gguf_cannot_hold(data_dir, tmp_path, capsys):
+    _quantize(data_dir, tmp_path / "run", "--bits", "4", "--granularity", "group:32")  # float32 scales
+    capsys.readouterr()
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(out), "--quiet",
+                 "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "float32 scales" in err and "model.layers.0.self_attn.q_proj" in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gguf", "q4_0", "--bits", "3"], "contradicts"),
+    (["--gguf", "q4_0", "--asymmetric"], "symmetric"),
+    (["--gguf", "q8_0", "--granularity", "group:64"], "groups of 32"),
+])
+def test_gguf_flag_refuses_contradictions(data_dir, tmp_path, capsys, args, needle):
+    assert main(["quantize", "stories260k", "--method", "rtn", "--quiet", "--data-dir", str(data_dir), *args]) == 2
+    assert needle in capsys.readouterr().err
