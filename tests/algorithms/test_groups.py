@@ -138,8 +138,8 @@ def test_float16_steps_of_the_gpfq_search():
 
 
 def test_bad_scale_dtype_is_one_line():
-    with pytest.raises(ValueError, match=r"config.scale_dtype must be 'float32' \('fp32'\) or 'float16' "
-                                         r"\('fp16'\), got 'bf16'"):
+    with pytest.raises(ValueError, match=r"config.scale_dtype must be 'float32' \('fp32'\), 'float16' "
+                                         r"\('fp16'\) or 'float16-q4_1' .*got 'bf16'"):
         GPTQConfig(scale_dtype="bf16")
     big = torch.full((4, 8), 1e6)
     with pytest.raises(ValueError, match="does not fit in float16"):

@@ -58,6 +58,7 @@ def test_export_refuses_a_grid_gguf_cannot_hold(data_dir, tmp_path, capsys):
     (["--gguf", "q4_0", "--bits", "3"], "contradicts"),
     (["--gguf", "q4_0", "--asymmetric"], "symmetric"),
     (["--gguf", "q8_0", "--granularity", "group:64"], "groups of 32"),
+    (["--gguf", "q4_1", "--protect", "model.layers.0.*=8"], "4 bits or float"),
 ])
 def test_gguf_flag_refuses_contradictions(data_dir, tmp_path, capsys, args, needle):
     assert main(["quantize", "stories260k", "--method", "rtn", "--quiet", "--data-dir", str(data_dir), *args]) == 2

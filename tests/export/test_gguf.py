@@ -133,14 +133,22 @@ def test_protected_layers_become_q8_0_and_float_layers_f32(tmp_path):
     assert res.tensors["blk.0.ffn_down.weight"] == "F32"
     x = torch.randint(0, VOCAB, (1, 16))
     assert torch.equal(load_llama_gguf(tmp_path / "m.gguf")(x).logits, model(x).logits)
+    # float layers as F16 (llama.cpp's own fallback): those weights rounded to float16, the codes untouched
+    res16 = export_gguf(model, tmp_path / "h.gguf", spm_vocab(), float_type="F16")
+    assert res16.tensors["blk.0.ffn_down.weight"] == "F16" and res16.type == res.type
+    back = dict(load_llama_gguf(tmp_path / "h.gguf").named_modules())
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            want = mod.weight.half().float() if name in skip else mod.weight
+            assert torch.equal(back[name].weight, want), name
 
 
 @pytest.mark.parametrize("kw,needle", [
     ({"granularity": "channel"}, "granularity channel"),
     ({"granularity": "group:64"}, "granularity group:64"),
     ({"scale_dtype": "float32"}, "float32 scales"),
-    ({"symmetric": False}, "grid asymmetric"),
     ({"bits": 3}, "3-bit"),
+    ({"bits": 8, "symmetric": False}, "asymmetric 8-bit"),
 ])
 def test_refuses_what_gguf_cannot_hold(tmp_path, kw, needle):
     bits = kw.pop("bits", 4)
@@ -171,10 +179,10 @@ def require_llama_cpp():
     return llamacpp
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_llama_cpp_runs_the_export_with_matching_logits(tmp_path, bits):
+@pytest.mark.parametrize("bits,kw", [(4, {}), (8, {}), (4, {"symmetric": False, "scale_dtype": "float16-q4_1"})])
+def test_llama_cpp_runs_the_export_with_matching_logits(tmp_path, bits, kw):
     llamacpp = require_llama_cpp()
-    model = quantized(tiny_llama(seed=5), "gptq", bits)
+    model = quantized(tiny_llama(seed=5), "gptq", bits, **kw)
     export_gguf(model, tmp_path / "m.gguf", spm_vocab())
     ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(4))
     with llamacpp.LlamaCppModel(tmp_path / "m.gguf", n_ctx=64, threads=1) as runner:
@@ -207,3 +215,30 @@ def test_llama_cpp_perplexity_agrees_with_specquant_on_stories260k(data_dir, tmp
         theirs = perplexity(runner, ids, 128, 4)
     assert theirs.predicted == ours.predicted == 4 * 127
     assert abs(theirs.perplexity / ours.perplexity - 1) < 0.01, (theirs.perplexity, ours.perplexity)
+
+
+def test_q4_1_blocks_hold_the_asymmetric_grid_exactly(tmp_path):
+    """Q4_1 = d·q + m: the asymmetric grid s·(q − z) with scales kept to 7 significant bits, so that
+    m = −z·s is exact in float16; plain float16 scales are refused (m would be re-rounded)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from specquant.core.grid import round_scale
+
+    s = round_scale(torch.rand(1000) * 3 + 1e-3, "float16-q4_1")
+    z = torch.arange(16, dtype=torch.float64).repeat(63)[:1000]
+    assert torch.equal((z * s.double()).half().double(), z * s.double())  # every 4-bit zero point
+
+    model = quantized(tiny_llama(seed=6), "gptq", 4, symmetric=False, scale_dtype="float16-q4_1")
+    qw = model.model.layers[0].self_attn.q_proj.qweight
+    assert gguf_type(qw, "q") == "Q4_1"
+    assert np.array_equal(dequantize(pack_block_codes(qw, "Q4_1"), GGMLQuantizationType.Q4_1),
+                          qw.dequantize().numpy())
+    res = export_gguf(model, tmp_path / "m.gguf", spm_vocab())
+    assert res.type == "Q4_1"
+    x = torch.randint(0, VOCAB, (1, 16))
+    assert torch.equal(load_llama_gguf(tmp_path / "m.gguf")(x).logits, model(x).logits)
+
+    plain = quantized(tiny_llama(seed=6), "rtn", 4, symmetric=False, scale_dtype="float16")
+    with pytest.raises(ValueError, match="not exact in float16"):
+        export_gguf(plain, tmp_path / "p.gguf", spm_vocab())

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specquant.algorithms.common import target_energy
-from specquant.core.grid import Granularity, check_bits, scale_dtype
+from specquant.core.grid import Granularity, check_bits, scale_dtype_name
 
 if TYPE_CHECKING:
     from specquant.core.qweight import QuantizedWeight
@@ -195,7 +195,7 @@ class QuantConfig(metaclass=_ConfigType):
     symmetric: bool = True  # narrow symmetric grid (2^b − 1 levels; binary at 1 bit) or asymmetric
     seed: int = 0  # seed for every random choice (stochastic rounding, patch subsampling)
     bias_correction: bool = False  # shift each output channel's bias to match the float mean output
-    scale_dtype: str = "float32"  # scales stored (and used to pick codes) as "float32" or "float16" (or "fp32"/"fp16")
+    scale_dtype: str = "float32"  # scales as stored and used: "float32", "float16", "float16-q4_1" (7 bits)
     modules: dict[str, ModuleSettings] = field(default_factory=dict)  # {module name or pattern: settings}
     awq: bool = False  # AWQ pre-step (engine/awq.py): input-channel scales folded in before rounding; needs data
     awq_grid: int = 20  # AWQ: exponents α searched, 0, 1/n, …, (n−1)/n (used only with awq=True)
@@ -207,11 +207,10 @@ class QuantConfig(metaclass=_ConfigType):
         check_bits(self.bits, "config.bits")
         self.granularity = Granularity.parse(self.granularity)  # a string is accepted for convenience
         try:
-            dt = scale_dtype(self.scale_dtype)
+            self.scale_dtype = scale_dtype_name(self.scale_dtype)
         except ValueError:
-            raise ValueError(f"config.scale_dtype must be 'float32' ('fp32') or 'float16' ('fp16'), "
-                             f"got {self.scale_dtype!r}") from None
-        self.scale_dtype = "float16" if dt == torch.float16 else "float32"
+            raise ValueError(f"config.scale_dtype must be 'float32' ('fp32'), 'float16' ('fp16') or 'float16-q4_1' "
+                             f"(float16 with 7 significant bits, for GGUF Q4_1), got {self.scale_dtype!r}") from None
         self.modules = _check_modules(self.modules)
         if not isinstance(self.awq, bool):
             raise ValueError(f"config.awq must be True or False, got {self.awq!r}")

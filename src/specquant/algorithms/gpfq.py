@@ -138,9 +138,9 @@ def _search_steps(W, stats, scale, zp, spec, col_order, config):
     K, (out, n) = len(mults), W.shape
     s0 = scale.reshape(out, 1).double()
     cands = [s0 * m for m in mults]  # K × (out, 1) candidate steps
-    fp16 = config.scale_dtype == "float16"
+    fp16 = config.scale_dtype != "float32"
     if fp16:  # candidates the file can store: the path runs with the steps that will be saved
-        cands = [round_scale(c, torch.float16).double() for c in cands]
+        cands = [round_scale(c, config.scale_dtype).double() for c in cands]
     Ss = torch.cat(cands).expand(K * out, n)  # (K·out, N0)
     Zs = zp.reshape(out, 1).double().repeat(K, 1).expand(K * out, n)
     Wk = W.double().repeat(K, 1)  # (K·out, N0)

@@ -46,7 +46,7 @@ def cmd_export(args, argv: list[str]) -> int:
         if entry.kind != "lm":
             raise CLIError(f"GGUF holds language models; {entry.id!r} is a {entry.kind} (use --format onnx)")
         vocab = vocab_for_entry(entry, int(model.config.vocab_size), args.data_dir)
-        result = export_gguf(model, out, vocab, name=Path(entry.id).name)
+        result = export_gguf(model, out, vocab, name=Path(entry.id).name, float_type=args.float_type.upper())
     else:
         from specquant.export.onnx import export_onnx
 

@@ -210,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asymmetric grid with a zero point per scale (2^b levels), as usual for LLM weights "
                         "(default: narrow symmetric, 2^b - 1 levels)")
     p.add_argument("--gguf", metavar="TYPE", choices=GGUF_GRIDS, default=None,
-                   help="quantize on the block grid of GGUF type TYPE (q4_0: 4-bit, q8_0: 8-bit; symmetric, groups of "
-                        "32 inputs, float16 scales) so that 'specquant export --format gguf' writes the codes exactly; "
-                        "sets --bits and --granularity group:32 (--protect NAME=8 layers become Q8_0); layers whose "
-                        "input width is not a multiple of 32 stay in float (default: none)")
+                   help="quantize on the block grid of GGUF type TYPE (q4_0: 4-bit symmetric, q8_0: 8-bit symmetric, "
+                        "q4_1: 4-bit asymmetric; groups of 32 inputs, float16 scales) so that 'specquant export "
+                        "--format gguf' writes the codes exactly; sets --bits, --granularity group:32 (and "
+                        "--asymmetric for q4_1); with q4_0, --protect NAME=8 layers become Q8_0; layers whose input "
+                        "width is not a multiple of 32 stay in float (default: none)")
     p.add_argument("--protect", metavar="NAME_PATTERN=BITS", type=_protect, action="append", default=None,
                    help="keep the modules matching NAME_PATTERN (a name or fnmatch pattern) at BITS (1..8) or "
                         "in float ('float'); repeatable, the first matching pattern applies (e.g. "
@@ -287,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="gguf or onnx (required)")
     p.add_argument("--out", metavar="FILE", required=True, help="the file to write (written whole or not at all)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    p.add_argument("--float-type", choices=("f32", "f16"), default="f32",
+                   help="GGUF: type of the weight matrices left in float (f16 is what llama.cpp's quantizer falls "
+                        "back to; f32 keeps them exact) (default: f32)")
     p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
                    default=None, help="as for eval: only for files you trust (default: off)")
     _add_common(p, json_help="print file, bytes, format, type (and the tensor types) as one JSON object.")

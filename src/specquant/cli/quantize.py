@@ -37,7 +37,8 @@ from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
 
 POLICIES = ("sensitivity", "spectral", "spectral-knapsack")  # specquant.mixed.POLICIES
-GGUF_GRIDS = {"q4_0": 4, "q8_0": 8}  # --gguf TYPE -> bits (symmetric, groups of 32, float16 scales)
+# --gguf TYPE -> (bits, symmetric, scale dtype); always groups of 32 inputs
+GGUF_GRIDS = {"q4_0": (4, True, "float16"), "q4_1": (4, False, "float16-q4_1"), "q8_0": (8, True, "float16")}
 
 LAYER_TABLE = (("name", "layer"), ("type", "type"), ("shape", "shape"), ("bits", "bits"), ("levels", "levels"),
                ("bits_per_weight", "bits/w"), ("weight_sqnr_db", "SQNR dB"), ("rel_output_error", "rel. out err"),
@@ -70,7 +71,7 @@ def quantize_config(args):
         raise CLIError("quantize: --per-channel-bits needs per-channel scales (--granularity channel) and a "
                        "uniform-grid method (rtn, gpfq, spfq, gptq, qronos)")
     mixed = args.avg_bits is not None
-    scale_dtype = "float16" if getattr(args, "gguf", None) is not None else "float32"
+    scale_dtype = GGUF_GRIDS[args.gguf][2] if getattr(args, "gguf", None) is not None else "float32"
     base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
                          symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
@@ -79,22 +80,24 @@ def quantize_config(args):
 
 
 def _gguf_args(args) -> None:
-    """``--gguf TYPE``: the grid GGUF's TYPE blocks hold (bits, group:32, symmetric); contradicting
-    arguments are refused."""
-    bits = GGUF_GRIDS[args.gguf]
+    """``--gguf TYPE``: the grid GGUF's TYPE blocks hold (bits, group:32, symmetric or not);
+    contradicting arguments are refused."""
+    bits, symmetric, _ = GGUF_GRIDS[args.gguf]
     if args.bits is not None and args.bits != bits:
         raise CLIError(f"quantize: --gguf {args.gguf} is {bits}-bit; --bits {args.bits} contradicts it")
     if args.granularity not in ("channel", "group:32"):
         raise CLIError(f"quantize: --gguf {args.gguf} uses groups of 32; --granularity {args.granularity} "
                        "contradicts it")
-    if args.asymmetric:
+    if args.asymmetric and symmetric:
         raise CLIError(f"quantize: --gguf {args.gguf} is a symmetric grid; drop --asymmetric")
     if args.avg_bits is not None or base_method(args) == "frame":
         raise CLIError("quantize: --gguf needs uniform codes (not --avg-bits, not --method frame)")
+    allowed = {4, 8} if symmetric else {4}
     for pattern, b in args.protect or ():
-        if b is not None and b not in GGUF_GRIDS.values():
-            raise CLIError(f"quantize: --protect {pattern}={b}: with --gguf a protected layer is 4, 8 or float")
-    args.bits, args.granularity = bits, "group:32"
+        if b is not None and b not in allowed:
+            raise CLIError(f"quantize: --protect {pattern}={b}: with --gguf {args.gguf} a protected layer is "
+                           f"{' or '.join(map(str, sorted(allowed)))} bits or float")
+    args.bits, args.granularity, args.asymmetric = bits, "group:32", not symmetric
 
 
 def _scorer(args, entry, ui: UI):

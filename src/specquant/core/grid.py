@@ -56,17 +56,27 @@ def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
 
 
 SCALE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                "fp16": torch.float16}  # the dtypes a scale is stored in, by name (and short name)
+                "fp16": torch.float16, "float16-q4_1": torch.float16}  # the dtypes a scale is stored in, by name
+# Stored as float16 but kept to fewer significant bits: "float16-q4_1" scales have 7, so that z·s is
+# exact in float16 for every 4-bit zero point z (GGUF's Q4_1 stores the minimum m = −z·s as float16).
+SCALE_SIGNIFICANT_BITS = {"float16-q4_1": 7}
 
 
 def scale_dtype(dtype: "str | torch.dtype") -> torch.dtype:
-    """The storage dtype of scales named by ``dtype`` ("float32"/"fp32", "float16"/"fp16" or the
-    torch dtype); a one-line ValueError otherwise."""
+    """The storage dtype of scales named by ``dtype`` ("float32"/"fp32", "float16"/"fp16",
+    "float16-q4_1" or the torch dtype); a one-line ValueError otherwise."""
     if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16):
         return dtype
     if isinstance(dtype, str) and dtype in SCALE_DTYPES:
         return SCALE_DTYPES[dtype]
-    raise ValueError(f"scale dtype must be 'float32' ('fp32') or 'float16' ('fp16'), got {dtype!r}")
+    raise ValueError(f"scale dtype must be 'float32' ('fp32'), 'float16' ('fp16') or 'float16-q4_1', got {dtype!r}")
+
+
+def scale_dtype_name(dtype: "str | torch.dtype") -> str:
+    """The canonical name of a scale dtype: "float32", "float16" or "float16-q4_1"."""
+    if isinstance(dtype, str) and dtype in SCALE_SIGNIFICANT_BITS:
+        return dtype
+    return "float16" if scale_dtype(dtype) == torch.float16 else "float32"
 
 
 def round_scale(scale: torch.Tensor, dtype: "str | torch.dtype", name: str = "scale") -> torch.Tensor:
@@ -84,7 +94,11 @@ def round_scale(scale: torch.Tensor, dtype: "str | torch.dtype", name: str = "sc
         i = int(torch.nonzero(bad.reshape(-1))[0])
         raise ValueError(f"{name} {float(s32.reshape(-1)[i]):.3g} does not fit in float16 (overflow or underflow "
                          f"to 0); use scale dtype float32")
-    return s16.float()
+    keep = SCALE_SIGNIFICANT_BITS.get(dtype) if isinstance(dtype, str) else None
+    if keep is None:
+        return s16.float()
+    m, e = torch.frexp(s16.float())  # s = m·2^e, 0.5 <= |m| < 1
+    return torch.ldexp(torch.round(m * (1 << keep)) / (1 << keep), e).half().float()  # exact in float16
 
 
 @dataclass(frozen=True)

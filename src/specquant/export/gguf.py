@@ -1,7 +1,7 @@
 """GGUF files for llama.cpp, written from specquant's own codes (no re-rounding).
 
 GGUF (llama.cpp's format, written here with the ``gguf`` package) stores each tensor in a ggml
-type.  Two of them hold exactly what specquant's symmetric group grids produce:
+type.  Three of them hold exactly what specquant's group grids produce (``--gguf TYPE``):
 
 * ``Q4_0``: blocks of 32 weights along a row, one float16 scale ``d`` and 32 4-bit codes
   ``q`` in 0..15; the value is ``d·(q − 8)``.  specquant's 4-bit symmetric grid with groups of
@@ -9,12 +9,16 @@ type.  Two of them hold exactly what specquant's symmetric group grids produce:
   has zero point 8 and codes 1..15 ("narrow") or 0..15 ("full"): the code *is* ``q``.
 * ``Q8_0``: blocks of 32, one float16 ``d`` and 32 signed bytes ``q``; the value is ``d·q``.
   The 8-bit symmetric grid has zero point 128, so ``q = code − 128``.
+* ``Q4_1``: blocks of 32, float16 ``d`` and ``m``, codes ``q`` in 0..15; the value is ``d·q + m``.
+  specquant's 4-bit asymmetric grid gives ``s·(q − z)`` with an integer zero point ``z``, so
+  ``d = s`` and ``m = −z·s``, which must be exact in float16: the scale dtype "float16-q4_1"
+  keeps 7 significant bits of each float16 scale so that it is (checked per block on export).
 
 A layer on any other grid (another width, group size or a shorter last group, float32 scales,
-an asymmetric grid, a frame or mixed-width rows) is refused with one line naming it: writing it
-would mean re-rounding specquant's codes.  Layers left in float (not quantized, e.g. an input
-width that is not a multiple of 32) are written as F32, as are the embeddings, the norms and an
-untied ``lm_head`` unless they were quantized on a GGUF grid.
+a frame or mixed-width rows) is refused with one line naming it: writing it would mean
+re-rounding specquant's codes.  Layers left in float (not quantized, e.g. an input width that is
+not a multiple of 32) are written as F32 (or F16 on request), the embeddings, the norms and a
+float ``lm_head`` as F32.
 
 llama.cpp rotates interleaved RoPE pairs where Hugging Face rotates the two halves of each head,
 so the rows of ``attn_q`` / ``attn_k`` are permuted per head (codes and scales alike: a row
@@ -43,8 +47,8 @@ from specquant.models.llama_gguf import BLOCK_TENSORS, TOP_TENSORS
 
 GGUF_BLOCK = 32  # weights per block of Q4_0 / Q8_0
 # ggml type -> (bits of the grid, bytes per block of 32)
-GGUF_TYPES = {"Q4_0": (4, 18), "Q8_0": (8, 34)}
-FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q8_0": 7}  # general.file_type (llama_ftype) of a file mostly in that type
+GGUF_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34)}
+FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama_ftype): the file's main type
 SPM_SPACE = "\u2581"  # sentencepiece's visible space
 
 
@@ -55,7 +59,7 @@ class ExportResult:
     file: str  # path of the written file
     bytes: int  # its size
     format: str  # "gguf" or "onnx"
-    type: str  # the weight type: "Q4_0", "Q8_0", "F32", or "mixed(Q4_0,Q8_0,F32)"
+    type: str  # the quantized weights' type: "Q4_0", "Q8_0", "mixed(Q4_0,Q8_0)"; "F32" when none is
     tensors: dict[str, str] = field(default_factory=dict)  # tensor name -> its type
     expected_bytes: int = 0  # the tensor data the format dictates (file size minus header and padding)
     notes: list[str] = field(default_factory=list)  # what was kept in float, and why
@@ -79,47 +83,68 @@ class GGUFVocab:
 # --------------------------------------------------------------------------- which ggml type
 
 
+def _q4_1_minimum(qw: QuantizedWeight) -> torch.Tensor:
+    """Q4_1's minimum m = −z·s of each block (float64; exact when it equals its float16 rounding)."""
+    return -(qw.zero_point.double() * qw.scale.double())
+
+
 def gguf_type(qw: QuantizedWeight | None, name: str) -> str:
     """The ggml type that holds ``qw`` exactly ("F32" when the layer is not quantized).
 
     ValueError (one line naming the layer) when no supported type holds it."""
     if qw is None:
         return "F32"
-    where = f"layer '{name}'"
     problems = []
-    if qw.spec.bits not in (4, 8) or not qw.spec.symmetric or qw.spec.kind not in ("narrow", "full"):
-        problems.append(f"grid {qw.spec.kind} {qw.spec.bits}-bit (Q4_0/Q8_0 hold 4- or 8-bit symmetric codes)")
-    g = qw.granularity
-    if g.kind != "group" or g.group_size != GGUF_BLOCK or g.axis != 0 or len(qw.shape) != 2:
+    spec, g = qw.spec, qw.granularity
+    if spec.kind in ("narrow", "full") and spec.bits in (4, 8):
+        kind = "Q4_0" if spec.bits == 4 else "Q8_0"
+    elif spec.kind == "asymmetric" and spec.bits == 4:
+        kind = "Q4_1"
+    else:
+        kind = None
+        problems.append(f"grid {spec.kind} {spec.bits}-bit (Q4_0/Q8_0 hold 4-/8-bit symmetric codes, Q4_1 "
+                        f"4-bit asymmetric)")
+    if g.kind != "group" or g.group_size != GGUF_BLOCK or len(qw.shape) != 2:
         problems.append(f"granularity {g.label()} (GGUF blocks are groups of {GGUF_BLOCK} along the input)")
     elif qw.shape[1] % GGUF_BLOCK:
         problems.append(f"input width {qw.shape[1]} is not a multiple of {GGUF_BLOCK}")
     if qw.scale_dtype != torch.float16:
-        problems.append("float32 scales (GGUF blocks store float16; quantize with scale_dtype='float16')")
+        problems.append("float32 scales (GGUF blocks store float16)")
     if qw.row_bits is not None or type(qw) is not QuantizedWeight:
         problems.append("mixed-width rows or frame codes")
-    if not problems and not bool(torch.all(qw.zero_point == qw.spec.symmetric_zero_point)):
+    if not problems and kind != "Q4_1" and not bool(torch.all(qw.zero_point == spec.symmetric_zero_point)):
         problems.append("zero points other than the grid's own")
+    if not problems and kind == "Q4_1":
+        m = _q4_1_minimum(qw)
+        bad = int((m.half().double() != m).sum())
+        if bad:
+            problems.append(f"{bad} of {m.numel()} block minima −z·s are not exact in float16 (Q4_1 stores them "
+                            f"so; scale dtype float16-q4_1 keeps them exact)")
     if problems:
-        raise ValueError(f"{where}: GGUF cannot hold it exactly: {'; '.join(problems)}; quantize it with "
-                         f"--gguf q4_0 or q8_0 (or leave it in float)")
-    return "Q4_0" if qw.spec.bits == 4 else "Q8_0"
+        raise ValueError(f"layer '{name}': GGUF cannot hold it exactly: {'; '.join(problems)}; quantize it with "
+                         f"--gguf q4_0, q4_1 or q8_0 (or leave it in float)")
+    return kind
 
 
 def pack_block_codes(qw: QuantizedWeight, kind: str) -> np.ndarray:
     """The ggml blocks of ``qw`` as bytes, shape (rows, blocks·bytes_per_block) uint8."""
     rows, cols = qw.shape
     nb = cols // GGUF_BLOCK
-    d = qw.scale.reshape(rows, nb).to(torch.float16).numpy().view(np.uint8).reshape(rows, nb, 2)  # (rows, nb, 2)
+
+    def f16_bytes(t: torch.Tensor) -> np.ndarray:  # (rows, nb) -> (rows, nb, 2) little-endian float16
+        return t.reshape(rows, nb).to(torch.float16).numpy().view(np.uint8).reshape(rows, nb, 2)
+
     codes = qw.codes.reshape(rows, nb, GGUF_BLOCK).numpy().astype(np.int16)  # (rows, nb, 32) unsigned codes
-    if kind == "Q4_0":
-        q = codes.astype(np.uint8)  # the code is q: value d·(q − 8)
-        qs = q[..., :16] | (q[..., 16:] << 4)  # (rows, nb, 16): weights j and j+16 share byte j
+    if kind in ("Q4_0", "Q4_1"):
+        q = codes.astype(np.uint8)  # the code is q: value d·(q − 8) (Q4_0) or d·q + m (Q4_1)
+        parts = [f16_bytes(qw.scale), q[..., :16] | (q[..., 16:] << 4)]  # byte j: weights j and j+16
+        if kind == "Q4_1":
+            parts.insert(1, f16_bytes(_q4_1_minimum(qw).float()))
     elif kind == "Q8_0":
-        qs = (codes - 128).astype(np.int8).view(np.uint8)  # (rows, nb, 32) signed: value d·q
+        parts = [f16_bytes(qw.scale), (codes - 128).astype(np.int8).view(np.uint8)]  # (rows, nb, 32): d·q
     else:
         raise ValueError(f"no packer for ggml type {kind!r}")
-    return np.concatenate([d, qs], axis=2).reshape(rows, -1)
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
 
 
 def halves_to_pairs(t: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -264,14 +289,19 @@ def _float_array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
-def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: str = "specquant") -> ExportResult:
+def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: str = "specquant",
+                float_type: str = "F32") -> ExportResult:
     """Write the quantized Llama causal LM ``model`` to ``path`` as GGUF for llama.cpp.
 
     ``model`` is what ``sq.quantize`` returned (fake-quant layers with ``.qweight``) or what
     ``sq.load`` built (packed layers).  Each decoder-block Linear is written in the ggml type that
-    holds its codes exactly (``gguf_type``) or as F32 when it was left in float; anything else
-    raises ValueError naming the layer, and nothing is written."""
+    holds its codes exactly (``gguf_type``) or, when it was left in float, as ``float_type``
+    ("F32", exact; or "F16", what llama.cpp's quantizer falls back to for such layers); anything
+    else raises ValueError naming the layer, and nothing is written."""
     import gguf
+
+    if float_type not in ("F32", "F16"):
+        raise ValueError(f"float_type must be 'F32' or 'F16', got {float_type!r}")
 
     config, core = _llama_core(model)
     heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads or config.num_attention_heads)
@@ -282,7 +312,8 @@ def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: s
         kind = gguf_type(qw, hf_name)
         if kind == "F32":
             w = module.weight.detach().float()  # (out, in)
-            tensors.append((gname, _float_array(halves_to_pairs(w, n_heads) if n_heads else w), kind))
+            w = _float_array(halves_to_pairs(w, n_heads) if n_heads else w)
+            tensors.append((gname, w.astype(np.float16) if float_type == "F16" else w, float_type))
             return
         if n_heads:
             qw = _permute_qweight(qw, n_heads)
@@ -311,12 +342,12 @@ def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: s
             else:  # RMSNorm
                 tensors.append((f"blk.{i}.{gname}.weight", _float_array(module.weight), "F32"))
 
-    kinds = Counter(k for _, _, k in tensors if k != "F32")
+    kinds = Counter(k for _, _, k in tensors if k in GGUF_TYPES)
     if not kinds:
         ftype, label = "F32", "F32"
     else:
         ftype = kinds.most_common(1)[0][0]
-        used = sorted(set(k for _, _, k in tensors if k != "F32"))
+        used = sorted(kinds)
         label = used[0] if len(used) == 1 else f"mixed({','.join(used)})"
     head_dim = int(config.hidden_size) // heads
 
@@ -343,7 +374,7 @@ def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: s
         vocab.write(writer)
         expected = 0
         for gname, data, kind in tensors:
-            if kind == "F32":
+            if kind in ("F32", "F16"):
                 writer.add_tensor(gname, data)
             else:
                 writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[kind])
@@ -362,8 +393,8 @@ def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: s
         raise
     finally:
         gguf_log.setLevel(level)
-    notes = [f"{g}: F32 (not quantized)" for g, _, k in tensors if k == "F32" and not g.endswith("norm.weight")
-             and not g.startswith("token_embd")]
+    notes = [f"{g}: {k} (not quantized)" for g, _, k in tensors if k in ("F32", "F16")
+             and not g.endswith("norm.weight") and not g.startswith("token_embd")]
     return ExportResult(file=str(path), bytes=path.stat().st_size, format="gguf", type=label,
                         tensors={g: k for g, _, k in tensors}, expected_bytes=expected, notes=notes)
 
