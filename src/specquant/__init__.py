@@ -7,12 +7,13 @@ from specquant.core.quantizer import quantize_tensor
 from specquant.core.qweight import QuantizedWeight
 from specquant.diagnostics.analyze import analyze
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
+from specquant.export import OnnxExport, export_onnx
 from specquant.io import load, save
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
     "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "AWQConfig", "metrics",
     "spectral",
-    "save", "load", "analyze",
+    "save", "load", "analyze", "export_onnx", "OnnxExport",
     "__version__",
 ]
