@@ -103,7 +103,7 @@ class LinearRow:
     fp32_ms: float
     quant_ms: float  # QuantLinear, default kernel choice
     fallback_ms: float  # QuantLinear, kernel="torch"
-    kernel: str  # what the default choice ran: "onnxruntime MatMulNBits" or "PyTorch" (QuantLinear.kernel_reason says why)
+    kernel: str  # what the default choice ran: "onnxruntime MatMulNBits" or "PyTorch" (see kernel_reason)
     speedup_vs_fp32: float  # fp32_ms / quant_ms
     speedup_vs_fallback: float  # fallback_ms / quant_ms
     int8_dynamic_ms: float | None = None  # 8 bits: the int8 dynamic mode
