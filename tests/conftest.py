@@ -33,6 +33,27 @@ def data_dir() -> Path:
     return require_data_dir()
 
 
+def require_module(name: str, extra: str = "runtimes"):
+    """``import name``; skip the calling test when it is not installed (fail when CI is set, whose
+    set-up installs ``specquant[extra]``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        reason = f"{name} is not installed (pip install 'specquant[{extra}]'): {e}"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ort():
+    """onnxruntime (with onnx); skips when either is missing, fails when CI is set."""
+    require_module("onnx")
+    return require_module("onnxruntime")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a

@@ -7,6 +7,7 @@ from specquant.core.quantizer import quantize_tensor
 from specquant.core.qweight import QuantizedWeight
 from specquant.diagnostics.analyze import analyze
 from specquant.engine.apply import LayerRecord, QuantReport, quantize
+from specquant.export import OnnxExport, export_onnx
 from specquant.export.gguf import export_gguf
 from specquant.io import load, save
 
@@ -14,6 +15,6 @@ __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
     "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "AWQConfig", "metrics",
     "spectral",
-    "save", "load", "analyze", "export_gguf",
+    "save", "load", "analyze", "export_onnx", "OnnxExport", "export_gguf",
     "__version__",
 ]

@@ -332,7 +332,7 @@ def test_a_new_stored_field_is_one_class(permuted_rows, tmp_path):
     assert rec["packing"] == "bits-perm" and rec["kind"] == "uniform"
     with safe_open(str(path), "pt") as f:
         assert torch.equal(f.get_tensor("fc2.perm"), perm)
-    loaded = load(path)
+    loaded = load(path, kernel="torch")
     assert loaded.fc2.packed.layout == model.fc2.qweight.layout
     assert torch.equal(loaded.fc2.packed.unpack(), qw.codes)
     assert torch.equal(loaded.fc2.packed.perm, perm)  # its tensor is a buffer of the packed weight

@@ -53,7 +53,7 @@ def test_groups_round_trip_with_identical_outputs(tmp_path, method, G, symmetric
     cfg = make_config(method, bits=4, granularity=f"group:{G}", symmetric=symmetric, scale_dtype=scale_dtype)
     fq, report, x = _quantized(cfg)
     path = save(fq, tmp_path / "g.sq", arch=_net)
-    loaded = load(path, build=_net)
+    loaded = load(path, build=_net, kernel="torch")
     with torch.no_grad():
         assert torch.equal(loaded(x), fq(x))  # float16 scales too: the codes were chosen for them
     header = read_header(path)
@@ -81,7 +81,7 @@ def test_act_order_groups_need_no_permutation(tmp_path):
                        arch=_net)
     fields = {k for r in read_header(path)["layers"] for k in r}
     assert fields == {k for r in read_header(per_channel)["layers"] for k in r} - {"axis"}  # axis: channels only
-    loaded = load(path, build=_net)
+    loaded = load(path, build=_net, kernel="torch")
     with torch.no_grad():
         assert torch.equal(loaded(x), fq(x))
     again = save(loaded, tmp_path / "again.sq", arch=_net)
@@ -120,7 +120,7 @@ def test_save_can_still_round_float32_scales(tmp_path):
     """save(scale_dtype="fp16") on a model quantized with float32 scales rounds them (as in format
     version 1): the file is smaller, the loaded model close to, not equal to, the quantized one."""
     fq, _, x = _quantized(RTNConfig(bits=4, granularity="group:128", symmetric=False))
-    loaded = load(save(fq, tmp_path / "r.sq", arch=_net, scale_dtype="fp16"), build=_net)
+    loaded = load(save(fq, tmp_path / "r.sq", arch=_net, scale_dtype="fp16"), build=_net, kernel="torch")
     assert loaded[0].packed.scale.dtype == torch.float16
     with torch.no_grad():
         y, ref = loaded(x), fq(x)
@@ -139,7 +139,7 @@ def test_layers_with_different_scale_dtypes(tmp_path):
     assert header["scale_dtype"] == "mixed"
     assert [r["scale_dtype"] for r in header["layers"]] == ["float16", "float32"]
     with torch.no_grad():
-        assert torch.equal(load(path, build=_net)(x), fq16(x))
+        assert torch.equal(load(path, build=_net, kernel="torch")(x), fq16(x))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_a_group_larger_than_the_row_is_the_row(tmp_path, saved_groups):
 
     path = tmp_path / "huge.sq"
     path.write_bytes(_rewrite(saved_groups, edit))
-    loaded = load(path, build=_net)
+    loaded = load(path, build=_net, kernel="torch")
     w = loaded[0].packed.dequantize()  # (40, 576)
     codes = loaded[0].packed.unpack().float()
     assert torch.equal(w, (codes - loaded[0].packed.zero_point[:, 0]) * loaded[0].packed.scale[:, 0].float())

@@ -93,7 +93,7 @@ def test_allowing_exactly_that_name_loads_it(bait_file, bait):
     with pytest.raises(SQFormatError, match="entry point"):
         load(path, allow_entry_point=["sq_bait:other"])  # another name is no permission
     assert list(bait.iterdir()) == []
-    loaded = load(path, allow_entry_point="sq_bait:build")
+    loaded = load(path, allow_entry_point="sq_bait:build", kernel="torch")
     assert sorted(f.name for f in bait.iterdir()) == ["called", "imported"]
     x = torch.randn(4, 6)
     assert torch.equal(loaded(x), m(x))
@@ -101,7 +101,7 @@ def test_allowing_exactly_that_name_loads_it(bait_file, bait):
 
 def test_a_builder_from_the_caller_needs_no_import(bait_file, bait, tmp_path):
     path, m = bait_file
-    loaded = load(path, build=lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    loaded = load(path, build=lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), kernel="torch")
     assert list(bait.iterdir()) == []
     x = torch.randn(4, 6)
     assert torch.equal(loaded(x), m(x))
@@ -312,7 +312,7 @@ def test_a_float_tie_is_stored_once_and_kept(tmp_path):
     path = save(m, tmp_path / "t.sq", arch=TiedHead)
     header = read_header(path)
     assert header["tied"] == {"head.weight": "emb.weight"}
-    loaded = load(path, build=TiedHead)
+    loaded = load(path, build=TiedHead, kernel="torch")
     assert loaded.head.weight is loaded.emb.weight
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(loaded(ids), m(ids))
@@ -334,7 +334,7 @@ def test_a_quantized_tie_is_stored_once_and_kept(tmp_path):
 
     with safe_open(str(path), "pt") as f:
         assert "2.codes" not in f.keys() and "0.codes" in f.keys()
-    loaded = load(path, build=_two_linears)
+    loaded = load(path, build=_two_linears, kernel="torch")
     assert loaded[2].packed is loaded[0].packed  # one packed weight (codes, scales) for both layers
     x = torch.randn(5, 8)
     assert torch.equal(loaded(x), m(x))
@@ -365,7 +365,7 @@ def test_a_model_with_attention_round_trips(tmp_path, with_data):
     x = torch.randn(8, 5, 6)
     report = quantize(m, RTNConfig(bits=4), calib=x if with_data else None, example_input=x, progress=False)
     assert "att.out_proj" in {s.name for s in report.skipped}
-    loaded = load(save(m, tmp_path / "a.sq", arch=WithAttention), build=WithAttention)
+    loaded = load(save(m, tmp_path / "a.sq", arch=WithAttention), build=WithAttention, kernel="torch")
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
 
@@ -375,7 +375,7 @@ def test_non_finite_values_in_layer_info_are_saved_as_strict_json(tmp_path):
     quantize(m, RTNConfig(bits=4), calib=torch.randn(16, 6), progress=False)
     m[0].qweight.info["probe"] = torch.tensor([float("nan"), float("inf"), 1.0])  # small tensors become lists
     path = save(m, tmp_path / "n.sq", arch=_net)
-    loaded = load(path, build=_net)
+    loaded = load(path, build=_net, kernel="torch")
     assert read_header(path)["layers"][0]["info"]["probe"] == ["nan", "inf", 1.0]
     x = torch.randn(3, 6)
     assert torch.equal(loaded(x), m(x))

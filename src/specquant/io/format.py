@@ -118,6 +118,7 @@ from specquant.nn.layers import (
     quant_layer_class,
     wants_int8,
 )
+from specquant.nn.ort_kernel import KERNELS
 
 FORMAT_NAME = "specquant"
 FORMAT_VERSION = 1
@@ -877,31 +878,33 @@ def _tie_tensor(model: nn.Module, key: str, src: str, path: Path) -> None:
     (mod._parameters if is_param else mod._buffers)[attr] = stensor
 
 
-def _new_layer(ltype: str, mod: nn.Module, packed: PackedWeight, bias, cache_dequantized: bool) -> _QuantLayer:
+def _new_layer(ltype: str, mod: nn.Module, packed: PackedWeight, bias, cache_dequantized: bool,
+               kernel: str = "auto") -> _QuantLayer:
     """The packed layer of type ``ltype`` for the float module ``mod``, over ``packed``."""
     cls = _LAYER_TYPES[ltype]
     if cls is QuantLinear:
         return QuantLinear(mod.in_features, mod.out_features, packed=packed, bias=bias,
-                           cache_dequantized=cache_dequantized)
+                           cache_dequantized=cache_dequantized, kernel=kernel)
     return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                mod.groups, mod.padding_mode, packed=packed, bias=bias, cache_dequantized=cache_dequantized)
 
 
-def _build_layer(a: dict, mod: nn.Module, cache_dequantized: bool) -> _QuantLayer:
+def _build_layer(a: dict, mod: nn.Module, cache_dequantized: bool, kernel: str = "auto") -> _QuantLayer:
     """The packed layer for the float module ``mod`` from checked constructor arguments ``a``."""
     packed = PackedWeight(a["layout"], a["codes"], a["scale"], a["zero_point"], spec=a["spec"],
                           granularity=a["granularity"], weight_shape=a["shape"], dtype=a["dtype"],
                           algorithm=a["algorithm"], info=a["info"])
-    return _new_layer(a["type"], mod, packed, a["bias"], cache_dequantized)
+    return _new_layer(a["type"], mod, packed, a["bias"], cache_dequantized, kernel)
 
 
-def _tied_layer(first: _QuantLayer, a: dict, mod: nn.Module, cache_dequantized: bool) -> _QuantLayer:
+def _tied_layer(first: _QuantLayer, a: dict, mod: nn.Module, cache_dequantized: bool,
+                kernel: str = "auto") -> _QuantLayer:
     """A packed layer sharing ``first``'s packed weight (one module), with its own bias."""
-    return _new_layer(a["type"], mod, first.packed, a["bias"], cache_dequantized)
+    return _new_layer(a["type"], mod, first.packed, a["bias"], cache_dequantized, kernel)
 
 
 def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, allow_entry_point=None,
-         int8_dynamic: bool | str = False, cache_dequantized: bool = False) -> nn.Module:
+         int8_dynamic: bool | str = False, cache_dequantized: bool = False, kernel: str = "auto") -> nn.Module:
     """Rebuild the model saved in ``path`` (eval mode), quantized layers as packed layers.
 
     Args:
@@ -915,11 +918,16 @@ def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, a
         int8_dynamic: run 8-bit layers on the int8 dynamic path: True/"linear" the Linear layers,
             "all" the Conv2d layers too (as ``specquant.nn.convert``).
         cache_dequantized: let the packed layers keep their dequantized weight after the first call.
+        kernel: the Linear layers' weight-only kernel (``QuantLinear``): "auto" (onnxruntime's
+            MatMulNBits where it runs: outputs equal the PyTorch path's up to float rounding),
+            "torch" (the PyTorch path: bit-identical to the fake-quant model) or "onnxruntime".
     Raises ``SQFormatError`` (a ``ValueError``) with one line naming the problem.
     """
     path = Path(path)
     if int8_dynamic not in (False, True, "linear", "all"):
         raise ValueError(f"int8_dynamic must be False, True, 'linear' or 'all', got {int8_dynamic!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
     _allowed_names(allow_entry_point)  # a bad argument fails before the file is read
     header, tensors, _ = _read_file(path)
     _check_digest(path, header, tensors)
@@ -970,9 +978,9 @@ def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, a
                 if first.weight_shape != a["shape"] or first.layer_type != a["type"]:
                     raise ValueError(f"it is tied to '{a['tied_to']}', whose weight is a {first.layer_type} "
                                      f"{first.weight_shape}")
-                layer = _tied_layer(first, a, mod, cache_dequantized)
+                layer = _tied_layer(first, a, mod, cache_dequantized, kernel)
             else:
-                layer = _build_layer(a, mod, cache_dequantized)
+                layer = _build_layer(a, mod, cache_dequantized, kernel)
         except ValueError as e:
             raise SQFormatError(f"{path}: header and tensors disagree: layer '{name}': {e}") from None
         if wants_int8(layer, int8_dynamic):

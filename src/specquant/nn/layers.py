@@ -29,7 +29,11 @@ each call unless ``cache_dequantized`` (weight-only path only).
 
 Two forward paths:
 
-* ``mode="weight_only"`` (any bit width, the default): unpack → dequantize → ``F.linear`` /
+* ``mode="weight_only"`` (any bit width, the default).  ``QuantLinear`` first tries onnxruntime's
+  MatMulNBits kernel on its packed codes (``nn.ort_kernel``; ``kernel="auto"``, the default: 4-bit
+  weights with an exact MatMulNBits form, onnxruntime installed, a float32 CPU input, no autograd,
+  no tracing); its outputs equal the PyTorch path's up to float rounding of the sums.  Otherwise,
+  and for convolutions, the PyTorch path: unpack → dequantize → ``F.linear`` /
   ``F.conv*d``.  Nothing is cached, so the layer's memory stays the packed size; the float
   weight exists only during the call, and for Linear layers above ``CHUNK_WEIGHTS`` weights only
   in chunks of output rows (about 1 MiB of floats, which stay in cache: far faster than
@@ -62,6 +66,7 @@ from specquant.core.grid import Granularity, GridSpec
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
 from specquant.core.layouts import Layout
 from specquant.core.qweight import QuantizedWeight, from_stored, zero_point_storage
+from specquant.nn.ort_kernel import KERNELS, OrtLinearSlot, call_reason
 
 MODES = ("weight_only", "int8_dynamic")
 CHUNK_WEIGHTS = 1 << 18  # weight-only Linear layers above this size are dequantized in row chunks
@@ -356,8 +361,11 @@ class _QuantLayer(nn.Module):
         s_b = self.packed.scale.to(torch.float64).reshape(1, -1)  # (1, N) or (1, 1)
         return ((s_a.to(torch.float64).reshape(-1, 1) * s_b) * bracket).to(out_dtype)
 
-    def _apply(self, fn, *args, **kwargs):  # keep the cache consistent with .to()/.half()
+    def _apply(self, fn, *args, **kwargs):  # keep the caches consistent with .to()/.half()
         self._wcache = None
+        slot = self.__dict__.get("_ort")
+        if slot is not None:
+            slot.reset()
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -365,27 +373,61 @@ class _QuantLayer(nn.Module):
 
 
 class QuantLinear(_QuantLayer):
-    """``nn.Linear`` running on packed codes (see the module docstring)."""
+    """``nn.Linear`` running on packed codes (see the module docstring).
+
+    ``kernel`` picks how the weight-only path multiplies: ``"auto"`` (default) takes onnxruntime's
+    MatMulNBits kernel on the packed codes when it can (``nn.ort_kernel``: 4-bit weights with an
+    exact MatMulNBits form, onnxruntime installed, a float32 CPU input, no autograd, no tracing, no
+    ``cache_dequantized``) and
+    the pure-PyTorch path otherwise; ``"torch"`` always takes the PyTorch path; ``"onnxruntime"``
+    takes the kernel or raises a one-line ValueError saying why it cannot.  ``kernel_reason(x)``
+    says why a call would not take the kernel (None when it would).
+    """
 
     layer_type = "Linear"
 
     def __init__(self, in_features: int, out_features: int, *, packed: PackedWeight,
-                 bias: torch.Tensor | None = None, mode: str = "weight_only", cache_dequantized: bool = False):
+                 bias: torch.Tensor | None = None, mode: str = "weight_only", cache_dequantized: bool = False,
+                 kernel: str = "auto"):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self._init_layer((out_features, in_features), packed, bias, mode, cache_dequantized)
+        self._ort = OrtLinearSlot()  # the onnxruntime session, built on first use (never saved or copied)
+        self.set_kernel(kernel)
+
+    def set_kernel(self, kernel: str) -> None:
+        """Choose the weight-only kernel: ``"auto"``, ``"torch"`` or ``"onnxruntime"`` (see the class docstring)."""
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
+        self.kernel = kernel
+
+    def kernel_reason(self, x: torch.Tensor | None = None) -> str | None:
+        """None when a weight-only call (on ``x``, if given) takes the onnxruntime kernel, else why not."""
+        if self.mode != "weight_only":
+            return f"the layer runs in {self.mode} mode"
+        if self.kernel == "torch":
+            return "kernel='torch' chosen"
+        if self.cache_dequantized:
+            return "cache_dequantized keeps a float weight, which the PyTorch path uses"
+        if self.packed.codes.device.type != "cpu":
+            return f"the weight is on {self.packed.codes.device}, the kernel runs on the CPU"
+        why = self._ort.reason(self.packed.to_quantized_weight)
+        if why is None and x is not None:
+            why = call_reason(x, self.bias)
+        return why
 
     @classmethod
     def from_quantized(cls, module: nn.Linear, qweight: QuantizedWeight | None = None, *,
-                       mode: str = "weight_only", cache_dequantized: bool = False) -> "QuantLinear":
+                       mode: str = "weight_only", cache_dequantized: bool = False,
+                       kernel: str = "auto") -> "QuantLinear":
         """Build from an ``nn.Linear`` and its ``QuantizedWeight`` (default: ``module.qweight``)."""
         qw = qweight if qweight is not None else getattr(module, "qweight", None)
         if qw is None:
             raise ValueError("the module has no .qweight; pass the QuantizedWeight explicitly")
         packed = PackedWeight.from_quantized(qw, tuple(module.weight.shape))
         return cls(module.in_features, module.out_features, packed=packed, bias=module.bias, mode=mode,
-                   cache_dequantized=cache_dequantized)
+                   cache_dequantized=cache_dequantized, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "int8_dynamic":
@@ -394,11 +436,25 @@ class QuantLinear(_QuantLayer):
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*lead, self.out_features)
+        if self.kernel != "torch":
+            why = self.kernel_reason(x)
+            if why is None:
+                return self._ort_linear(x)
+            if self.kernel == "onnxruntime":
+                raise ValueError(f"kernel='onnxruntime' cannot run: {why}")
         n = self.out_features * self.in_features
         if self._wcache is not None or self.cache_dequantized or n <= CHUNK_WEIGHTS or not self.packed.row_chunks:
             w = self.dequantized_weight()
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return self._chunked_linear(x)
+
+    def _ort_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x (…, K) → (…, N) through onnxruntime's MatMulNBits kernel on the packed codes."""
+        lead = x.shape[:-1]
+        y = self._ort.run(self.packed.to_quantized_weight, x.reshape(-1, self.in_features))  # (M, N)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
 
     def _rows_chunk(self) -> int:
         rows = max(8, CHUNK_WEIGHTS // max(1, self.in_features))
@@ -563,7 +619,8 @@ def wants_int8(layer: _QuantLayer, int8_dynamic: bool | str) -> bool:
     return int8_dynamic == "all" or isinstance(layer, QuantLinear)
 
 
-def convert(model: nn.Module, *, int8_dynamic: bool | str = False, cache_dequantized: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, int8_dynamic: bool | str = False, cache_dequantized: bool = False,
+            kernel: str = "auto") -> nn.Module:
     """Swap every module that has ``.qweight`` for its packed layer, in place; returns ``model``.
 
     ``int8_dynamic``: ``True`` (or ``"linear"``) runs the 8-bit Linear layers with per-tensor or
@@ -571,15 +628,19 @@ def convert(model: nn.Module, *, int8_dynamic: bool | str = False, cache_dequant
     which go through im2col and are slower than the float convolution on CPU (see the size_speed
     benchmark); the other layers stay weight-only.  A model whose root module itself has
     ``.qweight`` is returned converted (not in place, there being no parent to put it in).
+    ``kernel``: the Linear layers' weight-only kernel (``QuantLinear``: "auto", "torch" or "onnxruntime").
     """
     if int8_dynamic not in INT8_CHOICES:
         raise ValueError(f"int8_dynamic must be False, True, 'linear' or 'all', got {int8_dynamic!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; allowed: {', '.join(KERNELS)}")
     targets = [(n, m) for n, m in model.named_modules() if getattr(m, "qweight", None) is not None
                and not isinstance(m, _QuantLayer)]
     for name, mod in targets:
         cls = quant_layer_class(mod)
         try:
-            layer = cls.from_quantized(mod, mod.qweight, cache_dequantized=cache_dequantized)
+            extra = {"kernel": kernel} if cls is QuantLinear else {}
+            layer = cls.from_quantized(mod, mod.qweight, cache_dequantized=cache_dequantized, **extra)
         except ValueError as e:
             raise ValueError(f"layer '{name}': {e}") from None
         if wants_int8(layer, int8_dynamic):
