@@ -63,3 +63,34 @@ def test_export_refuses_a_grid_gguf_cannot_hold(data_dir, tmp_path, capsys):
 def test_gguf_flag_refuses_contradictions(data_dir, tmp_path, capsys, args, needle):
     assert main(["quantize", "stories260k", "--method", "rtn", "--quiet", "--data-dir", str(data_dir), *args]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_onnx_export_of_a_classifier_run(tmp_path, capsys):
+    """digits-mlp (no data needed) at 4 bits, groups of 32 -> ONNX with MatMulNBits; onnxruntime's
+    outputs match the saved model's."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set and onnxruntime is not installed (make installs the 'runtimes' extra)")
+        pytest.skip("onnxruntime is not installed (make installs the 'runtimes' extra)")
+    import numpy as np
+    import onnxruntime as ort
+
+    import specquant as sq
+
+    run = tmp_path / "run"
+    assert main(["quantize", "digits-mlp", "--method", "gptq", "--bits", "4", "--granularity", "group:32",
+                 "--calib", "64", "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["format"] == "onnx" and res["bytes"] == out.stat().st_size and res["file"] == str(out)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    want = sq.load(run / "model.safetensors", kernel="torch")(x).detach().numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    types = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+    assert "MatMulNBits" in types
