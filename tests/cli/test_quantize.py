@@ -112,3 +112,27 @@ def test_resnet20_quantize_and_eval_on_a_subset(data_dir, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["n_test"] == 200 and res["accuracy"] == m["accuracy"]
     assert Path(out / "index.html").is_file()
+
+
+def test_activation_quantization_is_recorded_and_the_saved_file_evaluates_the_same(tmp_path, capsys, error_line,
+                                                                                  gpfq_run):
+    out = tmp_path / "w8a4"
+    assert main(["quantize", "digits-mlp", "--method", "gpfq", "--bits", "8", "--act-bits", "4", "--act-calibrator",
+                 "kl", "--calib", "64", "--out", str(out), "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["act_bits"] == 4 and m["act_calibrator"] == "kl"
+    for r in m["layers"]:
+        assert r["act"]["bits"] == 4 and r["act"]["calibrator"] == "kl" and r["act"]["scale"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["act_bits"] == 4 and config["quant_config"]["act_bits"] == 4
+    assert config["quant_config"]["act_calibrator"] == "kl"
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0  # the file holds the input quantizers
+    assert json.loads(capsys.readouterr().out)["accuracy"] == m["accuracy"]
+    # a run without activation quantization writes no act field anywhere
+    plain = json.loads((gpfq_run[1] / "metrics.json").read_text())
+    assert "act_bits" not in plain and all("act" not in r for r in plain["layers"])
+    assert "act_bits" not in json.loads((gpfq_run[1] / "config.json").read_text())["quant_config"]
+    assert "--act-calibrator needs --act-bits A" in error_line(["quantize", "digits-mlp", "--method", "rtn", "--bits",
+                                                                "4", "--act-calibrator", "kl"])
+    assert "invalid choice: 'l2'" in error_line(["quantize", "digits-mlp", "--method", "rtn", "--bits", "4",
+                                                 "--act-bits", "4", "--act-calibrator", "l2"])

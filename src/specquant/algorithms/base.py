@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specquant.algorithms.common import target_energy
+from specquant.core.actquant import check_act_calibrator
 from specquant.core.grid import Granularity, check_bits, scale_dtype_name
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ class LayerStats:
     @property
     def dim(self) -> int:
         return self.H.shape[0]
+
+
+ACT_SOURCES = ("quantized", "float")  # QuantConfig.act_source: calibrate input quantizers on X̃ or on X
 
 
 # --------------------------------------------------------------------------- per-module settings
@@ -199,6 +203,11 @@ class QuantConfig(metaclass=_ConfigType):
     modules: dict[str, ModuleSettings] = field(default_factory=dict)  # {module name or pattern: settings}
     awq: bool = False  # AWQ pre-step (engine/awq.py): input-channel scales folded in before rounding; needs data
     awq_grid: int = 20  # AWQ: exponents α searched, 0, 1/n, …, (n−1)/n (used only with awq=True)
+    act_bits: int | None = None  # static per-tensor asymmetric input quantizer of every quantized layer (1..8
+    #                              bits), calibrated by the engine; None keeps activations in float; needs data
+    act_calibrator: str = "mse"  # its range: mse, minmax, percentile, kl, aciq (= aciq-laplace), aciq-gauss
+    act_source: str = "quantized"  # the inputs it is calibrated on: "quantized" (X̃, what the layer will see:
+    #                                earlier layers quantized) or "float" (X, the float model's)
 
     method = "base"  # the method's name (class attribute, not a field; the registry checks it)
     needs_data = False  # whether the engine must stream calibration statistics
@@ -218,6 +227,15 @@ class QuantConfig(metaclass=_ConfigType):
             raise ValueError(f"config.awq_grid must be a positive integer, got {self.awq_grid!r}")
         if self.awq:
             self.needs_data = True  # the AWQ search reads the activations (an instance value over the class's)
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "config.act_bits")
+            self.needs_data = True  # activation ranges are calibrated on the data
+        try:
+            check_act_calibrator(self.act_calibrator)
+        except ValueError as e:
+            raise ValueError(f"config.act_calibrator: {e}") from None
+        if self.act_source not in ACT_SOURCES:
+            raise ValueError(f"config.act_source must be one of {', '.join(ACT_SOURCES)}, got {self.act_source!r}")
 
     def settings_for(self, name: str) -> ResolvedSettings:
         """The settings of module ``name`` (see the class docstring for which entry applies)."""
@@ -235,11 +253,14 @@ class QuantConfig(metaclass=_ConfigType):
     def to_dict(self) -> dict:
         """Every field plus ``method``, strict-JSON-safe (granularities as their labels).
 
-        ``awq`` and ``awq_grid`` appear only when AWQ is on, so the dicts of configs without it
-        (in reports and run folders) are what they were before AWQ existed."""
+        ``awq`` and ``awq_grid`` appear only when AWQ is on, and ``act_*`` only with activation
+        quantization (``act_bits``), so the dicts of configs without them (in reports and run
+        folders) are what they were before AWQ and activation quantization existed."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.awq:
             del d["awq"], d["awq_grid"]
+        if self.act_bits is None:
+            del d["act_bits"], d["act_calibrator"], d["act_source"]
         d["granularity"] = self.granularity.label()
         d["modules"] = {k: s.to_dict() for k, s in self.modules.items()}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

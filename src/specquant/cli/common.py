@@ -24,7 +24,7 @@ import specquant.io as sqio
 from specquant import algorithms
 from specquant.algorithms import get_method
 from specquant.algorithms.base import ModuleSettings, split_method
-from specquant.engine.apply import peak_rss_mb  # noqa: F401 - the commands report it
+from specquant.engine.apply import layer_dict, peak_rss_mb  # noqa: F401 - the commands report peak_rss_mb
 from specquant.engine.walk import fold_batchnorm
 from specquant.eval.perplexity import perplexity
 from specquant.io.files import dumps
@@ -180,7 +180,7 @@ def folded_float(model, calib):
 def layer_records(report, kappas: dict) -> list[dict]:
     rows = []
     for r in report.layers:
-        d = dataclasses.asdict(r)
+        d = layer_dict(r)  # "act" only for layers that quantize their input
         d["kappa"] = kappas.get(r.name)
         rows.append(d)
     return rows

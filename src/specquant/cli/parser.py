@@ -15,6 +15,7 @@ from specquant.cli.eval import cmd_eval
 from specquant.cli.export import FORMATS as EXPORT_FORMATS
 from specquant.cli.export import cmd_export
 from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
+from specquant.core.actquant import ACT_CALIBRATORS
 from specquant.core.grid import Granularity
 from specquant.models import list_models
 
@@ -219,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the modules matching NAME_PATTERN (a name or fnmatch pattern) at BITS (1..8) or "
                         "in float ('float'); repeatable, the first matching pattern applies (e.g. "
                         "--protect 'model.layers.0.*=8' --protect '*.down_proj=6') (default: none)")
+    p.add_argument("--act-bits", metavar="A", type=_bits, default=None,
+                   help="also quantize the input of every quantized layer: a static per-tensor asymmetric A-bit "
+                        "quantizer (1..8) calibrated on the calibration inputs of the partly quantized model, "
+                        "so later layers' methods see quantized activations (default: none, float activations)")
+    p.add_argument("--act-calibrator", metavar="C", choices=ACT_CALIBRATORS, default=None,
+                   help="how --act-bits chooses each range: " + ", ".join(ACT_CALIBRATORS)
+                        + " (aciq = aciq-laplace) (default: mse)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
                    help="calibration samples drawn from the training split with --seed "
                         f"(default: {DEFAULT_CALIB})")

@@ -76,7 +76,24 @@ def quantize_config(args):
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
                          symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
     check_data_dir(entry, args.data_dir)
-    return config
+    return _act_config(args, config)
+
+
+def _act_config(args, config):
+    """``--act-bits A [--act-calibrator C]``: the config with input quantizers on every quantized layer."""
+    act_bits, calibrator = getattr(args, "act_bits", None), getattr(args, "act_calibrator", None)
+    if act_bits is None:
+        if calibrator is not None:
+            raise CLIError("quantize: --act-calibrator needs --act-bits A")
+        return config
+    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse")
+
+
+def act_fields(config) -> dict:
+    """{"act_bits", "act_calibrator"} of a run with activation quantization, else {} (older JSON unchanged)."""
+    if getattr(config, "act_bits", None) is None:
+        return {}
+    return {"act_bits": config.act_bits, "act_calibrator": config.act_calibrator}
 
 
 def _gguf_args(args) -> None:
@@ -177,7 +194,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "redundancy": getattr(config, "redundancy", None) if base_method(args) == "frame" else None,
             "symmetric": not args.asymmetric,
             "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()],
-            "gguf": getattr(args, "gguf", None)}
+            "gguf": getattr(args, "gguf", None), **act_fields(config)}
     storage = measure_storage(model, entry, folder, meta)
 
     metrics: dict = {
@@ -195,6 +212,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     metrics.update({
         "granularity": args.granularity,
         "symmetric": not args.asymmetric,
+        **act_fields(config),
         **({"gguf": args.gguf} if getattr(args, "gguf", None) else {}),
         "bits_per_weight": storage["bits_per_weight"],
         "bits_per_weight_payload": payload_bpw(storage),
@@ -234,7 +252,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             **stamp, "command": "quantize", "command_line": command_line(argv), "argv": argv,
             "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
-            "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir,
+            "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir, **act_fields(config),
             "seq_len": float_score.get("seq_len"), "eval_windows": args.eval_windows,
             "quant_config": config_dict(config), "versions": versions(),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),

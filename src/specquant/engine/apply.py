@@ -18,6 +18,7 @@ from specquant.algorithms.common import row_output_error
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite, scale_dtype
 from specquant.core.layouts import RowsLayout
 from specquant.core.qweight import QuantizedWeight
+from specquant.engine.actquant import calibrate_input_quantizer, install_input_quantizer, layer_input_sample
 from specquant.engine.awq import AWQRecord, apply_awq
 from specquant.engine.calibrate import (
     StreamOptions,
@@ -63,6 +64,7 @@ class LayerRecord:
     seconds: float  # wall time for this layer (statistics + algorithm)
     code_bits: float = 0.0  # stored code bits per weight (3-level codes take 1.6; mixed rows average)
     row_bits: list | None = None  # each output row's width when rows mix widths, else None
+    act: dict | None = None  # the input quantizer (config.act_bits): bits, scale, zero_point, calibrator
 
 
 @dataclass
@@ -106,11 +108,20 @@ class QuantReport:
             "quant_seconds": self.seconds,
             "n_calib": self.n_calib,
             "peak_rss_mb": self.peak_rss_mb,
-            "layers": [dataclasses.asdict(r) for r in self.layers],
+            "layers": [layer_dict(r) for r in self.layers],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
             **({"awq": [dataclasses.asdict(r) for r in self.awq]} if self.awq else {}),
         }
+
+
+def layer_dict(record: LayerRecord) -> dict:
+    """A layer record as a dict; ``act`` only when the layer quantizes its input (so reports of
+    runs without activation quantization are what they were before it existed)."""
+    d = dataclasses.asdict(record)
+    if d["act"] is None:
+        del d["act"]
+    return d
 
 
 def method_of(config: QuantConfig) -> Method:
@@ -338,10 +349,14 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
                 stats = shared.pop(name, None)
                 if stats is None:
                     readers = _same_input(name, in_block, f_raw, mods)
+                    if config.act_bits is not None:  # input quantizer first: the layer's own X̃ carries it
+                        aq = _input_quantizer(name, config, f_raw[name], qblock, mod, q_in, any_quantized)
+                        for n in readers:  # they read the very same tensor: the same quantizer
+                            install_input_quantizer(mods[n], aq)
                     weight = torch.cat([_grouped_weight(mods[n]) for n in readers], dim=1)
                     both = stream_layer_stats(fmods[name], f_raw[name], qblock, mod, q_in, opts,
-                                              same=not any_quantized, weight=weight, keep_f=False,
-                                              name=name, starts=starts)
+                                              same=not any_quantized and config.act_bits is None, weight=weight,
+                                              keep_f=False, name=name, starts=starts)
                     stats = _split_energy(both, [mods[n].weight.shape[0] for n in readers])
                     shared.update(zip(readers[1:], stats[1:]))
                     stats = stats[0]
@@ -349,6 +364,8 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
             tied = {id(mods[f]) for f in ties.followers.get(name, ())} | {id(mod)}
             shared_bias = mod.bias is not None and any(id(m) not in tied for _, m, _ in holders.get(id(mod.bias), ()))
             record = _quantize_layer(name, mod, stats, config, config.settings_for(name), method, shared_bias)
+            if getattr(mod, "act_quant", None) is not None and config.act_bits is not None:
+                record.act = mod.act_quant.to_record()
             for f in ties.followers.get(name, ()):  # same Parameter, now dequantized: same codes too
                 mods[f].qweight = mod.qweight
             record.seconds = time.perf_counter() - t0
@@ -366,6 +383,16 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
         bar.close()
     report.skipped = skipped_modules(model, set(layer_order), {f.bn for f in folded}, ties.reasons)
     return report
+
+
+def _input_quantizer(name: str, config: QuantConfig, f_raw: list, qblock: nn.Module, mod: nn.Module, q_in,
+                     any_quantized: bool):
+    """Layer ``name``'s input quantizer, calibrated on a sample of its inputs in the partly quantized
+    model (``config.act_source="quantized"``; the float inputs while nothing is quantized yet) or in
+    the float model (``"float"``)."""
+    on_q = config.act_source == "quantized" and any_quantized
+    values = layer_input_sample(f_raw, qblock if on_q else None, mod if on_q else None, q_in, config.seed)
+    return calibrate_input_quantizer(name, values, config.act_bits, config.act_calibrator)
 
 
 def _same_input(name: str, in_block: list[str], f_raw: dict[str, list], mods: dict[str, nn.Module]) -> list[str]:

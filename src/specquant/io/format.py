@@ -29,7 +29,11 @@ Header: the safetensors metadata maps ``"specquant"`` to a JSON object::
                  ("implicit"/"uint8"/"float32"), "bias", "algorithm", "info", "frame" (frame kind:
                  kind, dim, size, seed, order, along), "packing" ("bits": codes bit-packed at
                  "bits" each; "trits": a 3-level grid's codes five per byte; "rows": per-row widths
-                 in ``<layer>.row_bits``; absent means "bits", as files written before it)}, ...],
+                 in ``<layer>.row_bits``; absent means "bits", as files written before it),
+                 "act" (only for a layer that quantizes its input, ``QuantConfig.act_bits``:
+                 {"bits": 1..8, "scale": a finite float32 value > 0, "zero_point": an integer in
+                 0..2^bits − 1, "calibrator": the core calibrator that chose the range}; absent:
+                 float input, as files written before it)}, ...],
                                      (fields are written in this order: the bytes of a file do
                                      not depend on the code that wrote them)
      "layer_defaults": {...},        fields shared by most layers, written once: a stored record
@@ -103,6 +107,7 @@ import torch
 from torch import nn
 
 from specquant._version import __version__
+from specquant.core.actquant import ActQuantizer
 from specquant.core.grid import SCALE_DTYPES, Granularity, GridSpec
 from specquant.core.layouts import Layout, layout_tensor_names
 from specquant.core.qweight import integer_zero_points
@@ -339,6 +344,8 @@ def _layer_entry(name: str, mod: nn.Module, src, scale_dtype: torch.dtype | None
     }
     if g.kind == "channel":
         rec["axis"] = g.axis
+    if layer.input_quant is not None:
+        rec["act"] = layer.input_quant.to_record()
     own = packed.layout.to_record()
     clash = set(own) & (set(rec) | set(_OWN_FIELDS))
     if clash:
@@ -371,6 +378,9 @@ def _tied_entry(name: str, mod: nn.Module, src, first: str) -> tuple[dict, dict]
     shape = src.weight_shape if isinstance(src, _QuantLayer) else tuple(mod.weight.shape)
     bias = mod.bias
     rec = {"name": name, "tied_to": first, "type": layer_type, "shape": list(shape), "bias": bias is not None}
+    aq = src.input_quant if isinstance(src, _QuantLayer) else getattr(mod, "act_quant", None)
+    if aq is not None:
+        rec["act"] = aq.to_record()
     return rec, ({} if bias is None else {f"{name}.bias": bias.detach().contiguous()})
 
 
@@ -807,6 +817,7 @@ def _check_layer(path: Path, rec: dict, tensors: dict) -> dict:
     _check_bias(path, name, rec["bias"], bias, shape)
     stored = [f"{name}.{s}" for s in ("codes", "scale", "zero_point", "bias", *layout.tensor_names)]
     return {
+        "act": _check_act(path, name, rec),
         "layout": layout, "spec": spec, "granularity": gran, "codes": codes, "scale": scale, "zero_point": zp,
         "bias": bias if rec["bias"] else None, "dtype": dtype, "algorithm": rec.get("algorithm", ""),
         "info": rec.get("info") or {}, "shape": shape, "type": ltype,
@@ -824,6 +835,16 @@ def _check_bias(path: Path, name: str, has_bias: bool, bias: torch.Tensor | None
         _need(bias is None, path, f"'{name}.bias' present but the header says the layer has no bias")
 
 
+def _check_act(path: Path, name: str, rec: dict) -> ActQuantizer | None:
+    """The layer's input quantizer from its record's "act" (absent: None), every value checked."""
+    if "act" not in rec:
+        return None
+    try:
+        return ActQuantizer.from_record(rec["act"])
+    except ValueError as e:
+        raise _bad(path, f"layer '{name}': {str(e)[:160]}") from None
+
+
 def _check_tied(path: Path, rec: dict, tensors: dict, shape: tuple) -> dict:
     """A layer whose quantized weight is an earlier layer's: only its own bias is stored."""
     name, first = rec["name"], rec["tied_to"]
@@ -835,6 +856,7 @@ def _check_tied(path: Path, rec: dict, tensors: dict, shape: tuple) -> dict:
     bias = tensors.get(f"{name}.bias")
     _check_bias(path, name, rec["bias"], bias, shape)
     return {"tied_to": first, "shape": shape, "type": rec["type"], "bias": bias if rec["bias"] else None,
+            "act": _check_act(path, name, rec),
             "tensors": [f"{name}.bias"] if rec["bias"] else []}
 
 
@@ -894,13 +916,17 @@ def _build_layer(a: dict, mod: nn.Module, cache_dequantized: bool, kernel: str =
     packed = PackedWeight(a["layout"], a["codes"], a["scale"], a["zero_point"], spec=a["spec"],
                           granularity=a["granularity"], weight_shape=a["shape"], dtype=a["dtype"],
                           algorithm=a["algorithm"], info=a["info"])
-    return _new_layer(a["type"], mod, packed, a["bias"], cache_dequantized, kernel)
+    layer = _new_layer(a["type"], mod, packed, a["bias"], cache_dequantized, kernel)
+    layer.set_input_quant(a["act"])
+    return layer
 
 
 def _tied_layer(first: _QuantLayer, a: dict, mod: nn.Module, cache_dequantized: bool,
                 kernel: str = "auto") -> _QuantLayer:
     """A packed layer sharing ``first``'s packed weight (one module), with its own bias."""
-    return _new_layer(a["type"], mod, first.packed, a["bias"], cache_dequantized, kernel)
+    layer = _new_layer(a["type"], mod, first.packed, a["bias"], cache_dequantized, kernel)
+    layer.set_input_quant(a["act"])
+    return layer
 
 
 def load(path, data_dir=None, *, build: Callable[[], nn.Module] | None = None, allow_entry_point=None,

@@ -8,6 +8,7 @@ from specquant.nn.layers import (
     QuantLinear,
     convert,
     memory_bytes,
+    set_int8_static,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "QuantLinear",
     "convert",
     "memory_bytes",
+    "set_int8_static",
 ]

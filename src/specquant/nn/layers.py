@@ -27,6 +27,11 @@ weight's entries, ``layout.codes_are_weights``) are dequantized as (codes − zp
 coefficients (``FrameLayout``, ``core.qweight.FrameQuantizedWeight``) by rebuilding the frame at
 each call unless ``cache_dequantized`` (weight-only path only).
 
+A layer may also quantize its input (``input_quant``, a ``core.actquant.ActQuantizer``: static,
+per tensor, asymmetric; set by ``convert`` from the module's ``.act_quant`` and by ``load`` from
+the file's "act" record): both paths below then see ``input_quant.fake_quantize(x)``, the same
+float operations as the engine's fake-quant model, so outputs stay bit-identical with it.
+
 Two forward paths:
 
 * ``mode="weight_only"`` (any bit width, the default).  ``QuantLinear`` first tries onnxruntime's
@@ -62,13 +67,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specquant.core.actquant import ActQuantizer
 from specquant.core.grid import Granularity, GridSpec
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
 from specquant.core.layouts import Layout
 from specquant.core.qweight import QuantizedWeight, from_stored, zero_point_storage
 from specquant.nn.ort_kernel import KERNELS, OrtLinearSlot, call_reason
 
-MODES = ("weight_only", "int8_dynamic")
+MODES = ("weight_only", "int8_dynamic", "int8_static")
 CHUNK_WEIGHTS = 1 << 18  # weight-only Linear layers above this size are dequantized in row chunks
 
 
@@ -267,6 +273,7 @@ class _QuantLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = bool(cache_dequantized)
+        self.input_quant: ActQuantizer | None = None  # static input quantizer (config.act_bits), applied first
         self.register_buffer("_wcache", None, persistent=False)
         self.register_buffer("_colsum", None, persistent=False)
         self.mode = "weight_only"
@@ -286,6 +293,18 @@ class _QuantLayer(nn.Module):
         ``nn.TransformerEncoderLayer``, which passes its Linear weights to a fused kernel).  Read-only:
         computed from the packed codes on each access (kept with ``cache_dequantized``)."""
         return self.dequantized_weight()
+
+    def set_input_quant(self, aq: ActQuantizer | None) -> None:
+        """Quantize this layer's input with ``aq`` (None: float input) before every product."""
+        if aq is not None and not isinstance(aq, ActQuantizer):
+            raise ValueError(f"input_quant must be a core.actquant.ActQuantizer, got {type(aq).__name__}")
+        if aq is None and getattr(self, "mode", None) == "int8_static":
+            raise ValueError("an int8_static layer needs its input quantizer; set_mode('weight_only') first")
+        self.input_quant = aq
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer multiplies it: fake-quantized by ``input_quant`` when it has one."""
+        return x if self.input_quant is None else self.input_quant.fake_quantize(x)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (original shape and dtype): equal to ``QuantizedWeight.dequantize()``."""
@@ -320,13 +339,16 @@ class _QuantLayer(nn.Module):
         return None
 
     def set_mode(self, mode: str) -> None:
-        """Select the forward path: ``"weight_only"`` or ``"int8_dynamic"``."""
+        """Select the forward path: ``"weight_only"``, ``"int8_dynamic"`` or ``"int8_static"`` (the input
+        quantizer's codes, integer end to end; needs ``input_quant`` at 8 bits or fewer)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-        if mode == "int8_dynamic":
+        if mode == "int8_static" and self.input_quant is None:
+            raise ValueError("int8_static mode needs an input quantizer (quantize with act_bits)")
+        if mode in ("int8_dynamic", "int8_static"):
             why = self.int8_eligible()
             if why is not None:
-                raise ValueError(f"int8_dynamic mode {why}")
+                raise ValueError(f"{mode} mode {why}")
             w8 = self.packed.codes  # (N, K) int8
             self._colsum = w8.to(torch.int64).sum(dim=1).to(torch.float64)  # (N,) Σ_k (u − 128)
         else:
@@ -339,6 +361,15 @@ class _QuantLayer(nn.Module):
         a8 = (xa.q ^ 0x80).view(torch.int8)  # (M, K) q − 128
         z_a = xa.zero_point.to(torch.float64).reshape(-1, 1) - 128.0  # (M, 1)
         return self._int8_product(a8, xa.scale, z_a, out_dtype)
+
+    def _static_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input quantizer's codes of ``x`` as int8 (u − 128, same shape), its scale and its
+        shifted zero point (Z − 128), both float64 (1, 1)."""
+        aq = self.input_quant
+        a8 = (aq.codes(x) ^ 0x80).view(torch.int8)  # (…) u − 128
+        s_a = torch.tensor([[aq.scale]], dtype=torch.float64, device=x.device)  # (1, 1)
+        z_a = torch.tensor([[aq.zero_point - 128.0]], dtype=torch.float64, device=x.device)  # (1, 1)
+        return a8, s_a, z_a
 
     def _int8_product(self, a8: torch.Tensor, s_a: torch.Tensor, z_a: torch.Tensor | None,
                       out_dtype: torch.dtype) -> torch.Tensor:
@@ -369,7 +400,8 @@ class _QuantLayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, bias={self.bias is not None}"
+        act = "" if self.input_quant is None else f", act_bits={self.input_quant.bits}"
+        return f"mode={self.mode}, bias={self.bias is not None}{act}"
 
 
 class QuantLinear(_QuantLayer):
@@ -426,10 +458,20 @@ class QuantLinear(_QuantLayer):
         if qw is None:
             raise ValueError("the module has no .qweight; pass the QuantizedWeight explicitly")
         packed = PackedWeight.from_quantized(qw, tuple(module.weight.shape))
-        return cls(module.in_features, module.out_features, packed=packed, bias=module.bias, mode=mode,
-                   cache_dequantized=cache_dequantized, kernel=kernel)
+        layer = cls(module.in_features, module.out_features, packed=packed, bias=module.bias, mode=mode,
+                    cache_dequantized=cache_dequantized, kernel=kernel)
+        layer.set_input_quant(getattr(module, "act_quant", None))
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8_static":  # integer end to end: the input quantizer's codes × the weight codes
+            lead = x.shape[:-1]
+            a8, s_a, z_a = self._static_codes(x.reshape(-1, self.in_features))  # (M, K) int8
+            y = self._int8_product(a8, s_a, z_a, x.dtype)  # (M, N)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*lead, self.out_features)
+        x = self._quant_input(x)
         if self.mode == "int8_dynamic":
             lead = x.shape[:-1]
             y = self._int8_matmul(x.reshape(-1, self.in_features), x.dtype)  # (M, N)
@@ -515,9 +557,11 @@ class _QuantConvNd(_QuantLayer):
         if getattr(module, "transposed", False):
             raise ValueError("transposed convolutions are not supported")
         packed = PackedWeight.from_quantized(qw, tuple(module.weight.shape))
-        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                   module.dilation, module.groups, module.padding_mode, packed=packed, bias=module.bias, mode=mode,
-                   cache_dequantized=cache_dequantized)
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.padding_mode, packed=packed, bias=module.bias, mode=mode,
+                    cache_dequantized=cache_dequantized)
+        layer.set_input_quant(getattr(module, "act_quant", None))
+        return layer
 
     def _int8_layer_reason(self) -> str | None:
         if self._dims != 2:
@@ -535,6 +579,9 @@ class _QuantConvNd(_QuantLayer):
         return x, self.padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8_static":
+            return self._int8_static_conv(x)
+        x = self._quant_input(x)
         if self.mode == "int8_dynamic":
             return self._int8_conv(x)
         x, padding = self._pad_input(x)
@@ -563,6 +610,32 @@ class _QuantConvNd(_QuantLayer):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).reshape(1, -1, 1)
         (ph, pw), (dh, dw), (kh, kw), (sh, sw) = self.padding, self.dilation, self.kernel_size, self.stride
+        ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return y.reshape(B, self.out_channels, ho, wo)
+
+    def _int8_static_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The input quantizer's codes (u − 128 as int8), padded with the code of 0.0 (Z − 128) so that
+        padding is exactly 0, unfolded; W (N, K) @ patches (K, B·L) as one int8 product with the
+        zero-point expansion of ``core.intmatmul`` (int32 accumulation, bracket in float64)."""
+        B, _, H, W = x.shape
+        a8, s_a, z_a = self._static_codes(x)  # (B, C, H, W) int8
+        (ph, pw), (dh, dw), (kh, kw), (sh, sw) = self.padding, self.dilation, self.kernel_size, self.stride
+        a = F.pad(a8.to(x.dtype), (pw, pw, ph, ph), value=float(z_a)) if ph or pw else a8.to(x.dtype)
+        cols = F.unfold(a, self.kernel_size, self.dilation, 0, self.stride)  # (B, K, L) small exact integers
+        K, L = cols.shape[1], cols.shape[2]
+        a8t = cols.to(torch.int8).permute(1, 0, 2).reshape(K, B * L)  # (K, B·L)
+        w8 = self.packed.codes  # (N, K) int8 = u − 128
+        bracket = _int8_mm(w8, a8t).to(torch.float64)  # (N, B·L) exact integers
+        bracket = bracket - z_a * self._colsum.reshape(-1, 1)  # Z_A·Σ_k w
+        z_b = self.packed.zero_point_tensor().to(torch.float64).reshape(-1, 1) - 128.0  # (N, 1) or (1, 1)
+        if bool((z_b != 0).any()):
+            colsum_a = a8t.to(torch.int64).sum(dim=0, keepdim=True).to(torch.float64)  # (1, B·L)
+            bracket = bracket - z_b * colsum_a + K * (z_a * z_b)
+        s_b = self.packed.scale.to(torch.float64).reshape(-1, 1)  # (N, 1) or (1, 1)
+        y = ((s_a * s_b) * bracket).to(x.dtype).reshape(-1, B, L).permute(1, 0, 2)  # (B, N, L)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).reshape(1, -1, 1)
         ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         return y.reshape(B, self.out_channels, ho, wo)
@@ -651,6 +724,18 @@ def convert(model: nn.Module, *, int8_dynamic: bool | str = False, cache_dequant
             return layer
         _set_module(model, name, layer)
     return model
+
+
+def set_int8_static(model: nn.Module) -> list[str]:
+    """Put every packed layer that can run integer end to end (``input_quant`` set, 8-bit weights one
+    byte per code, per-tensor or per-channel scales; Conv2d with groups=1) in ``"int8_static"``
+    mode; returns their names (the others keep their mode)."""
+    done = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _QuantLayer) and mod.input_quant is not None and mod.int8_eligible() is None:
+            mod.set_mode("int8_static")
+            done.append(name)
+    return done
 
 
 def memory_bytes(module: nn.Module) -> int:

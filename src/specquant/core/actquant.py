@@ -1,0 +1,139 @@
+"""Static activation quantizers: one scale and zero point per tensor, calibrated on samples.
+
+A quantized layer may quantize its *input*: x̂ = S·(clamp(round(x/S) + Z, 0, 2^b − 1) − Z) on the
+asymmetric b-bit grid of :class:`specquant.core.grid.GridSpec` (codes 0..2^b − 1, an integer
+zero point Z, the range always containing 0, so zero padding stays exactly 0).  The range is
+chosen once, on calibration inputs, by one of the calibrators of :mod:`specquant.core.clipping`
+(post-training quantization of activations, Banner et al. 2019, "Post training 4-bit
+quantization of convolutional networks for rapid-deployment", for ACIQ; Migacz 2017, TensorRT,
+for KL; Jacob et al. 2018, "Quantization and training of neural networks for efficient
+integer-arithmetic-only inference", for the asymmetric uint8 scheme).
+
+Everything here is pure: the engine draws a bounded, seeded sample of a layer's inputs
+(:func:`sample_values`) and calls :func:`calibrate_activation`; the quantized model (the
+engine's fake-quant model and the packed layers of ``specquant.nn``) applies
+:meth:`ActQuantizer.fake_quantize`, the same float operations in both, so the two agree bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from specquant.core.clipping import CLIPPING_METHODS, calibrate
+from specquant.core.grid import GridSpec, check_bits
+
+ACT_CALIBRATORS = ("mse", "minmax", "percentile", "kl", "aciq", "aciq-gauss", "aciq-laplace")
+ACIQ_DEFAULT = "aciq-laplace"  # "aciq" means ACIQ's Laplace prior (Banner et al.'s model for activations)
+ACT_SAMPLE = 1 << 18  # values drawn per layer for calibration (memory and time stay bounded)
+
+
+def check_act_calibrator(name: str) -> str:
+    """The core calibrator behind ``name`` (``"aciq"`` is ``"aciq-laplace"``); a one-line error otherwise."""
+    if name not in ACT_CALIBRATORS:
+        raise ValueError(f"unknown activation calibrator {name!r}; allowed: {', '.join(ACT_CALIBRATORS)}")
+    return ACIQ_DEFAULT if name == "aciq" else name
+
+
+@dataclass(frozen=True)
+class ActQuantizer:
+    """A per-tensor asymmetric activation quantizer: x ≈ scale·(q − zero_point), q in 0..2^bits − 1."""
+
+    bits: int  # code width, 1..8
+    scale: float  # step S > 0, a float32 value (stored exactly in JSON)
+    zero_point: int  # integer Z in 0..2^bits − 1 (the code of 0.0)
+    calibrator: str = "mse"  # the core calibrator that chose the range (informational)
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "activation bits")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ValueError(f"activation scale must be a number, got {self.scale!r}")
+        if not (math.isfinite(self.scale) and self.scale > 0) or float(torch.tensor(self.scale).item()) != self.scale:
+            raise ValueError(f"activation scale must be a finite float32 value > 0, got {self.scale!r}")
+        if isinstance(self.zero_point, bool) or not isinstance(self.zero_point, int) \
+                or not 0 <= self.zero_point <= self.qmax:
+            raise ValueError(f"activation zero point must be an integer in 0..{self.qmax}, got {self.zero_point!r}")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def spec(self) -> GridSpec:
+        return GridSpec.default(self.bits, symmetric=False)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of ``x`` (same shape, uint8): clamp(round(x/S) + Z, 0, qmax)."""
+        s = torch.tensor(self.scale, dtype=torch.float32, device=x.device)
+        t = torch.round(x.float() / s) + float(self.zero_point)  # (…) position on the code axis
+        return t.clamp_(0, self.qmax).to(torch.uint8)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """S·(codes(x) − Z) in ``x``'s dtype: what a layer with this input quantizer multiplies."""
+        s = torch.tensor(self.scale, dtype=torch.float32, device=x.device)
+        t = torch.round(x.float() / s) + float(self.zero_point)
+        return ((t.clamp_(0, self.qmax) - float(self.zero_point)) * s).to(x.dtype)
+
+    def to_record(self) -> dict:
+        """The header record (JSON): bits, scale, zero point, calibrator."""
+        return {"bits": self.bits, "scale": self.scale, "zero_point": self.zero_point, "calibrator": self.calibrator}
+
+    @classmethod
+    def from_record(cls, rec) -> "ActQuantizer":
+        """Rebuild from :meth:`to_record`'s output; every value checked (one-line ValueError)."""
+        if not isinstance(rec, dict) or set(rec) != {"bits", "scale", "zero_point", "calibrator"}:
+            raise ValueError(f"activation record must have bits, scale, zero_point, calibrator; got {str(rec)[:80]}")
+        if not isinstance(rec["calibrator"], str) or rec["calibrator"] not in CLIPPING_METHODS:
+            raise ValueError(f"activation calibrator {str(rec['calibrator'])[:30]!r} is not one of "
+                             f"{', '.join(CLIPPING_METHODS)}")
+        if isinstance(rec["bits"], bool) or not isinstance(rec["bits"], int):
+            raise ValueError(f"activation bits {str(rec['bits'])[:20]} is not an integer")
+        scale = rec["scale"]
+        if isinstance(scale, int) and not isinstance(scale, bool):
+            scale = float(scale)
+        return cls(bits=rec["bits"], scale=scale, zero_point=rec["zero_point"], calibrator=rec["calibrator"])
+
+
+def sample_values(xs: list[torch.Tensor], k: int = ACT_SAMPLE, seed: int = 0) -> torch.Tensor:
+    """A seeded sample of at most ``k`` values drawn from the tensors ``xs`` (all their entries),
+    uniformly with replacement, each tensor contributing in proportion to its size; all values
+    when there are at most ``k``.  Returns a 1-D float32 tensor."""
+    total = sum(x.numel() for x in xs)
+    if total == 0:
+        raise ValueError("no activation values to calibrate on")
+    if total <= k:
+        return torch.cat([x.detach().reshape(-1).float() for x in xs])
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for x in xs:
+        n = x.numel()
+        m = max(1, round(k * n / total))
+        idx = torch.randint(0, n, (m,), generator=gen)  # (m,) positions in the flattened tensor
+        parts.append(x.detach().reshape(-1)[idx.to(x.device)].float().cpu())
+    return torch.cat(parts)
+
+
+def calibrate_activation(values: torch.Tensor, bits: int, calibrator: str = "mse", *,
+                         percentile: float = 99.99) -> ActQuantizer:
+    """The per-tensor asymmetric ``bits``-bit quantizer whose range ``calibrator`` chooses on ``values``.
+
+    Args:
+        values: a 1-D sample of the activations (e.g. :func:`sample_values`), finite.
+        bits: code width, 1..8.
+        calibrator: one of ``ACT_CALIBRATORS`` (``"aciq"`` is ACIQ with the Laplace prior).
+        percentile: for ``"percentile"``: the upper/lower percentile kept.
+    An all-zero sample gets the smallest float32 step (every input then maps to 0 or a clamp end).
+    """
+    check_bits(bits, "activation bits")
+    method = check_act_calibrator(calibrator)
+    spec = GridSpec.default(bits, symmetric=False)
+    rows = values.reshape(1, -1).double()  # (1, n): one block, the whole tensor
+    lo, hi = calibrate(rows, method, spec, percentile=percentile)  # each (1,)
+    scale, zp = spec.qparams_from_range(lo, hi)  # (1,) each
+    s = float(scale.float().item())
+    if not s > 0:
+        s = float(torch.finfo(torch.float32).tiny)
+    # the zero point from the float32 step, so that 0.0 maps exactly to the code Z
+    z = int(min(max(round(-float(lo.item()) / s), 0), spec.qmax))
+    return ActQuantizer(bits=bits, scale=s, zero_point=z, calibrator=method)

@@ -1,0 +1,87 @@
+"""Static activation quantizers (core.actquant): the grid, the records, sampling, calibration."""
+import math
+
+import pytest
+import torch
+
+from specquant.core.actquant import (
+    ACT_CALIBRATORS,
+    ActQuantizer,
+    calibrate_activation,
+    check_act_calibrator,
+    sample_values,
+)
+
+
+def test_fake_quantize_is_the_asymmetric_grid():
+    aq = ActQuantizer(bits=4, scale=0.25, zero_point=3)
+    x = torch.tensor([-10.0, -0.75, -0.1, 0.0, 0.12, 0.13, 1.0, 100.0])
+    # codes: clamp(round(x/0.25) + 3, 0, 15)
+    assert aq.codes(x).tolist() == [0, 0, 3, 3, 3, 4, 7, 15]
+    assert aq.fake_quantize(x).tolist() == [-0.75, -0.75, 0.0, 0.0, 0.0, 0.25, 1.0, 3.0]
+    assert aq.codes(x).dtype == torch.uint8
+    assert aq.fake_quantize(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("calibrator", ACT_CALIBRATORS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_calibrator_gives_a_valid_quantizer_and_keeps_zero_exact(calibrator, bits):
+    g = torch.Generator().manual_seed(0)
+    v = torch.relu(torch.randn(20000, generator=g)) * 3 - 0.2  # post-ReLU-like, a few negatives
+    aq = calibrate_activation(v, bits, calibrator)
+    assert aq.bits == bits and aq.scale > 0 and 0 <= aq.zero_point <= 2**bits - 1
+    assert aq.fake_quantize(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # zero padding stays 0
+    err = (aq.fake_quantize(v) - v).pow(2).mean()
+    assert err < v.pow(2).mean()  # better than quantizing everything to 0
+    assert aq.calibrator == check_act_calibrator(calibrator)
+
+
+def test_mse_beats_minmax_at_low_bits_on_heavy_tails():
+    g = torch.Generator().manual_seed(1)
+    v = -torch.log(torch.rand(50000, generator=g))  # |Laplace| (exponential): one-signed, heavy tail
+    mse, mm = calibrate_activation(v, 4, "mse"), calibrate_activation(v, 4, "minmax")
+    e = {k: float((q.fake_quantize(v) - v).pow(2).mean()) for k, q in (("mse", mse), ("minmax", mm))}
+    assert e["mse"] < e["minmax"]
+    assert mm.scale == pytest.approx(float(v.max()) / 15, rel=1e-6) and mm.zero_point == 0
+
+
+def test_all_zero_sample_and_unknown_calibrator():
+    aq = calibrate_activation(torch.zeros(100), 8, "mse")
+    assert aq.scale > 0 and aq.fake_quantize(torch.zeros(2)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown activation calibrator 'l2'; allowed: mse"):
+        calibrate_activation(torch.ones(4), 8, "l2")
+    assert check_act_calibrator("aciq") == "aciq-laplace"
+
+
+def test_record_round_trip_and_bad_records():
+    aq = calibrate_activation(torch.linspace(-1, 3, 1000), 6, "percentile")
+    rec = aq.to_record()
+    assert ActQuantizer.from_record(rec) == aq
+    bad = [
+        ({**rec, "bits": 9}, "activation bits"),
+        ({**rec, "bits": True}, "not an integer"),
+        ({**rec, "scale": -1.0}, "finite float32 value > 0"),
+        ({**rec, "scale": math.inf}, "finite float32 value > 0"),
+        ({**rec, "scale": 0.1}, "float32 value"),  # 0.1 is no float32 value
+        ({**rec, "scale": "1"}, "must be a number"),
+        ({**rec, "zero_point": 64}, r"integer in 0..63"),
+        ({**rec, "zero_point": 1.5}, r"integer in 0..63"),
+        ({**rec, "calibrator": "magic"}, "calibrator 'magic'"),
+        ({k: v for k, v in rec.items() if k != "scale"}, "must have bits, scale"),
+        ([1, 2], "must have bits, scale"),
+    ]
+    for r, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ActQuantizer.from_record(r)
+
+
+def test_sample_values_is_seeded_bounded_and_proportional():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(300, 100, generator=g), torch.randn(100, 100, generator=g) + 10]
+    a, b = sample_values(xs, 4000, seed=5), sample_values(xs, 4000, seed=5)
+    assert torch.equal(a, b) and a.numel() == 4000
+    assert not torch.equal(a, sample_values(xs, 4000, seed=6))
+    share = float((a > 5).float().mean())  # the second tensor holds a quarter of the values
+    assert 0.2 < share < 0.3
+    small = [torch.arange(6.0).reshape(2, 3)]
+    assert sample_values(small, 4000).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # few: all of them
