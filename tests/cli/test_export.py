@@ -94,3 +94,17 @@ def test_onnx_export_of_a_classifier_run(tmp_path, capsys):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
     types = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
     assert "MatMulNBits" in types
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_export_refuses_activation_quantization(tmp_path, capsys, fmt):
+    """A run with --act-bits quantizes layer inputs, which neither MatMulNBits nor GGUF blocks hold:
+    one line, no file (never a model that silently differs)."""
+    run = tmp_path / "run"
+    assert main(["quantize", "digits-mlp", "--method", "rtn", "--bits", "4", "--granularity", "group:32",
+                 "--act-bits", "8", "--calib", "32", "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / f"m.{fmt}"
+    assert main(["export", str(run), "--format", fmt, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and (("input activations" in err) or ("language models" in err))
+    assert not out.exists()

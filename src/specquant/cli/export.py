@@ -50,7 +50,7 @@ def cmd_export(args, argv: list[str]) -> int:
     else:
         from specquant.export.onnx import export_onnx
 
-        result = export_onnx(model, out, example=entry_example(entry))
+        result = export_onnx(model, out, example=entry_example(entry, args.data_dir))
     row = result.to_dict()
     ui.say(format_table([row], [("file", "file"), ("format", "format"), ("type", "type"), ("bytes", "bytes")]))
     for note in row.get("notes") or []:
@@ -60,10 +60,12 @@ def cmd_export(args, argv: list[str]) -> int:
     return 0
 
 
-def entry_example(entry):
-    """An example input for tracing the model of ``entry``: one zero image, or one window of token ids."""
-    import torch
-
-    if entry.kind == "lm":
-        return torch.zeros((1, min(int(entry.extra.get("seq_len", 128)), 128)), dtype=torch.long)
-    return torch.zeros((1, *entry.input_shape))
+def entry_example(entry, data_dir=None):
+    """An example input for tracing and checking the model of ``entry``: two calibration samples
+    (seed 0), or one calibration window of 64 tokens for a language model."""
+    try:
+        if entry.kind == "lm":
+            return entry.calib(1, 0, data_dir, seq_len=64)
+        return entry.calib(2, 0, data_dir)
+    except ValueError as e:
+        raise CLIError(f"no example input for {entry.id!r}: {e}") from None

@@ -308,6 +308,10 @@ def export_gguf(model: nn.Module, path: str | Path, vocab: GGUFVocab, *, name: s
     tensors: list[tuple[str, np.ndarray, str]] = []  # (gguf name, data, ggml type)
 
     def add_linear(gname: str, hf_name: str, module: nn.Module, n_heads: int | None) -> None:
+        aq = getattr(module, "input_quant", None) or getattr(module, "act_quant", None)
+        if aq is not None:
+            raise ValueError(f"layer '{hf_name}': quantizes its input activations ({aq.bits}-bit), which GGUF "
+                             f"does not hold; export a weight-only run")
         qw = quantized_weight_of(module)
         kind = gguf_type(qw, hf_name)
         if kind == "F32":

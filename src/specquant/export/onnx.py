@@ -384,6 +384,11 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor, *, verify: bool =
     if example.device.type != "cpu":
         raise ValueError(f"example must be on the CPU, got {example.device}")
     lm = not (torch.is_floating_point(example) or torch.is_complex(example))
+    for name, mod in model.named_modules():  # static input quantizers (act_bits) have no MatMulNBits form
+        aq = getattr(mod, "input_quant", None) or getattr(mod, "act_quant", None)
+        if aq is not None:
+            raise ValueError(f"layer '{name or type(mod).__name__}': quantizes its input activations "
+                             f"({aq.bits}-bit), which the ONNX export does not hold; export a weight-only run")
     fq = _fake_quant(model)
     layers = _quantized_layers(fq)
     for name, mod, qw in layers:  # refuse before tracing: one line naming the first layer that cannot be held
@@ -404,7 +409,7 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor, *, verify: bool =
         except ImportError:
             notes.append("not verified: onnxruntime is not installed")
         else:
-            ref = _reference(fq, example, lm)
+            ref = _reference(model, example, lm)  # the model as given (packed layers: their own kernels)
             got = _run_onnxruntime(data, names_in[0], example)
             diff = float(np.abs(got.astype(np.float64) - ref).max()) if got.shape == ref.shape else float("inf")
     return OnnxExport(file=Path(file), bytes=len(data), format="onnx", type="lm" if lm else "classifier",
