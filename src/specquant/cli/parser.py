@@ -6,6 +6,7 @@ import argparse
 import math
 import textwrap
 
+from specquant._version import __version__
 from specquant.algorithms import get_method, method_choices, method_names
 from specquant.algorithms.frame import FrameConfig
 from specquant.cli.analyze import cmd_analyze
@@ -17,6 +18,7 @@ from specquant.cli.export import cmd_export
 from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
 from specquant.core.grid import Granularity
 from specquant.models import list_models
+from specquant.models.user import DATA_FORMAT_HELP
 
 DEFAULT_CALIB = 512
 
@@ -137,6 +139,29 @@ OVERWRITE_HELP = ("let --out replace an existing non-empty folder: the old folde
                   "(default: off, a non-empty --out is refused)")
 
 
+def _add_user_data(p: argparse.ArgumentParser) -> None:
+    """--eval-data and --metric (quantize and eval)."""
+    p.add_argument("--eval-data", metavar="FILE", default=None,
+                   help=f"test inputs and targets from a file instead of the zoo test set (required for "
+                        f"MODULE:FUNCTION models): {DATA_FORMAT_HELP} (default: the model's own test set)")
+    p.add_argument("--metric", metavar="MODULE:FUNCTION", type=_entry_point, default=None,
+                   help="score with your function metric(outputs, targets) -> float, called once on the outputs of "
+                        "the whole test set (outputs: the model's output tensor, targets: the y of --eval-data); "
+                        "reported as metric / float_metric (default: top-1 accuracy in percent)")
+
+
+def _add_user_model(p: argparse.ArgumentParser) -> None:
+    """The options of a MODULE:FUNCTION model (and of data files for a zoo classifier)."""
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="MODULE:FUNCTION models: the trained weights, a .safetensors state dict (or .pt, read with "
+                        "weights_only=True), loaded with strict=True (default: the weights your function returns)")
+    p.add_argument("--calib-data", metavar="FILE", default=None,
+                   help="calibration inputs from a file (required for MODULE:FUNCTION models; --calib N of them are "
+                        f"drawn with --seed): {DATA_FORMAT_HELP.replace(' [and y (N,) for --eval-data]', '')} "
+                        "(default: the zoo model's training split)")
+    _add_user_data(p)
+
+
 def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     p.add_argument("--json", action="store_true",
                    help=json_help + " Human tables still go to stderr. (default: off)")
@@ -157,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(RTN, GPFQ, SPFQ, GPTQ, Qronos, frame Sigma-Delta, AWQ)."),
         epilog=f"zoo models: {models}\nrun 'specquant COMMAND --help' for the options of each command.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     # demo ------------------------------------------------------------------------------------
@@ -191,8 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.safetensors (evaluate it again with 'specquant eval DIR'), plots, index.html."),
         epilog=f"zoo models: {models}\n"
                "example: specquant quantize resnet20-cifar10 --method gpfq --bits 4 --calib 512 --json")
-    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models}) or a Hugging Face causal-LM folder "
-                                                  "(config.json, *.safetensors, tokenizer files)")
+    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models}), a Hugging Face causal-LM folder "
+                                                  "(config.json, *.safetensors, tokenizer files), or MODULE:FUNCTION: "
+                                                  "your own function that returns the torch.nn.Module (imported from "
+                                                  "PYTHONPATH or the current folder, because you name it), with "
+                                                  "--weights, --calib-data and --eval-data")
+    _add_user_model(p)
     p.add_argument("--method", required=True, choices=method_choices(), metavar="METHOD",
                    help="; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
                    + ". awq+NAME (" + ", ".join(c for c in method_choices() if c.startswith("awq+"))
@@ -242,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --policy sensitivity: choose a width per output channel instead of per layer "
                         "(rows of a layer may then differ; each is stored at its own width) (default: per layer)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
-                   help="evaluate on the first N test images only, for quick checks (default: all)")
+                   help="evaluate on N test samples only, for quick checks: a subset seeded by --seed in which every "
+                        "class keeps its share (test files sorted by class, like CIFAR-10's, stay representative); "
+                        "classifiers only (default: all)")
     _add_lm(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
     p.set_defaults(func=cmd_quantize)
@@ -261,9 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "name the same run (run_id) and model.safetensors must have the SHA-256 they record, "
                     "else eval fails; a folder from an older specquant records neither and is evaluated "
                     "with \"verified\": false."))
-    p.add_argument("target", metavar="MODEL_OR_DIR_OR_FILE", help=f"zoo id ({models}), run folder or file")
+    p.add_argument("target", metavar="MODEL_OR_DIR_OR_FILE",
+                   help=f"zoo id ({models}), MODULE:FUNCTION (your builder, with --weights and --eval-data), run "
+                        "folder or file")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
-                   help="evaluate on the first N test images only (default: all, or the run folder's limit)")
+                   help="evaluate on N test samples only, a class-stratified subset seeded like the run's (--seed of "
+                        "the run folder, else 0) (default: all, or the run folder's limit)")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="MODULE:FUNCTION targets: the trained weights (.safetensors or .pt state dict) (default: the "
+                        "weights your function returns)")
+    _add_user_data(p)
     p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
                    default=None,
                    help="loading a file that names this architecture builder (instead of a zoo id) will import "

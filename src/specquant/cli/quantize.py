@@ -16,6 +16,7 @@ from specquant.cli.common import (
     command_line,
     config_dict,
     emit_json,
+    entry_metric,
     evaluate,
     folded_float,
     layer_records,
@@ -36,6 +37,7 @@ from specquant.report import run_folder as rf
 from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
 
+LIMIT_SAMPLING = "stratified by class, seeded by --seed"  # how --limit picks test samples
 POLICIES = ("sensitivity", "spectral", "spectral-knapsack")  # specquant.mixed.POLICIES
 # --gguf TYPE -> (bits, symmetric, scale dtype); always groups of 32 inputs
 GGUF_GRIDS = {"q4_0": (4, True, "float16"), "q4_1": (4, False, "float16-q4_1"), "q8_0": (8, True, "float16")}
@@ -51,8 +53,11 @@ def base_method(args) -> str:
 
 
 def quantize_config(args):
-    """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
-    entry = resolve_entry(args.model)
+    """Every check of ``specquant quantize``'s arguments, before any data is read or any model
+    loaded; returns (the algorithm config, the model entry)."""
+    if args.avg_bits is not None and args.bits is not None:
+        raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
+    entry = resolve_entry(args.model, args)
     if getattr(args, "gguf", None) is not None:
         _gguf_args(args)
     if args.avg_bits is None and args.bits is None:
@@ -61,8 +66,6 @@ def quantize_config(args):
         raise CLIError("quantize: --avg-bits needs --policy (sensitivity, spectral or spectral-knapsack)")
     if args.policy is not None and args.avg_bits is None:
         raise CLIError("quantize: --policy needs --avg-bits A")
-    if args.avg_bits is not None and args.bits is not None:
-        raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
     if args.redundancy is not None and base_method(args) != "frame":
         raise CLIError("quantize: --redundancy applies to --method frame only")
     if args.per_channel_bits and args.policy != "sensitivity":
@@ -76,7 +79,10 @@ def quantize_config(args):
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
                          symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
     check_data_dir(entry, args.data_dir)
-    return config
+    if entry.kind == "lm" and (args.metric is not None or args.limit is not None):
+        raise CLIError("quantize: --metric and --limit are for classifiers; language models are scored by perplexity "
+                       "(use --eval-windows N for quick runs)")
+    return config, entry
 
 
 def _gguf_args(args) -> None:
@@ -114,13 +120,20 @@ def _scorer(args, entry, ui: UI):
             r["summary"] = f"perplexity {r['perplexity']:.3f} on {r['tokens']} tokens ({r['windows']} × {seq_len})"
             return r
         return score_lm, calib
-    x_test, y_test = load_test_set(entry, args.data_dir, args.limit)
-    calib = entry.calib(args.calib, args.seed, args.data_dir)
+    x_test, y_test = load_test_set(entry, args.data_dir, args.limit, args.seed)
+    try:
+        calib = entry.calib(args.calib, args.seed, args.data_dir)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    metric = entry_metric(entry, args)
 
     def score_classifier(model, desc: str) -> dict:
-        acc = evaluate(model, x_test, y_test, ui, desc)
-        return {"accuracy": acc, "n_test": int(x_test.shape[0]),
-                "summary": f"{acc:.2f} % top-1 on {x_test.shape[0]} test images"}
+        v = evaluate(model, x_test, y_test, ui, desc, metric=metric)
+        if metric is not None:
+            return {"metric": v, "metric_name": metric[0], "n_test": int(x_test.shape[0]),
+                    "summary": f"{metric[0]} = {v:.6g} on {x_test.shape[0]} test samples"}
+        return {"accuracy": v, "n_test": int(x_test.shape[0]),
+                "summary": f"{v:.2f} % top-1 on {x_test.shape[0]} test samples"}
     return score_classifier, calib
 
 
@@ -130,11 +143,15 @@ def _score_keys(float_score: dict, quant_score: dict) -> dict:
         keys = {"perplexity": quant_score["perplexity"], "float_perplexity": float_score["perplexity"]}
         keys.update({k: quant_score[k] for k in ("tokens", "predicted_tokens", "windows", "seq_len")})
         return keys
+    if "metric" in quant_score:
+        return {"metric_name": quant_score["metric_name"], "metric": quant_score["metric"],
+                "float_metric": float_score["metric"], "metric_change": quant_score["metric"] - float_score["metric"],
+                "n_test": quant_score["n_test"]}
     return {"accuracy": quant_score["accuracy"], "float_accuracy": float_score["accuracy"],
             "accuracy_drop": float_score["accuracy"] - quant_score["accuracy"], "n_test": quant_score["n_test"]}
 
 
-def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None) -> dict:
+def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None, entry=None) -> dict:
     """The work of ``specquant quantize`` with the checked ``config`` (see :func:`quantize_config`);
     returns the metrics. With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
     folder into its staging folder, ``config.json`` and ``metrics.json`` stamped with its
@@ -142,7 +159,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     t_total = time.perf_counter()
     mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
-    model, entry = load_entry_model(args.model, args.data_dir)
+    model, entry = load_entry_model(args.model, args.data_dir, args, entry)
     score, calib = _scorer(args, entry, ui)
     t0 = time.perf_counter()
     float_score = score(model, "float eval")
@@ -234,7 +251,9 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             **stamp, "command": "quantize", "command_line": command_line(argv), "argv": argv,
             "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
-            "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir,
+            "redundancy": args.redundancy, "limit": args.limit, "limit_sampling": LIMIT_SAMPLING,
+            "data_dir": args.data_dir, "weights": args.weights, "calib_data": args.calib_data,
+            "eval_data": args.eval_data, "metric": args.metric,
             "seq_len": float_score.get("seq_len"), "eval_windows": args.eval_windows,
             "quant_config": config_dict(config), "versions": versions(),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -248,9 +267,9 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
 
 def cmd_quantize(args, argv: list[str]) -> int:
     ui = UI(args.quiet)
-    config = quantize_config(args)
+    config, entry = quantize_config(args)
     with staged_run_folder(args.out, args.overwrite) as folder:
-        metrics = run_quantize(args, argv, ui, config, folder)
+        metrics = run_quantize(args, argv, ui, config, folder, entry)
     out = folder.target if folder is not None else None
     bits = metrics["bits"] if metrics["bits"] is not None else f"avg {metrics['avg_bits']:.3g}"
     ui.say("")
