@@ -15,6 +15,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +106,38 @@ class UI:
 
     def bar(self, total: int, desc: str, unit: str = "it"):
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not self.progress, leave=False)
+
+
+class EtaProgress:
+    """``progress(done, total)`` for a long pass: a tqdm bar (rate and ETA) on a terminal, else one
+    status line on stderr at each quarter with the time spent and the time left (nothing with
+    --quiet). Use as a context manager."""
+
+    def __init__(self, ui: UI, desc: str, unit: str = "step"):
+        self.ui, self.desc, self.unit = ui, desc, unit
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.next_quarter = 1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.ui.progress:
+            if self.bar is None:
+                self.bar = self.ui.bar(total, self.desc, self.unit)
+            self.bar.update(done - self.bar.n)
+            return
+        if total <= 0 or done == 0 or done * 4 < self.next_quarter * total:
+            return
+        self.next_quarter = done * 4 // total + 1
+        spent = time.perf_counter() - self.t0
+        left = spent * (total - done) / done
+        self.ui.say(f"{self.desc}: {done}/{total} {self.unit}s, {spent:.0f} s spent, about {left:.0f} s left")
+
+    def __enter__(self) -> EtaProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def model_outputs(model, x, ui: UI, desc: str = "eval", batch_size: int = 500) -> torch.Tensor:

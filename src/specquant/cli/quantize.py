@@ -12,6 +12,7 @@ from specquant.cli.common import (
     FRAME_SWEEP,
     UI,
     CLIError,
+    EtaProgress,
     check_data_dir,
     command_line,
     config_dict,
@@ -34,6 +35,7 @@ from specquant.cli.common import (
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
 from specquant.mixed import allocate
 from specquant.report import run_folder as rf
+from specquant.report.decide import BPW_DEFINITION, BitsPerWeight, Headline, budget_note, size_vs_float
 from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
 
@@ -170,7 +172,9 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     if mixed:
         per = "channel" if args.per_channel_bits else "layer"
         ui.say(f"allocating bits per {per} ({args.policy} policy, {args.avg_bits} bits on average) ...")
-        allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config, granularity=per)
+        with EtaProgress(ui, "sensitivity pass", "quantization") as progress:
+            allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config,
+                                  granularity=per, progress=progress)
         config = allocation.apply(config)
     if getattr(args, "gguf", None) is not None:
         from specquant.export.gguf import gguf_float_layers
@@ -196,6 +200,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()],
             "gguf": getattr(args, "gguf", None)}
     storage = measure_storage(model, entry, folder, meta)
+    bpw = BitsPerWeight.from_storage(storage)
+    head = headline_of(float_score, quant_score, storage, report.seconds)
 
     metrics: dict = {
         "command": "quantize",
@@ -207,6 +213,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     if mixed:
         metrics.update({"target_avg_bits": args.avg_bits, "policy": args.policy,
                         "allocation": allocation.to_dict()})
+        if bpw is not None:
+            metrics["budget_note"] = budget_note(args.avg_bits, report.avg_bits, bpw)
     if base_method(args) == "frame":
         metrics["redundancy"] = config.redundancy
     metrics.update({
@@ -215,7 +223,10 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         **({"gguf": args.gguf} if getattr(args, "gguf", None) else {}),
         "bits_per_weight": storage["bits_per_weight"],
         "bits_per_weight_payload": payload_bpw(storage),
+        "bits_per_weight_split": bpw.to_dict() if bpw is not None else None,  # code + scale + overhead = total
+        "size_vs_float": size_vs_float(storage),
         "storage": storage,
+        "headline": head.to_dict(),
         **_score_keys(float_score, quant_score),
         "n_calib": report.n_calib,
         "num_weights": report.num_weights,
@@ -235,15 +246,28 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         plots = {"layers.png": rf.plot_layers(
             [r["name"] for r in layers], {args.method: [r["rel_output_error"] for r in layers]},
             [r["kappa"] for r in layers], title=f"{args.model} {args.method}: per-layer relative output error and κ")}
-        notes = []
+        captions = {"layers.png": "top: each layer's relative output error ‖XW − X̃Ŵ‖/‖XW‖ (log scale), bottom: "
+                                  "its condition number κ(W). Look for the layers that stand out: they cost the "
+                                  "most accuracy and are the first to protect (--protect NAME=8)."}
+        notes = [BPW_DEFINITION + "."]
+        if mixed:
+            plots["widths.png"] = _plot_allocation(allocation, args.avg_bits, report.avg_bits,
+                                                   bpw.total if bpw is not None else None,
+                                                   title=f"{args.model}: width chosen per {per}")
+            captions["widths.png"] = ("bars: the code width given to each layer (whiskers: the range over its "
+                                      "output channels with --per-channel-bits); lines: the budget, the code bits "
+                                      "achieved and the file's bits per weight. The layers the sensitivity pass "
+                                      "found fragile get the widest codes.")
         if base_method(args) == "frame":
             sweep = frame_redundancy_sweep(float_model, config.bits, FRAME_SWEEP, order=config.order,
                                            frame=config.frame, step=config.step, dim=config.dim,
                                            granularity=config.granularity, seed=config.seed)
             metrics["frame_redundancy"] = sweep
             plots["frame_redundancy.png"] = rf.plot_frame_redundancy([sweep])
-            notes.append("frame_redundancy.png: data-free weight error ‖W − Ŵ‖/‖W‖ of the float (BN-folded) "
-                         "weights for each redundancy at the run's code width.")
+            captions["frame_redundancy.png"] = ("data-free weight error ‖W − Ŵ‖/‖W‖ of the float (BN-folded) "
+                                                "weights for each redundancy at the run's code width; each point is "
+                                                "labelled with the bits per weight it stores. Look for where the "
+                                                "curve flattens: more redundancy beyond it costs bits for little.")
         metrics["peak_rss_mb"] = peak_rss_mb()
         stamp = folder.stamp()  # run_id and model_sha256, in both files
         metrics.update(stamp)
@@ -260,9 +284,35 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         }
         title = f"specquant: {args.model} · {args.method} · " + (
             f"{args.bits} bits" if not mixed else f"{args.avg_bits} average bits ({args.policy})")
+        lines = [head.text()] + ([bpw.text()] if bpw is not None else []) + (
+            [metrics["budget_note"]] if "budget_note" in metrics else [])
+        summary = [{**metrics, "change": head.change, "noise": head.noise}]
         rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layers, plots=plots,
-                            title=title, notes=notes)
+                            title=title, notes=notes, headline=lines, captions=captions, summary=summary)
     return metrics
+
+
+def headline_of(float_score: dict, quant_score: dict, storage: dict, seconds: float) -> Headline:
+    """The headline of a run: score change against float (with its noise), size against float, time."""
+    if "perplexity" in quant_score:
+        name, key, n = "perplexity", "perplexity", quant_score.get("predicted_tokens")
+    elif "metric" in quant_score:
+        name, key, n = quant_score["metric_name"], "metric", quant_score["n_test"]
+    else:
+        name, key, n = "accuracy", "accuracy", quant_score["n_test"]
+    return Headline(name, float_score[key], quant_score[key], n, size_vs_float(storage), seconds)
+
+
+def _plot_allocation(allocation, budget: float, code_bits: float, file_bits: float | None, title: str) -> bytes:
+    """The widths an allocation chose, per layer (mean, min and max over its rows)."""
+    names, mean, low, high = [], [], [], []
+    for a in allocation.layers:
+        rows = a.row_bits or (a.bits,)
+        names.append(a.name)
+        mean.append(sum(rows) / len(rows))
+        low.append(min(rows))
+        high.append(max(rows))
+    return rf.plot_widths(names, mean, low, high, budget, code_bits, file_bits, title=title)
 
 
 def cmd_quantize(args, argv: list[str]) -> int:
@@ -277,8 +327,15 @@ def cmd_quantize(args, argv: list[str]) -> int:
     ui.say("")
     cols = [("model", "model"), ("method", "method"), ("bits", "bits"), ("bits_per_weight", "bits/weight (file)"),
             ("float_accuracy", "float %"), ("accuracy", "accuracy %"), ("float_perplexity", "float ppl"),
-            ("perplexity", "perplexity"), ("quant_seconds", "quant s"), ("peak_rss_mb", "peak RSS MB")]
+            ("perplexity", "perplexity"), ("metric_name", "metric"), ("float_metric", "float"), ("metric", "value"),
+            ("size_vs_float", "× smaller"), ("quant_seconds", "quant s"), ("peak_rss_mb", "peak RSS MB")]
     ui.say(format_table([dict(metrics, bits=bits)], [c for c in cols if c[0] in metrics]))
+    ui.say("")
+    ui.say(Headline.from_dict(metrics["headline"]).text())
+    if metrics.get("bits_per_weight_split"):
+        ui.say(BitsPerWeight(**{k: metrics["bits_per_weight_split"][k] for k in ("code", "scale", "overhead")}).text())
+    if metrics.get("budget_note"):
+        ui.say(metrics["budget_note"])
     if out is not None:
         ui.say(f"\nrun folder: {out}  (open {out / 'index.html'})")
     if args.json:

@@ -97,6 +97,28 @@ class QuantReport:
         n = self.num_weights
         return sum(r.bits_per_weight * r.params for r in self.layers) / n if n else 0.0
 
+    def summary(self) -> str:
+        """What the run decided, in a few lines: layers and weights quantized, the bits per weight
+        split into code and scale bits (the one definition of specquant's reports; the saved file
+        adds its headers, which ``specquant.io.storage_breakdown`` measures), the size against
+        float32 weights, the worst layer and the time."""
+        n = self.num_weights
+        if not n:
+            return f"{self.method}: no layer quantized ({len(self.skipped)} skipped), {self.seconds:.1f} s"
+        code, total = self.avg_bits, self.bits_per_weight
+        measured = [r for r in self.layers if r.rel_output_error is not None]
+        worst = max(measured, key=lambda r: r.rel_output_error) if measured else None
+        lines = [
+            f"{self.method}: {len(self.layers)} layers, {n:,} weights quantized in {self.seconds:.1f} s"
+            + (f" ({len(self.skipped)} modules left in float)" if self.skipped else ""),
+            f"{total:.3f} bits per weight = {code:.3f} code + {total - code:.3f} scale (and zero point) bits; "
+            f"{32.0 / total:.1f}× smaller than float32 for these layers (the saved file adds its headers)",
+            (f"largest relative output error {worst.rel_output_error:.4g} in layer {worst.name!r}; "
+             if worst is not None else "no output error measured (no calibration data); ")
+            + f"{self.n_calib} calibration samples",
+        ]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
