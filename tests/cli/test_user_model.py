@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 
 from specquant._version import __version__
 from specquant.cli import main
+from specquant.cli.common import load_test_set
 from specquant.io import read_header
+from specquant.models import get_entry
 from specquant.models.data import stratified_indices
 from specquant.models.user import read_data_file
 
@@ -214,3 +216,26 @@ def test_limit_is_a_seeded_stratified_subset():
     assert not torch.equal(idx, stratified_indices(y, 100, seed=1))
     few = stratified_indices(torch.tensor([0] * 95 + [1] * 3 + [2] * 2), 5, seed=0)
     assert set(torch.tensor([0] * 95 + [1] * 3 + [2] * 2)[few].tolist()) == {0, 1, 2}  # no class left out
+
+
+def test_limit_on_the_class_sorted_cifar_test_file(data_dir):
+    entry = get_entry("resnet20-cifar10")
+    _, y_all = entry.test(data_dir)
+    assert y_all[:100].unique().numel() == 1  # the file is sorted by class: the first 100 were one class
+    x, y = load_test_set(entry, data_dir, 100, seed=0)
+    assert x.shape == (100, 3, 32, 32) and torch.bincount(y, minlength=10).tolist() == [10] * 10
+
+
+def test_device_option(tmp_path, capsys, error_line):
+    if not torch.cuda.is_available():  # refused before any work, in one line
+        assert "torch sees no CUDA device" in error_line(["quantize", "digits-mlp", "--method", "gptq", "--bits",
+                                                          "4", "--device", "cuda"])
+    assert "device must be auto, cpu, cuda or cuda:N" in error_line(["eval", "digits-mlp", "--device", "tpu"])
+    out = tmp_path / "dev"
+    assert main(["quantize", "digits-mlp", "--method", "gptq", "--bits", "4", "--calib", "64", "--device", "auto",
+                 "--out", str(out), "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((out / "config.json").read_text())["device"] == expected
+    assert main(["eval", str(out), "--device", "auto", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(m["accuracy"], abs=0.3)

@@ -4,6 +4,7 @@ recommended row; the HTML page's headline, collapsed configuration, scroll boxes
 glossary; the mixed run's width plot, budget note and progress with ETA; QuantReport.summary()."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -151,3 +152,12 @@ def test_analyze_page_has_a_glossary_for_every_column(tmp_path):
         key = f"{stem}_b&lt;B&gt;" if sep and width.isdigit() else col
         assert f"<dt>{key}</dt>" in text, col
     assert "y = 1" in text  # the caption points at the bound line
+
+
+def test_quantize_device_argument_runs_where_the_model_is():
+    model, entry = get_model("digits-mlp")
+    calib = entry.calib(64, 0, None)
+    ref = sq.quantize(copy.deepcopy(model), sq.GPTQConfig(bits=4), calib=calib)
+    rep = sq.quantize(model, sq.GPTQConfig(bits=4), calib=calib, device="cpu")
+    assert [r.rel_output_error for r in rep.layers] == [r.rel_output_error for r in ref.layers]
+    assert all(p.device.type == "cpu" for p in model.parameters())

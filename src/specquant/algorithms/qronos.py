@@ -157,7 +157,7 @@ def qronos_core(
     if n == 1:
         return q1[:, None]
     # 2. shape the future: ridge least squares for the other columns given q1.
-    A = H[1:, 1:] + lam * torch.eye(n - 1, dtype=torch.float64)  # (N0−1, N0−1)
+    A = H[1:, 1:] + lam * torch.eye(n - 1, dtype=torch.float64, device=H.device)  # (N0−1, N0−1)
     try:
         L = torch.linalg.cholesky(A)  # (N0−1, N0−1) lower
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of A⁻¹

@@ -140,15 +140,32 @@ class EtaProgress:
             self.bar.close()
 
 
+def resolve_device(text: str | None) -> torch.device:
+    """The device of ``--device`` (auto: CUDA when torch sees one); CLIError when it is not there."""
+    text = text or "cpu"
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text}: torch sees no CUDA device (torch.cuda.is_available() is False); "
+                           "use --device cpu or auto")
+        index = int(text[5:]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: torch sees {torch.cuda.device_count()} CUDA devices")
+    return torch.device(text)
+
+
 def model_outputs(model, x, ui: UI, desc: str = "eval", batch_size: int = 500) -> torch.Tensor:
-    """The model's outputs on ``x`` in batches (eval mode restored after), with a progress bar."""
+    """The model's outputs on ``x`` in batches (eval mode restored after), with a progress bar; the
+    batches go to the model's device, the outputs come back to the CPU (they are small)."""
+    device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     outs = []
     try:
         with torch.inference_mode(), ui.bar(x.shape[0], desc, "sample") as bar:
             for s in range(0, x.shape[0], batch_size):
-                out = model(x[s:s + batch_size])
+                out = model(x[s:s + batch_size].to(device))
                 out = getattr(out, "logits", out)
                 if not isinstance(out, torch.Tensor):
                     raise CLIError(f"the model returned {type(out).__name__}, not a tensor of outputs")

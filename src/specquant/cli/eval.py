@@ -20,6 +20,7 @@ from specquant.cli.common import (
     load_saved_model,
     load_test_set,
     peak_rss_mb,
+    resolve_device,
     resolve_entry,
 )
 from specquant.io.files import read_json
@@ -39,6 +40,7 @@ from specquant.report.table import format_table
 
 def cmd_eval(args, argv: list[str]) -> int:
     ui = UI(args.quiet)
+    device = resolve_device(args.device)  # before any work
     target = args.target
     path = Path(target).expanduser()
     folder = run_config = run_metrics = None
@@ -98,6 +100,7 @@ def cmd_eval(args, argv: list[str]) -> int:
         for k in ("method", "bits", "avg_bits", "seed"):
             if meta.get(k) is not None:
                 result[k] = meta[k]
+    model.to(device)
     if entry.kind == "lm":
         return _eval_lm(args, ui, entry, model, result, run_config, run_metrics, load_s)
     metric = entry_metric(entry, args, (run_config or {}).get("metric") if run_config else None)

@@ -162,6 +162,20 @@ def _add_user_model(p: argparse.ArgumentParser) -> None:
     _add_user_data(p)
 
 
+def _device(text: str) -> str:
+    t = text.strip().lower()
+    if t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="D", type=_device, default="cpu",
+                   help="where the model, the calibration statistics and the algorithms run: cpu, cuda, cuda:N, or "
+                        "auto (CUDA when torch sees one, else the CPU); the packed model is saved from the CPU "
+                        "(default: cpu)")
+
+
 def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     p.add_argument("--json", action="store_true",
                    help=json_help + " Human tables still go to stderr. (default: off)")
@@ -277,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "class keeps its share (test files sorted by class, like CIFAR-10's, stay representative); "
                         "classifiers only (default: all)")
     _add_lm(p)
+    _add_device(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
     p.set_defaults(func=cmd_quantize)
 
@@ -310,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and call it; only for files you trust; repeat for several (default: off, such files "
                         "are refused)")
     _add_lm(p)
+    _add_device(p)
     _add_common(p, json_help="print the result as one JSON object on stdout.")
     p.set_defaults(func=cmd_eval)
 

@@ -28,6 +28,7 @@ from specquant.cli.common import (
     measure_storage,
     payload_bpw,
     peak_rss_mb,
+    resolve_device,
     resolve_entry,
     staged_run_folder,
     versions,
@@ -81,6 +82,7 @@ def quantize_config(args):
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
                          symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
     check_data_dir(entry, args.data_dir)
+    resolve_device(args.device)
     if entry.kind == "lm" and (args.metric is not None or args.limit is not None):
         raise CLIError("quantize: --metric and --limit are for classifiers; language models are scored by perplexity "
                        "(use --eval-windows N for quick runs)")
@@ -162,7 +164,10 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
     model, entry = load_entry_model(args.model, args.data_dir, args, entry)
+    device = resolve_device(args.device)
+    model.to(device)
     score, calib = _scorer(args, entry, ui)
+    calib = calib.to(device)
     t0 = time.perf_counter()
     float_score = score(model, "float eval")
     float_eval_s = time.perf_counter() - t0
@@ -199,6 +204,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "symmetric": not args.asymmetric,
             "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()],
             "gguf": getattr(args, "gguf", None)}
+    model.cpu()  # the packed file is written from the CPU
     storage = measure_storage(model, entry, folder, meta)
     bpw = BitsPerWeight.from_storage(storage)
     head = headline_of(float_score, quant_score, storage, report.seconds)
@@ -276,7 +282,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
             "redundancy": args.redundancy, "limit": args.limit, "limit_sampling": LIMIT_SAMPLING,
-            "data_dir": args.data_dir, "weights": args.weights, "calib_data": args.calib_data,
+            "data_dir": args.data_dir, "device": str(device), "weights": args.weights, "calib_data": args.calib_data,
             "eval_data": args.eval_data, "metric": args.metric,
             "seq_len": float_score.get("seq_len"), "eval_windows": args.eval_windows,
             "quant_config": config_dict(config), "versions": versions(),

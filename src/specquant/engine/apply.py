@@ -162,6 +162,12 @@ def kv_cache_off(model: nn.Module):
             cfg.use_cache = old
 
 
+def model_device(model: nn.Module) -> torch.device | None:
+    """The one device all of ``model``'s parameters and buffers are on, else None (none, or split)."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (0.0 where the platform does not say)."""
     try:
@@ -254,6 +260,7 @@ def quantize(
     batch_size: int = 128,
     patch_fraction: float = 1.0,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s Linear/Conv layers in place, in forward order, and report per layer.
 
@@ -267,6 +274,9 @@ def quantize(
         batch_size: calibration samples per forward pass.
         patch_fraction: share of conv patches kept in the statistics (random, seeded by config.seed).
         progress: show a progress bar over layers on stderr (only when it is a terminal).
+        device: move the model there first (e.g. "cuda"); default: leave it where it is.  The
+            calibration batches are moved to the model's device (when all its parameters share
+            one), and the statistics and the algorithms run there.
 
     Each quantized module keeps its ``QuantizedWeight`` as ``module.qweight`` and its weight
     holds the dequantized values, so the model runs as a fake-quant model; ``specquant.save``
@@ -279,10 +289,17 @@ def quantize(
     if not 0.0 < patch_fraction <= 1.0:
         raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
     method = method_of(config)
+    if device is not None:
+        model.to(device)
     model.eval()
     _check_model(model, config)
+    where = model_device(model)
 
     batches = as_batches(calib, batch_size) if (calib is not None or config.needs_data) else None
+    if batches is not None and where is not None:
+        batches = [b.to(where) for b in batches]
+    if example_input is not None and where is not None:
+        example_input = example_input.to(where)
     if batches is not None:
         check_calibration_finite(batches)
     example = batches[0] if batches else example_input
@@ -537,10 +554,10 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
     """
     row_bits = settings.row_bits
     out = W.shape[0]  # W (out, N0)
-    bt = torch.tensor(row_bits)
-    codes = torch.empty(W.shape, dtype=torch.uint8)  # (out, N0)
-    scale = torch.empty(out, 1)
-    zp = torch.empty(out, 1)
+    bt = torch.tensor(row_bits, device=W.device)
+    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)  # (out, N0)
+    scale = torch.empty(out, 1, device=W.device)
+    zp = torch.empty(out, 1, device=W.device)
     algorithm = None
     for b in sorted(set(row_bits)):
         idx = torch.nonzero(bt == b).flatten()  # (n_b,)
