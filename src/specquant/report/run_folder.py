@@ -154,8 +154,8 @@ def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None
     ax.set_title(title)
     if reference is not None:
         ax.axhline(reference, color="tab:red", ls="--", lw=1.2, label=reference_label or f"y = {reference:g}")
-    if len(errors) > 1 or reference is not None:
-        ax.legend(fontsize=7, ncol=min(4, len(errors) + (reference is not None)))
+    if len(errors) > 1 or reference is not None:  # outside, right of the axes: it never hides a point
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if kappas is not None:
         kx = axes[1][0]
         finite = [k if k is not None and math.isfinite(k) else float("nan") for k in kappas]
