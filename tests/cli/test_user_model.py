@@ -184,10 +184,15 @@ def test_zoo_model_with_your_own_test_file(user_model, tmp_path, capsys):
     x = torch.randn(60, 64, generator=torch.Generator().manual_seed(2))
     y = torch.arange(60) % 10
     np.savez(tmp_path / "digits-test.npz", x=x.numpy(), y=y.numpy())
+    out = tmp_path / "zoo-own-test"
     assert main(["quantize", "digits-mlp", "--method", "rtn", "--bits", "8", "--calib", "64", "--eval-data",
-                 str(tmp_path / "digits-test.npz"), "--json", "--quiet"]) == 0
+                 str(tmp_path / "digits-test.npz"), "--out", str(out), "--json", "--quiet"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["n_test"] == 60
+    # eval of the run folder scores the run's own test file again (recorded in config.json)
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n_test"] == 60 and r["matches_recorded"] is True
 
 
 def test_did_you_mean_and_version(error_line, capsys):

@@ -61,9 +61,12 @@ def cmd_export(args, argv: list[str]) -> int:
 
 
 def entry_example(entry):
-    """An example input for tracing the model of ``entry``: one zero image, or one window of token ids."""
+    """An example input for tracing the model of ``entry``: one zero image, one window of token ids, or
+    (a user's model) the first sample of its test file."""
     import torch
 
     if entry.kind == "lm":
         return torch.zeros((1, min(int(entry.extra.get("seq_len", 128)), 128)), dtype=torch.long)
+    if not entry.input_shape:  # your own model: its shape is that of the first sample of its test file
+        return entry.test(None)[0][:1]
     return torch.zeros((1, *entry.input_shape))
