@@ -153,7 +153,7 @@ def _search_steps(W, stats, scale, zp, spec, col_order, config):
     W_hat = Q.reshape(K, out, n)[best, idx]
     if fp16:
         return torch.stack(cands)[best, idx].reshape(scale.shape).float(), zp, W_hat  # (K, out, 1) → best per row
-    m = torch.tensor(mults, dtype=torch.float64)[best].reshape(scale.shape)
+    m = torch.tensor(mults, dtype=torch.float64, device=best.device)[best].reshape(scale.shape)
     return (scale.double() * m).float(), zp, W_hat
 
 

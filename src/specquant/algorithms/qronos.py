@@ -96,7 +96,7 @@ def largest_eigenvalue(H: torch.Tensor, steps: int = 50) -> float:
     """λ_max of a symmetric positive semidefinite ``H`` (N0, N0) by power iteration from a fixed
     pseudo-random start (deterministic; a slight underestimate at worst, enough for damping)."""
     g = torch.Generator().manual_seed(0)
-    b = torch.rand(H.shape[0], generator=g, dtype=torch.float64)  # (N0,)
+    b = torch.rand(H.shape[0], generator=g, dtype=torch.float64).to(H.device)  # (N0,)
     lam = 0.0
     for _ in range(steps):
         hb = H @ b  # (N0,)

@@ -247,8 +247,8 @@ def _subsample(rows: torch.Tensor, fraction: float, gen: torch.Generator) -> tor
         return rows
     m = rows.shape[1]
     k = max(1, int(round(m * fraction)))
-    idx = torch.randperm(m, generator=gen)[:k]
-    return rows[:, idx]
+    idx = torch.randperm(m, generator=gen)[:k]  # drawn on the CPU: the same patches on any device
+    return rows[:, idx.to(rows.device)]
 
 
 def find_blocks(model: nn.Module, layer_names: list[str]) -> list[str]:
