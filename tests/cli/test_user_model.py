@@ -244,3 +244,15 @@ def test_device_option(tmp_path, capsys, error_line):
     assert json.loads((out / "config.json").read_text())["device"] == expected
     assert main(["eval", str(out), "--device", "auto", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(m["accuracy"], abs=0.3)
+
+
+def test_analyze_your_own_model(user_model, tmp_path, capsys, error_line):
+    builder = f"{user_model['module']}:build"
+    assert "give --calib-data FILE" in error_line(["analyze", builder, "--weights", str(user_model["weights"])])
+    out = tmp_path / "an"
+    assert main(["analyze", builder, "--weights", str(user_model["weights"]), "--calib-data", str(user_model["calib"]),
+                 "--calib", "64", "--out", str(out), "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == builder and r["n_calib"] == 64
+    assert [row["name"] for row in r["layers"]] == ["0", "2"] and r["layers"][0]["shape"] == "32x8"
+    assert (out / "index.html").is_file()

@@ -5,9 +5,18 @@ from __future__ import annotations
 import datetime
 import time
 
-from specquant.cli.common import UI, check_data_dir, command_line, emit_json, peak_rss_mb, staged_run_folder, versions
+from specquant.cli.common import (
+    UI,
+    check_data_dir,
+    command_line,
+    emit_json,
+    load_entry_model,
+    peak_rss_mb,
+    resolve_entry,
+    staged_run_folder,
+    versions,
+)
 from specquant.diagnostics.analyze import analyze, column_glossary
-from specquant.models import get_entry, get_model
 from specquant.report import run_folder as rf
 from specquant.report.run_folder import RunFolder
 
@@ -22,10 +31,10 @@ def _analyze_headline(rows: list[dict]) -> str:
             f"{len(ratios)} (layer, width) cases.")
 
 
-def run_analyze(args, argv: list[str], folder: RunFolder | None, t_total: float):
+def run_analyze(args, argv: list[str], folder: RunFolder | None, t_total: float, entry=None):
     """The work of ``specquant analyze``; with a ``folder``, writes the run folder into its
     staging folder. Returns (result, report)."""
-    model, entry = get_model(args.model, args.data_dir)
+    model, entry = load_entry_model(args.model, args.data_dir, args, entry)
     if args.calib:
         calib = entry.calib(args.calib, args.seed, args.data_dir)
         report = analyze(model, calib=calib)
@@ -65,10 +74,10 @@ def run_analyze(args, argv: list[str], folder: RunFolder | None, t_total: float)
 def cmd_analyze(args, argv: list[str]) -> int:
     ui = UI(args.quiet)
     t_total = time.perf_counter()
-    entry = get_entry(args.model)
+    entry = resolve_entry(args.model, args, need_calib=True, need_eval=False)
     check_data_dir(entry, args.data_dir)
     with staged_run_folder(args.out, args.overwrite) as folder:
-        result, report = run_analyze(args, argv, folder, t_total)
+        result, report = run_analyze(args, argv, folder, t_total, entry)
     ui.say(report.format_table())
     if folder is not None:
         ui.say(f"\nrun folder: {folder.target}  (open {folder.target / 'index.html'})")

@@ -247,14 +247,14 @@ def _with_data_files(entry, args):
                                **repl)
 
 
-def resolve_entry(model: str, args=None, *, need_calib: bool = True):
+def resolve_entry(model: str, args=None, *, need_calib: bool = True, need_eval: bool = True):
     """The model entry of a CLI model argument: a zoo id, a Hugging Face causal-LM folder, or
     ``module:function`` (the user's builder, with ``--weights``, ``--calib-data``, ``--eval-data``
     from ``args``); data files given for a zoo classifier replace its calibration / test data.
     Checks every named file exists, reads none."""
     try:
         if is_entry_point(model) and not Path(model).exists():
-            spec = check_spec(_spec_of(model, args), need_calib=need_calib)
+            spec = check_spec(_spec_of(model, args), need_calib=need_calib, need_eval=need_eval)
             user_code_importable()
             return user_entry(spec)
         if getattr(args, "weights", None) is not None:

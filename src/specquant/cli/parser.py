@@ -150,15 +150,23 @@ def _add_user_data(p: argparse.ArgumentParser) -> None:
                         "reported as metric / float_metric (default: top-1 accuracy in percent)")
 
 
-def _add_user_model(p: argparse.ArgumentParser) -> None:
-    """The options of a MODULE:FUNCTION model (and of data files for a zoo classifier)."""
+def _add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="FILE", default=None,
                    help="MODULE:FUNCTION models: the trained weights, a .safetensors state dict (or .pt, read with "
                         "weights_only=True), loaded with strict=True (default: the weights your function returns)")
+
+
+def _add_calib_data(p: argparse.ArgumentParser, use: str) -> None:
     p.add_argument("--calib-data", metavar="FILE", default=None,
-                   help="calibration inputs from a file (required for MODULE:FUNCTION models; --calib N of them are "
-                        f"drawn with --seed): {DATA_FORMAT_HELP.replace(' [and y (N,) for --eval-data]', '')} "
-                        "(default: the zoo model's training split)")
+                   help=f"calibration inputs from a file (required for MODULE:FUNCTION models; {use}): "
+                        f"{DATA_FORMAT_HELP.replace(' [and y (N,) for --eval-data]', '')} (default: the zoo model's "
+                        "training split)")
+
+
+def _add_user_model(p: argparse.ArgumentParser) -> None:
+    """The options of a MODULE:FUNCTION model (and of data files for a zoo classifier)."""
+    _add_weights(p)
+    _add_calib_data(p, "--calib N of them are drawn with --seed")
     _add_user_data(p)
 
 
@@ -315,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
                    help="evaluate on N test samples only, a class-stratified subset seeded like the run's (--seed of "
                         "the run folder, else 0) (default: all, or the run folder's limit)")
-    p.add_argument("--weights", metavar="FILE", default=None,
-                   help="MODULE:FUNCTION targets: the trained weights (.safetensors or .pt state dict) (default: the "
-                        "weights your function returns)")
+    _add_weights(p)
     _add_user_data(p)
     p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
                    default=None,
@@ -355,11 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
     # analyze ---------------------------------------------------------------------------------
     p = sub.add_parser(
         "analyze", formatter_class=_Formatter, help="per-layer spectral and statistics table",
-        description=_wrap("Per-layer diagnostics of a zoo model: norms, condition number, ranks, weight statistics, "
+        description=_wrap("Per-layer diagnostics of a zoo model or your own (MODULE:FUNCTION): norms, condition "
+                          "number, ranks, weight statistics, "
                     "measured RTN error against the bounds."))
-    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models})")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"zoo id ({models}) or MODULE:FUNCTION (your builder, with --weights and --calib-data)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=None,
                    help="also use N calibration samples for the output-error bound (default: none, weights only)")
+    _add_weights(p)
+    _add_calib_data(p, "two of them fold BatchNorm and give the layer order, --calib N feed the bounds")
     p.add_argument("--seed", metavar="S", type=_seed, default=0, help="seed of the calibration draw (default: 0)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help=f"write a run folder here: metrics.json, layers.csv, a κ plot, index.html; {OUT_HELP} "

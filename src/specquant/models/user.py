@@ -246,9 +246,9 @@ def check_data_file(path: str, option: str, suffixes: tuple[str, ...] = DATA_SUF
     return str(p.resolve())
 
 
-def check_spec(spec: UserModelSpec, *, need_calib: bool) -> UserModelSpec:
+def check_spec(spec: UserModelSpec, *, need_calib: bool, need_eval: bool = True) -> UserModelSpec:
     """``spec`` with absolute paths, after checking that each named file exists (before any work)."""
-    if spec.eval_data is None:
+    if need_eval and spec.eval_data is None:
         raise ValueError(f"model {spec.builder!r} is your own code, so specquant knows no test set for it: give "
                          "--eval-data FILE (inputs and targets)")
     if need_calib and spec.calib_data is None:
@@ -257,7 +257,7 @@ def check_spec(spec: UserModelSpec, *, need_calib: bool) -> UserModelSpec:
     return dataclasses.replace(
         spec, weights=None if spec.weights is None else check_data_file(spec.weights, "--weights", WEIGHT_SUFFIXES),
         calib_data=None if spec.calib_data is None else check_data_file(spec.calib_data, "--calib-data"),
-        eval_data=check_data_file(spec.eval_data, "--eval-data"))
+        eval_data=None if spec.eval_data is None else check_data_file(spec.eval_data, "--eval-data"))
 
 
 def _build(builder: str) -> nn.Module:
@@ -283,6 +283,10 @@ def file_test(path: str, data_dir: DataDir = None) -> tuple[torch.Tensor, torch.
     return d.x, d.y
 
 
+def _no_test(data_dir: DataDir = None):
+    raise ValueError("no --eval-data given: your model has no test set")
+
+
 def user_entry(spec: UserModelSpec) -> ZooEntry:
     """A model entry (kind "classifier": inputs in, outputs scored against targets; not registered)
     for the user's builder and data files (``spec`` checked by :func:`check_spec`)."""
@@ -300,7 +304,7 @@ def user_entry(spec: UserModelSpec) -> ZooEntry:
 
     return ZooEntry(id=spec.builder, kind="classifier", description=f"your model {spec.builder}",
                     build=functools.partial(_build, spec.builder), load=load, calib=calib,
-                    test=functools.partial(file_test, spec.eval_data), input_shape=(),
+                    test=functools.partial(file_test, spec.eval_data) if spec.eval_data else _no_test, input_shape=(),
                     needs_data_dir=False, extra={"user_model": spec})
 
 
