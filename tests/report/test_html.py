@@ -14,7 +14,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class Page(HTMLParser):
-    """Collects tables (id -> rows of cell texts), image sources and every external reference."""
+    """Collects tables (id -> rows of cell texts; a header cell reads as its JSON key, the ``title``
+    of the ``th``), image sources, figure captions, ``<details>`` and every external reference."""
 
     def __init__(self):
         super().__init__()
@@ -25,7 +26,11 @@ class Page(HTMLParser):
         self._table = None
         self._row = None
         self._cell = None
+        self._key = None
         self.text: list[str] = []
+        self.details_open: list[bool] = []
+        self.scroll_boxes = 0
+        self.ids: set[str] = set()
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -36,10 +41,17 @@ class Page(HTMLParser):
             self._row = []
         elif tag in ("td", "th") and self._row is not None:
             self._cell = []
+            self._key = a.get("title") if tag == "th" else None
         elif tag == "img":
             self.images.append(a.get("src", ""))
         elif tag == "script":
             self.scripts += 1
+        elif tag == "details":
+            self.details_open.append("open" in a)
+        elif tag == "div" and a.get("class") == "scroll":
+            self.scroll_boxes += 1
+        if "id" in a:
+            self.ids.add(a["id"])
         for key in ("href", "src"):
             v = a.get(key)
             if v and not v.startswith("data:") and not v.startswith("#"):
@@ -47,8 +59,8 @@ class Page(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self._cell is not None:
-            self._row.append("".join(self._cell).strip())
-            self._cell = None
+            self._row.append(self._key if self._key is not None else "".join(self._cell).strip())
+            self._cell = self._key = None
         elif tag == "tr" and self._row is not None:
             self.tables[self._table].append(self._row)
             self._row = None

@@ -72,8 +72,8 @@ def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.T
             raise ValueError("the 'authors' step rule needs a symmetric grid")
         delta = c_alpha * W.abs().amax(dim=1).mean() / (1 << (spec.bits - 1))
         shape = gran.scale_shape(tuple(W.shape))
-        scale = torch.full(shape, float(delta))
-        return scale, torch.full(shape, spec.symmetric_zero_point)
+        scale = torch.full(shape, float(delta), device=W.device)
+        return scale, torch.full(shape, spec.symmetric_zero_point, device=W.device)
     if rule == "output-mse" and (H is None or gran.kind != "channel" or spec.kind == "binary"):
         rule = "mse"
     if rule != "output-mse":
@@ -100,7 +100,7 @@ def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.T
         blocks.append(torch.cat(parts))  # (K, rows)
     err = torch.cat(blocks, dim=1)  # (K, out)
     best = err.argmin(dim=0)  # (out,)
-    idx = torch.arange(W.shape[0])
+    idx = torch.arange(W.shape[0], device=err.device)
     s, z = s[best, idx], z[best, idx]
     shape = gran.scale_shape(tuple(W.shape))
     return s.float().reshape(shape), z.float().reshape(shape)
@@ -136,5 +136,5 @@ def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     """Processing order of the input columns: by decreasing ‖X̃_t‖² (activation order) or natural."""
     n = H.shape[0]
     if not act_order:
-        return torch.arange(n)
+        return torch.arange(n, device=H.device)
     return torch.argsort(torch.diagonal(H), descending=True, stable=True)

@@ -84,8 +84,9 @@ def path_follow(
     St = S.double()[:, col_order].T.contiguous()  # (N0, out)
     Zt = Z.double()[:, col_order].T.contiguous()  # (N0, out)
     n, out = Wt.shape
-    V = torch.zeros(n, out, dtype=torch.float64) if V0 is None else V0.double()[:, col_order].T.contiguous()
-    Q = torch.zeros(n, out, dtype=torch.float64)  # (N0, out)
+    V = (torch.zeros(n, out, dtype=torch.float64, device=Wt.device) if V0 is None
+         else V0.double()[:, col_order].T.contiguous())
+    Q = torch.zeros(n, out, dtype=torch.float64, device=Wt.device)  # (N0, out)
     d = torch.diagonal(H).clone()
     g = torch.diagonal(G).clone()
     qmin, qmax = spec.qmin, spec.qmax
@@ -148,11 +149,11 @@ def _search_steps(W, stats, scale, zp, spec, col_order, config):
     Q = refine_codes(Wk, Q, stats.H, stats.G, Ss, Zs, spec, config.refine_sweeps, col_order, config.block_size)
     err = row_output_error(Wk, Q, stats.H, stats.G, None).reshape(K, out)  # (K, out), up to a per-row constant
     best = err.argmin(0)  # (out,)
-    idx = torch.arange(out)
+    idx = torch.arange(out, device=Q.device)
     W_hat = Q.reshape(K, out, n)[best, idx]
     if fp16:
         return torch.stack(cands)[best, idx].reshape(scale.shape).float(), zp, W_hat  # (K, out, 1) → best per row
-    m = torch.tensor(mults, dtype=torch.float64)[best].reshape(scale.shape)
+    m = torch.tensor(mults, dtype=torch.float64, device=best.device)[best].reshape(scale.shape)
     return (scale.double() * m).float(), zp, W_hat
 
 

@@ -105,7 +105,7 @@ def gptq_core(W: torch.Tensor, H: torch.Tensor, S: torch.Tensor, Z: torch.Tensor
     Z = Z.double()[:, col_order]
     n = W.shape[1]
     mean_diag = torch.diagonal(H).mean()
-    H += damp * mean_diag * torch.eye(n, dtype=torch.float64)
+    H += damp * mean_diag * torch.eye(n, dtype=torch.float64, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.cholesky_inverse(L)
@@ -173,7 +173,7 @@ def _search_steps(W, stats, scale, zp, spec, col_order, config, layer):
     Q = _gptq_refined(Wk, stats, S, Z, spec, col_order, config, layer)
     err = row_output_error(Wk, Q, stats.H, stats.G, None).reshape(K, out)  # up to a per-row constant
     best = err.argmin(0)  # (out,)
-    idx = torch.arange(out)
+    idx = torch.arange(out, device=err.device)
     pick = torch.stack(steps)[best, idx].reshape(scale.shape).float()  # (K, out, 1) → best per row
     pick_z = torch.stack(zps)[best, idx].reshape(zp.shape).float()
     return pick, pick_z, Q.reshape(K, out, n)[best, idx]

@@ -96,7 +96,7 @@ def largest_eigenvalue(H: torch.Tensor, steps: int = 50) -> float:
     """λ_max of a symmetric positive semidefinite ``H`` (N0, N0) by power iteration from a fixed
     pseudo-random start (deterministic; a slight underestimate at worst, enough for damping)."""
     g = torch.Generator().manual_seed(0)
-    b = torch.rand(H.shape[0], generator=g, dtype=torch.float64)  # (N0,)
+    b = torch.rand(H.shape[0], generator=g, dtype=torch.float64).to(H.device)  # (N0,)
     lam = 0.0
     for _ in range(steps):
         hb = H @ b  # (N0,)
@@ -157,7 +157,7 @@ def qronos_core(
     if n == 1:
         return q1[:, None]
     # 2. shape the future: ridge least squares for the other columns given q1.
-    A = H[1:, 1:] + lam * torch.eye(n - 1, dtype=torch.float64)  # (N0−1, N0−1)
+    A = H[1:, 1:] + lam * torch.eye(n - 1, dtype=torch.float64, device=H.device)  # (N0−1, N0−1)
     try:
         L = torch.linalg.cholesky(A)  # (N0−1, N0−1) lower
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of A⁻¹

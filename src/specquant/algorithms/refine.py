@@ -57,7 +57,7 @@ def refine_codes(
             for r in range(0, W.shape[0], row_chunk)
         ])
     n = W.shape[1]
-    perm = torch.arange(n) if col_order is None else col_order
+    perm = torch.arange(n, device=W.device) if col_order is None else col_order.to(W.device)
     # Transposed (N0, out) copies in visiting order: coordinate t of every neuron is one contiguous row.
     Hd = H.double()[perm][:, perm]  # (N0, N0)
     Qt = W_hat.double()[:, perm].T.contiguous()  # (N0, out)
@@ -70,7 +70,8 @@ def refine_codes(
         changed = False
         for i0 in range(0, n, block_size):
             i1 = min(i0 + block_size, n)
-            D = torch.zeros(i1 - i0, Qt.shape[1], dtype=torch.float64)  # (B, out) code changes in this block
+            # (B, out) code changes in this block
+            D = torch.zeros(i1 - i0, Qt.shape[1], dtype=torch.float64, device=Qt.device)
             for t in range(i0, i1):
                 if d[t] <= 0:
                     continue

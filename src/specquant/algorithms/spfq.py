@@ -62,8 +62,8 @@ def align(W: torch.Tensor, stats: LayerStats, order_r: int, col_order: torch.Ten
     if order_r == 1:
         return W
     n = W.shape[1]
-    dummy = torch.ones(W.shape, dtype=torch.float64)
-    zero = torch.zeros(W.shape, dtype=torch.float64)
+    dummy = torch.ones(W.shape, dtype=torch.float64, device=W.device)
+    zero = torch.zeros(W.shape, dtype=torch.float64, device=W.device)
     spec = GridSpec(8, "narrow")  # unused by continuous passes
     Wt = path_follow(W, stats.H, stats.G, dummy, zero, spec, col_order, block_size=block_size, quantize=False)
     for _ in range(order_r - 2):

@@ -33,6 +33,7 @@ from specquant.models import DataNotFoundError, get_model
 from specquant.models.data import data_dir as resolve_data_dir
 from specquant.models.llama2c import BOS_ID, greedy_generate
 from specquant.report import run_folder as rf
+from specquant.report.decide import BPW_DEFINITION, BitsPerWeight, Recommendation, mark_sweep, size_vs_float
 from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
 
@@ -78,10 +79,21 @@ def run_demo_lm(args, ui: UI, folder: RunFolder) -> tuple[list[dict], str | None
                                        {"model": DEMO_LM, "method": DEMO_LM_METHOD, "bits": bits, "seed": args.seed})
             rows.append({"model": DEMO_LM, "method": DEMO_LM_METHOD, "bits": bits, "perplexity": res.perplexity,
                          "float_perplexity": float_res.perplexity, "tokens": res.tokens, "seq_len": DEMO_LM_SEQ_LEN,
-                         "bits_per_weight": storage["bits_per_weight"], "quant_seconds": report.seconds,
-                         "file": f"models/{name}", "sample": sample(m)})
+                         "bits_per_weight": storage["bits_per_weight"], "size_vs_float": size_vs_float(storage),
+                         "quant_seconds": report.seconds, "file": f"models/{name}", "sample": sample(m)})
             bar.update(1)
+    mark_sweep(rows[1:], float_res.perplexity, score_key="perplexity", perplexity=True)
     return rows, None
+
+
+def recommendation_text(runs: list[dict], rec: Recommendation, float_acc: float) -> str:
+    """One line: the recommended run, its figures against float, and the rule."""
+    if rec.index is None:
+        return f"no recommendation ({rec.rule})"
+    r = runs[rec.index]
+    return (f"Recommended: {r['method']} at {r['bits']} bits: accuracy {r['accuracy']:.2f} % ({r['change']:+.2f} "
+            f"points vs float {float_acc:.2f} %, ± {r['noise']:.2f} s.e.), {r['bits_per_weight']:.2f} bits per weight, "
+            f"{r['size_vs_float']:.1f}× smaller than float32. Rule: {rec.rule}.")
 
 
 def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -> tuple[dict, list[dict]]:
@@ -121,6 +133,8 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
                     "avg_bits": report.avg_bits,
                     "bits_per_weight": storage["bits_per_weight"],
                     "bits_per_weight_payload": payload_bpw(storage),
+                    "bits_per_weight_split": BitsPerWeight.from_storage(storage).to_dict(),
+                    "size_vs_float": size_vs_float(storage),
                     "accuracy": acc, "float_accuracy": float_acc, "accuracy_drop": float_acc - acc,
                     "seed": args.seed, "n_calib": report.n_calib, "n_test": int(x_test.shape[0]),
                     "file": f"models/{name}", "file_bytes": storage["file_bytes"],
@@ -129,6 +143,7 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
                 layer_rows.extend({"method": method, "run_bits": bits, **row} for row in layers)
                 bar.update(1)
 
+    rec = mark_sweep(runs, float_acc)
     lm_rows, lm_skipped = run_demo_lm(args, ui, folder)
     if lm_skipped:
         ui.say(lm_skipped)
@@ -149,6 +164,7 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
         **stamp, "command": "demo", "model": DEMO_MODEL, "float_accuracy": float_acc, "seed": args.seed,
         "n_calib": int(calib.shape[0]), "n_test": int(x_test.shape[0]), "methods": list(methods),
         "bits": list(DEMO_BITS), "frame_redundancy_setting": args.redundancy,
+        "recommended": {**rec.to_dict(), "text": recommendation_text(runs, rec, float_acc)},
         "runs": runs, "frame_redundancy": sweeps, "language_model": lm_rows, "language_model_skipped": lm_skipped,
         "total_seconds": time.perf_counter() - t_total, "peak_rss_mb": peak_rss_mb(),
     }
@@ -165,9 +181,10 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
         f"{DEMO_MODEL}: MLP {'-'.join(map(str, entry.extra.get('sizes', [])))} trained on scikit-learn's digits, "
         f"float accuracy {float_acc:.2f} % on {x_test.shape[0]} test images; {calib.shape[0]} calibration samples "
         f"from the training split; per-channel scales.",
-        "bits_per_weight is the true storage read from each saved file (codes, scales and headers, per quantized "
-        "weight); bits_per_weight_payload leaves the file headers out. On a model this small the headers cost "
-        "about one bit per weight.",
+        BPW_DEFINITION + "; bits_per_weight_payload leaves the file headers out. On a model this small the headers "
+        "cost about one bit per weight. Δ vs float is in accuracy points, ± s.e. the binomial standard error of the "
+        "accuracy on this test set: differences smaller than about twice it are noise. Pareto-optimal: no other row "
+        "is both at least as small and at least as accurate.",
         f"frame: data-free Sigma-Delta over a harmonic tight frame with redundancy {args.redundancy}, so it stores "
         f"about {args.redundancy} × the code bits per weight.",
         lm_skipped or (f"{DEMO_LM}: the llama2.c TinyStories Llama, {DEMO_LM_METHOD} per-channel symmetric, "
@@ -178,10 +195,33 @@ def run_demo(args, argv: list[str], ui: UI, folder: RunFolder, t_total: float) -
     ]
     metrics["total_seconds"] = time.perf_counter() - t_total
     metrics["peak_rss_mb"] = peak_rss_mb()
+    captions = {
+        "accuracy_vs_bits.png": "top-1 accuracy against the file's bits per weight, one line per method; the dashed "
+                                "line is float. The best methods sit top left: look for the one that stays near the "
+                                "dashed line at the fewest bits.",
+        "layers.png": f"at {mid} bits, each layer's relative output error per method (top, log scale) and its "
+                      "condition number κ (bottom): the layer where the methods differ most is where the data-driven "
+                      "ones earn their keep.",
+        "frame_redundancy.png": "frame Sigma-Delta: weight error against redundancy, one line per code width, each "
+                                "point labelled with the bits per weight it stores; look for where a curve flattens.",
+    }
+    headline = [metrics["recommended"]["text"]]
+    lm_rec = next((r for r in lm_rows if r.get("recommended")), None)
+    if lm_rec is not None:
+        headline.append(f"{DEMO_LM}: recommended {lm_rec['method']} at {lm_rec['bits']} bits: perplexity "
+                        f"{lm_rec['perplexity']:.2f} ({lm_rec['change']:+.2f} vs float "
+                        f"{lm_rec['float_perplexity']:.2f}), file {lm_rec['size_vs_float']:.1f}× smaller than "
+                        "float32. Rule: smallest model within 5 % of float perplexity.")
     rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layer_rows, plots=plots,
                         summary=summary, title=f"specquant demo: {DEMO_MODEL}, every method at 2, 3 and 4 bits",
-                        notes=notes, sections=[(f"Language model: {DEMO_LM}", lm_rows)] if lm_rows else [])
+                        notes=notes, sections=[(f"Language model: {DEMO_LM}", lm_rows)] if lm_rows else [],
+                        headline=headline, captions=captions)
     return metrics, summary
+
+
+def _mark(row: dict) -> str:
+    """★ for the recommended row, ◆ for a Pareto-optimal one."""
+    return ("★" if row.get("recommended") else "") + ("◆" if row.get("pareto") else "")
 
 
 def cmd_demo(args, argv: list[str]) -> int:
@@ -194,18 +234,24 @@ def cmd_demo(args, argv: list[str]) -> int:
     out = folder.target
 
     ui.say("")
-    ui.say(format_table(summary, [("method", "method"), ("bits", "bits"), ("accuracy", "accuracy %"),
-                                  ("bits_per_weight", "bits/weight (file)"),
-                                  ("bits_per_weight_payload", "bits/weight (payload)"),
-                                  ("quant_seconds", "seconds")]))
+    marked = [dict(r, mark=_mark(r), change=f"{r['change']:+.2f}", noise=f"{r['noise']:.2f}") for r in summary]
+    ui.say(format_table(marked, [("mark", ""), ("method", "method"), ("bits", "bits"), ("accuracy", "accuracy %"),
+                                 ("change", "Δ vs float"), ("noise", "± s.e."),
+                                 ("bits_per_weight", "bits/weight (file)"), ("size_vs_float", "× smaller"),
+                                 ("quant_seconds", "seconds")]))
+    ui.say("★ recommended, ◆ Pareto-optimal (no other row at least as small and as accurate); ± s.e.: binomial "
+           "standard error of the accuracy.")
+    ui.say(metrics["recommended"]["text"])
     ui.say(f"\nfloat accuracy {metrics['float_accuracy']:.2f} %; frame uses redundancy {args.redundancy} "
            f"(bits = bits per code).")
     if metrics["language_model"]:
         ui.say("")
-        ui.say(format_table(metrics["language_model"], [("model", "model"), ("method", "method"), ("bits", "bits"),
-                                                        ("perplexity", "perplexity"),
-                                                        ("bits_per_weight", "bits/weight (file)"),
-                                                        ("quant_seconds", "seconds")]))
+        lm = [dict(r, mark=_mark(r), change=f"{r['change']:+.2f}" if "change" in r else None)
+              for r in metrics["language_model"]]
+        ui.say(format_table(lm, [("mark", ""), ("model", "model"), ("method", "method"), ("bits", "bits"),
+                                 ("perplexity", "perplexity"), ("change", "Δ vs float"),
+                                 ("bits_per_weight", "bits/weight (file)"), ("size_vs_float", "× smaller"),
+                                 ("quant_seconds", "seconds")]))
         for r in metrics["language_model"]:
             ui.say(f"  {r['method']} {r['bits']}-bit sample: {r['sample'][:100]!r}")
     ui.say(f"Total {metrics['total_seconds']:.1f} s.")

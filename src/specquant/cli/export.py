@@ -62,10 +62,13 @@ def cmd_export(args, argv: list[str]) -> int:
 
 def entry_example(entry, data_dir=None):
     """An example input for tracing and checking the model of ``entry``: two calibration samples
-    (seed 0), or one calibration window of 64 tokens for a language model."""
+    (seed 0), one calibration window of 64 tokens for a language model, or (a user's model) the first
+    samples of its test file."""
     try:
         if entry.kind == "lm":
             return entry.calib(1, 0, data_dir, seq_len=64)
+        if not entry.input_shape:  # your own model: its test file gives the shape
+            return entry.test(data_dir)[0][:2]
         return entry.calib(2, 0, data_dir)
     except ValueError as e:
         raise CLIError(f"no example input for {entry.id!r}: {e}") from None

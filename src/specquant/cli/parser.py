@@ -6,6 +6,7 @@ import argparse
 import math
 import textwrap
 
+from specquant._version import __version__
 from specquant.algorithms import get_method, method_choices, method_names
 from specquant.algorithms.frame import FrameConfig
 from specquant.cli.analyze import cmd_analyze
@@ -18,6 +19,7 @@ from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
 from specquant.core.actquant import ACT_CALIBRATORS
 from specquant.core.grid import Granularity
 from specquant.models import list_models
+from specquant.models.user import DATA_FORMAT_HELP
 
 DEFAULT_CALIB = 512
 
@@ -138,6 +140,51 @@ OVERWRITE_HELP = ("let --out replace an existing non-empty folder: the old folde
                   "(default: off, a non-empty --out is refused)")
 
 
+def _add_user_data(p: argparse.ArgumentParser) -> None:
+    """--eval-data and --metric (quantize and eval)."""
+    p.add_argument("--eval-data", metavar="FILE", default=None,
+                   help=f"test inputs and targets from a file instead of the zoo test set (required for "
+                        f"MODULE:FUNCTION models): {DATA_FORMAT_HELP} (default: the model's own test set)")
+    p.add_argument("--metric", metavar="MODULE:FUNCTION", type=_entry_point, default=None,
+                   help="score with your function metric(outputs, targets) -> float, called once on the outputs of "
+                        "the whole test set (outputs: the model's output tensor, targets: the y of --eval-data); "
+                        "reported as metric / float_metric (default: top-1 accuracy in percent)")
+
+
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="MODULE:FUNCTION models: the trained weights, a .safetensors state dict (or .pt, read with "
+                        "weights_only=True), loaded with strict=True (default: the weights your function returns)")
+
+
+def _add_calib_data(p: argparse.ArgumentParser, use: str) -> None:
+    p.add_argument("--calib-data", metavar="FILE", default=None,
+                   help=f"calibration inputs from a file (required for MODULE:FUNCTION models; {use}): "
+                        f"{DATA_FORMAT_HELP.replace(' [and y (N,) for --eval-data]', '')} (default: the zoo model's "
+                        "training split)")
+
+
+def _add_user_model(p: argparse.ArgumentParser) -> None:
+    """The options of a MODULE:FUNCTION model (and of data files for a zoo classifier)."""
+    _add_weights(p)
+    _add_calib_data(p, "--calib N of them are drawn with --seed")
+    _add_user_data(p)
+
+
+def _device(text: str) -> str:
+    t = text.strip().lower()
+    if t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", metavar="D", type=_device, default="cpu",
+                   help="where the model, the calibration statistics and the algorithms run: cpu, cuda, cuda:N, or "
+                        "auto (CUDA when torch sees one, else the CPU); the packed model is saved from the CPU "
+                        "(default: cpu)")
+
+
 def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     p.add_argument("--json", action="store_true",
                    help=json_help + " Human tables still go to stderr. (default: off)")
@@ -158,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(RTN, GPFQ, SPFQ, GPTQ, Qronos, frame Sigma-Delta, AWQ)."),
         epilog=f"zoo models: {models}\nrun 'specquant COMMAND --help' for the options of each command.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     # demo ------------------------------------------------------------------------------------
@@ -192,8 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.safetensors (evaluate it again with 'specquant eval DIR'), plots, index.html."),
         epilog=f"zoo models: {models}\n"
                "example: specquant quantize resnet20-cifar10 --method gpfq --bits 4 --calib 512 --json")
-    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models}) or a Hugging Face causal-LM folder "
-                                                  "(config.json, *.safetensors, tokenizer files)")
+    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models}), a Hugging Face causal-LM folder "
+                                                  "(config.json, *.safetensors, tokenizer files), or MODULE:FUNCTION: "
+                                                  "your own function that returns the torch.nn.Module (imported from "
+                                                  "PYTHONPATH or the current folder, because you name it), with "
+                                                  "--weights, --calib-data and --eval-data")
+    _add_user_model(p)
     p.add_argument("--method", required=True, choices=method_choices(), metavar="METHOD",
                    help="; ".join(f"{m}: {get_method(m).summary}" for m in method_names())
                    + ". awq+NAME (" + ", ".join(c for c in method_choices() if c.startswith("awq+"))
@@ -250,8 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --policy sensitivity: choose a width per output channel instead of per layer "
                         "(rows of a layer may then differ; each is stored at its own width) (default: per layer)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
-                   help="evaluate on the first N test images only, for quick checks (default: all)")
+                   help="evaluate on N test samples only, for quick checks: a subset seeded by --seed in which every "
+                        "class keeps its share (test files sorted by class, like CIFAR-10's, stay representative); "
+                        "classifiers only (default: all)")
     _add_lm(p)
+    _add_device(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
     p.set_defaults(func=cmd_quantize)
 
@@ -269,15 +325,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "name the same run (run_id) and model.safetensors must have the SHA-256 they record, "
                     "else eval fails; a folder from an older specquant records neither and is evaluated "
                     "with \"verified\": false."))
-    p.add_argument("target", metavar="MODEL_OR_DIR_OR_FILE", help=f"zoo id ({models}), run folder or file")
+    p.add_argument("target", metavar="MODEL_OR_DIR_OR_FILE",
+                   help=f"zoo id ({models}), MODULE:FUNCTION (your builder, with --weights and --eval-data), run "
+                        "folder or file")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
-                   help="evaluate on the first N test images only (default: all, or the run folder's limit)")
+                   help="evaluate on N test samples only, a class-stratified subset seeded like the run's (--seed of "
+                        "the run folder, else 0) (default: all, or the run folder's limit)")
+    _add_weights(p)
+    _add_user_data(p)
     p.add_argument("--allow-entry-point", metavar="MODULE:FUNCTION", action="append", type=_entry_point,
                    default=None,
                    help="loading a file that names this architecture builder (instead of a zoo id) will import "
                         "and call it; only for files you trust; repeat for several (default: off, such files "
                         "are refused)")
     _add_lm(p)
+    _add_device(p)
     _add_common(p, json_help="print the result as one JSON object on stdout.")
     p.set_defaults(func=cmd_eval)
 
@@ -307,11 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     # analyze ---------------------------------------------------------------------------------
     p = sub.add_parser(
         "analyze", formatter_class=_Formatter, help="per-layer spectral and statistics table",
-        description=_wrap("Per-layer diagnostics of a zoo model: norms, condition number, ranks, weight statistics, "
+        description=_wrap("Per-layer diagnostics of a zoo model or your own (MODULE:FUNCTION): norms, condition "
+                          "number, ranks, weight statistics, "
                     "measured RTN error against the bounds."))
-    p.add_argument("model", metavar="MODEL", help=f"zoo id ({models})")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"zoo id ({models}) or MODULE:FUNCTION (your builder, with --weights and --calib-data)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=None,
                    help="also use N calibration samples for the output-error bound (default: none, weights only)")
+    _add_weights(p)
+    _add_calib_data(p, "two of them fold BatchNorm and give the layer order, --calib N feed the bounds")
     p.add_argument("--seed", metavar="S", type=_seed, default=0, help="seed of the calibration draw (default: 0)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help=f"write a run folder here: metrics.json, layers.csv, a κ plot, index.html; {OUT_HELP} "

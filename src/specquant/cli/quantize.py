@@ -12,10 +12,12 @@ from specquant.cli.common import (
     FRAME_SWEEP,
     UI,
     CLIError,
+    EtaProgress,
     check_data_dir,
     command_line,
     config_dict,
     emit_json,
+    entry_metric,
     evaluate,
     folded_float,
     layer_records,
@@ -26,6 +28,7 @@ from specquant.cli.common import (
     measure_storage,
     payload_bpw,
     peak_rss_mb,
+    resolve_device,
     resolve_entry,
     staged_run_folder,
     versions,
@@ -33,9 +36,11 @@ from specquant.cli.common import (
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
 from specquant.mixed import allocate
 from specquant.report import run_folder as rf
+from specquant.report.decide import BPW_DEFINITION, BitsPerWeight, Headline, budget_note, size_vs_float
 from specquant.report.run_folder import RunFolder
 from specquant.report.table import format_table
 
+LIMIT_SAMPLING = "stratified by class, seeded by --seed"  # how --limit picks test samples
 POLICIES = ("sensitivity", "spectral", "spectral-knapsack")  # specquant.mixed.POLICIES
 # --gguf TYPE -> (bits, symmetric, scale dtype); always groups of 32 inputs
 GGUF_GRIDS = {"q4_0": (4, True, "float16"), "q4_1": (4, False, "float16-q4_1"), "q8_0": (8, True, "float16")}
@@ -51,8 +56,11 @@ def base_method(args) -> str:
 
 
 def quantize_config(args):
-    """Every check of ``specquant quantize``'s arguments, before any work; returns the algorithm config."""
-    entry = resolve_entry(args.model)
+    """Every check of ``specquant quantize``'s arguments, before any data is read or any model
+    loaded; returns (the algorithm config, the model entry)."""
+    if args.avg_bits is not None and args.bits is not None:
+        raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
+    entry = resolve_entry(args.model, args)
     if getattr(args, "gguf", None) is not None:
         _gguf_args(args)
     if args.avg_bits is None and args.bits is None:
@@ -61,8 +69,6 @@ def quantize_config(args):
         raise CLIError("quantize: --avg-bits needs --policy (sensitivity, spectral or spectral-knapsack)")
     if args.policy is not None and args.avg_bits is None:
         raise CLIError("quantize: --policy needs --avg-bits A")
-    if args.avg_bits is not None and args.bits is not None:
-        raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
     if args.redundancy is not None and base_method(args) != "frame":
         raise CLIError("quantize: --redundancy applies to --method frame only")
     if args.per_channel_bits and args.policy != "sensitivity":
@@ -76,7 +82,11 @@ def quantize_config(args):
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
                          symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
     check_data_dir(entry, args.data_dir)
-    return _act_config(args, config)
+    resolve_device(args.device)
+    if entry.kind == "lm" and (args.metric is not None or args.limit is not None):
+        raise CLIError("quantize: --metric and --limit are for classifiers; language models are scored by perplexity "
+                       "(use --eval-windows N for quick runs)")
+    return _act_config(args, config), entry
 
 
 def _act_config(args, config):
@@ -131,13 +141,20 @@ def _scorer(args, entry, ui: UI):
             r["summary"] = f"perplexity {r['perplexity']:.3f} on {r['tokens']} tokens ({r['windows']} × {seq_len})"
             return r
         return score_lm, calib
-    x_test, y_test = load_test_set(entry, args.data_dir, args.limit)
-    calib = entry.calib(args.calib, args.seed, args.data_dir)
+    x_test, y_test = load_test_set(entry, args.data_dir, args.limit, args.seed)
+    try:
+        calib = entry.calib(args.calib, args.seed, args.data_dir)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    metric = entry_metric(entry, args)
 
     def score_classifier(model, desc: str) -> dict:
-        acc = evaluate(model, x_test, y_test, ui, desc)
-        return {"accuracy": acc, "n_test": int(x_test.shape[0]),
-                "summary": f"{acc:.2f} % top-1 on {x_test.shape[0]} test images"}
+        v = evaluate(model, x_test, y_test, ui, desc, metric=metric)
+        if metric is not None:
+            return {"metric": v, "metric_name": metric[0], "n_test": int(x_test.shape[0]),
+                    "summary": f"{metric[0]} = {v:.6g} on {x_test.shape[0]} test samples"}
+        return {"accuracy": v, "n_test": int(x_test.shape[0]),
+                "summary": f"{v:.2f} % top-1 on {x_test.shape[0]} test samples"}
     return score_classifier, calib
 
 
@@ -147,11 +164,15 @@ def _score_keys(float_score: dict, quant_score: dict) -> dict:
         keys = {"perplexity": quant_score["perplexity"], "float_perplexity": float_score["perplexity"]}
         keys.update({k: quant_score[k] for k in ("tokens", "predicted_tokens", "windows", "seq_len")})
         return keys
+    if "metric" in quant_score:
+        return {"metric_name": quant_score["metric_name"], "metric": quant_score["metric"],
+                "float_metric": float_score["metric"], "metric_change": quant_score["metric"] - float_score["metric"],
+                "n_test": quant_score["n_test"]}
     return {"accuracy": quant_score["accuracy"], "float_accuracy": float_score["accuracy"],
             "accuracy_drop": float_score["accuracy"] - quant_score["accuracy"], "n_test": quant_score["n_test"]}
 
 
-def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None) -> dict:
+def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None, entry=None) -> dict:
     """The work of ``specquant quantize`` with the checked ``config`` (see :func:`quantize_config`);
     returns the metrics. With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
     folder into its staging folder, ``config.json`` and ``metrics.json`` stamped with its
@@ -159,8 +180,11 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     t_total = time.perf_counter()
     mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
-    model, entry = load_entry_model(args.model, args.data_dir)
+    model, entry = load_entry_model(args.model, args.data_dir, args, entry)
+    device = resolve_device(args.device)
+    model.to(device)
     score, calib = _scorer(args, entry, ui)
+    calib = calib.to(device)
     t0 = time.perf_counter()
     float_score = score(model, "float eval")
     float_eval_s = time.perf_counter() - t0
@@ -170,7 +194,9 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     if mixed:
         per = "channel" if args.per_channel_bits else "layer"
         ui.say(f"allocating bits per {per} ({args.policy} policy, {args.avg_bits} bits on average) ...")
-        allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config, granularity=per)
+        with EtaProgress(ui, "sensitivity pass", "quantization") as progress:
+            allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config,
+                                  granularity=per, progress=progress)
         config = allocation.apply(config)
     if getattr(args, "gguf", None) is not None:
         from specquant.export.gguf import gguf_float_layers
@@ -195,7 +221,10 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             "symmetric": not args.asymmetric,
             "protect": [f"{p}={'float' if b is None else b}" for p, b in args.protect or ()],
             "gguf": getattr(args, "gguf", None), **act_fields(config)}
+    model.cpu()  # the packed file is written from the CPU
     storage = measure_storage(model, entry, folder, meta)
+    bpw = BitsPerWeight.from_storage(storage)
+    head = headline_of(float_score, quant_score, storage, report.seconds)
 
     metrics: dict = {
         "command": "quantize",
@@ -207,6 +236,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     if mixed:
         metrics.update({"target_avg_bits": args.avg_bits, "policy": args.policy,
                         "allocation": allocation.to_dict()})
+        if bpw is not None:
+            metrics["budget_note"] = budget_note(args.avg_bits, report.avg_bits, bpw)
     if base_method(args) == "frame":
         metrics["redundancy"] = config.redundancy
     metrics.update({
@@ -216,7 +247,10 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         **({"gguf": args.gguf} if getattr(args, "gguf", None) else {}),
         "bits_per_weight": storage["bits_per_weight"],
         "bits_per_weight_payload": payload_bpw(storage),
+        "bits_per_weight_split": bpw.to_dict() if bpw is not None else None,  # code + scale + overhead = total
+        "size_vs_float": size_vs_float(storage),
         "storage": storage,
+        "headline": head.to_dict(),
         **_score_keys(float_score, quant_score),
         "n_calib": report.n_calib,
         "num_weights": report.num_weights,
@@ -236,15 +270,28 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         plots = {"layers.png": rf.plot_layers(
             [r["name"] for r in layers], {args.method: [r["rel_output_error"] for r in layers]},
             [r["kappa"] for r in layers], title=f"{args.model} {args.method}: per-layer relative output error and κ")}
-        notes = []
+        captions = {"layers.png": "top: each layer's relative output error ‖XW − X̃Ŵ‖/‖XW‖ (log scale), bottom: "
+                                  "its condition number κ(W). Look for the layers that stand out: they cost the "
+                                  "most accuracy and are the first to protect (--protect NAME=8)."}
+        notes = [BPW_DEFINITION + "."]
+        if mixed:
+            plots["widths.png"] = _plot_allocation(allocation, args.avg_bits, report.avg_bits,
+                                                   bpw.total if bpw is not None else None,
+                                                   title=f"{args.model}: width chosen per {per}")
+            captions["widths.png"] = ("bars: the code width given to each layer (whiskers: the range over its "
+                                      "output channels with --per-channel-bits); lines: the budget, the code bits "
+                                      "achieved and the file's bits per weight. The layers the sensitivity pass "
+                                      "found fragile get the widest codes.")
         if base_method(args) == "frame":
             sweep = frame_redundancy_sweep(float_model, config.bits, FRAME_SWEEP, order=config.order,
                                            frame=config.frame, step=config.step, dim=config.dim,
                                            granularity=config.granularity, seed=config.seed)
             metrics["frame_redundancy"] = sweep
             plots["frame_redundancy.png"] = rf.plot_frame_redundancy([sweep])
-            notes.append("frame_redundancy.png: data-free weight error ‖W − Ŵ‖/‖W‖ of the float (BN-folded) "
-                         "weights for each redundancy at the run's code width.")
+            captions["frame_redundancy.png"] = ("data-free weight error ‖W − Ŵ‖/‖W‖ of the float (BN-folded) "
+                                                "weights for each redundancy at the run's code width; each point is "
+                                                "labelled with the bits per weight it stores. Look for where the "
+                                                "curve flattens: more redundancy beyond it costs bits for little.")
         metrics["peak_rss_mb"] = peak_rss_mb()
         stamp = folder.stamp()  # run_id and model_sha256, in both files
         metrics.update(stamp)
@@ -252,23 +299,51 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
             **stamp, "command": "quantize", "command_line": command_line(argv), "argv": argv,
             "model": args.model, "method": args.method, "bits": args.bits, "avg_bits": args.avg_bits,
             "policy": args.policy, "granularity": args.granularity, "calib": args.calib, "seed": args.seed,
-            "redundancy": args.redundancy, "limit": args.limit, "data_dir": args.data_dir, **act_fields(config),
+            "redundancy": args.redundancy, "limit": args.limit, "limit_sampling": LIMIT_SAMPLING,
+            "data_dir": args.data_dir, "device": str(device), "weights": args.weights, "calib_data": args.calib_data,
+            "eval_data": args.eval_data, "metric": args.metric, **act_fields(config),
             "seq_len": float_score.get("seq_len"), "eval_windows": args.eval_windows,
             "quant_config": config_dict(config), "versions": versions(),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
         }
         title = f"specquant: {args.model} · {args.method} · " + (
             f"{args.bits} bits" if not mixed else f"{args.avg_bits} average bits ({args.policy})")
+        lines = [head.text()] + ([bpw.text()] if bpw is not None else []) + (
+            [metrics["budget_note"]] if "budget_note" in metrics else [])
+        summary = [{**metrics, "change": head.change, "noise": head.noise}]
         rf.write_run_folder(folder.path, config=config_json, metrics=metrics, layers=layers, plots=plots,
-                            title=title, notes=notes)
+                            title=title, notes=notes, headline=lines, captions=captions, summary=summary)
     return metrics
+
+
+def headline_of(float_score: dict, quant_score: dict, storage: dict, seconds: float) -> Headline:
+    """The headline of a run: score change against float (with its noise), size against float, time."""
+    if "perplexity" in quant_score:
+        name, key, n = "perplexity", "perplexity", quant_score.get("predicted_tokens")
+    elif "metric" in quant_score:
+        name, key, n = quant_score["metric_name"], "metric", quant_score["n_test"]
+    else:
+        name, key, n = "accuracy", "accuracy", quant_score["n_test"]
+    return Headline(name, float_score[key], quant_score[key], n, size_vs_float(storage), seconds)
+
+
+def _plot_allocation(allocation, budget: float, code_bits: float, file_bits: float | None, title: str) -> bytes:
+    """The widths an allocation chose, per layer (mean, min and max over its rows)."""
+    names, mean, low, high = [], [], [], []
+    for a in allocation.layers:
+        rows = a.row_bits or (a.bits,)
+        names.append(a.name)
+        mean.append(sum(rows) / len(rows))
+        low.append(min(rows))
+        high.append(max(rows))
+    return rf.plot_widths(names, mean, low, high, budget, code_bits, file_bits, title=title)
 
 
 def cmd_quantize(args, argv: list[str]) -> int:
     ui = UI(args.quiet)
-    config = quantize_config(args)
+    config, entry = quantize_config(args)
     with staged_run_folder(args.out, args.overwrite) as folder:
-        metrics = run_quantize(args, argv, ui, config, folder)
+        metrics = run_quantize(args, argv, ui, config, folder, entry)
     out = folder.target if folder is not None else None
     bits = metrics["bits"] if metrics["bits"] is not None else f"avg {metrics['avg_bits']:.3g}"
     ui.say("")
@@ -276,8 +351,15 @@ def cmd_quantize(args, argv: list[str]) -> int:
     ui.say("")
     cols = [("model", "model"), ("method", "method"), ("bits", "bits"), ("bits_per_weight", "bits/weight (file)"),
             ("float_accuracy", "float %"), ("accuracy", "accuracy %"), ("float_perplexity", "float ppl"),
-            ("perplexity", "perplexity"), ("quant_seconds", "quant s"), ("peak_rss_mb", "peak RSS MB")]
+            ("perplexity", "perplexity"), ("metric_name", "metric"), ("float_metric", "float"), ("metric", "value"),
+            ("size_vs_float", "× smaller"), ("quant_seconds", "quant s"), ("peak_rss_mb", "peak RSS MB")]
     ui.say(format_table([dict(metrics, bits=bits)], [c for c in cols if c[0] in metrics]))
+    ui.say("")
+    ui.say(Headline.from_dict(metrics["headline"]).text())
+    if metrics.get("bits_per_weight_split"):
+        ui.say(BitsPerWeight(**{k: metrics["bits_per_weight_split"][k] for k in ("code", "scale", "overhead")}).text())
+    if metrics.get("budget_note"):
+        ui.say(metrics["budget_note"])
     if out is not None:
         ui.say(f"\nrun folder: {out}  (open {out / 'index.html'})")
     if args.json:

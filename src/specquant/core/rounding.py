@@ -25,6 +25,7 @@ def round_values(t: torch.Tensor, mode: str = "nearest", generator: torch.Genera
     if mode == "stochastic":
         if generator is None:
             generator = make_generator(None)
-        u = torch.rand(t.shape, generator=generator, dtype=t.dtype)
+        # drawn by the (CPU) generator, then moved: the same seed gives the same codes on any device
+        u = torch.rand(t.shape, generator=generator, dtype=t.dtype).to(t.device)
         return torch.floor(t + u)
     raise ValueError(f"unknown rounding {mode!r}; allowed: {', '.join(ROUNDING_MODES)}")

@@ -44,6 +44,51 @@ from specquant.io.files import jsonable
 LAPLACE_KURTOSIS = 1.5  # excess kurtosis at or above which the ACIQ Laplace model is used
 
 
+def column_glossary(columns) -> dict[str, str]:
+    """What each column of :meth:`AnalyzeReport.to_rows` means (``columns``: the keys present;
+    the per-width columns ``*_bB`` are explained once, as ``*_b<B>``)."""
+    fixed = {
+        "name": "module name of the layer",
+        "type": "Linear, Conv1d or Conv2d",
+        "shape": "weight shape",
+        "matrix_shape": "the weight as a matrix: (outputs, inputs × kernel)",
+        "params": "number of weights",
+        "op_norm": "operator norm ‖W‖_op = σ_max, the largest singular value",
+        "sigma_min": "smallest singular value (0 below float64 noise)",
+        "kappa": "condition number κ = σ_max/σ_min; large κ: the layer amplifies some input directions far more "
+                 "than others and tends to need more bits",
+        "lock_bits": "⌈log₂ κ⌉: the spectral rule's extra bits for this layer",
+        "effective_rank": "number of singular values above τ·σ_max",
+        "stable_rank": "‖W‖_F² / ‖W‖_op²: a smooth count of the significant directions",
+        "excess_kurtosis": "excess kurtosis of the weights (0 for a Gaussian; large: heavy tails, outliers)",
+        "outlier_share": "share of weights more than 3 standard deviations from the mean",
+        "aciq_dist": "distribution model ACIQ uses for the clipping point (laplace when the kurtosis is high, "
+                     "else gauss)",
+        "aciq_alpha": "ACIQ clipping point α (per tensor, around the mean)",
+        "aciq_alpha_over_max": "α / max|w − mean|: below 1, ACIQ clips the largest weights",
+    }
+    per_width = {
+        "rtn_op": "measured ‖W − Q_b(W)‖_op of round-to-nearest at b bits",
+        "op_bound": "the note's bound ‖W‖_op / 2^b",
+        "op_ratio": "measured / bound in operator norm: above 1 the bound fails (the plot's dashed line at y = 1)",
+        "rtn_fro": "measured ‖W − Q_b(W)‖_F at b bits",
+        "fro_bound": "the bound √d·max|w| / 2^b",
+        "fro_ratio": "measured / bound in Frobenius norm: above 1 the bound fails",
+        "sqnr_db": "weight SQNR 10·log10(‖W‖_F² / ‖W − Q_b(W)‖_F²) at b bits, in dB",
+    }
+    out: dict[str, str] = {}
+    for c in columns:
+        if c in fixed:
+            out[c] = fixed[c]
+            continue
+        stem, sep, width = c.rpartition("_b")
+        if sep and width.isdigit() and stem in per_width and f"{stem}_b<B>" not in out:
+            out[f"{stem}_b<B>"] = per_width[stem] + " (B = 2 … 8: one column per width)"
+        elif not (sep and width.isdigit() and stem in per_width):
+            out[c] = c
+    return out
+
+
 @dataclass
 class BitError:
     """Round-to-nearest at one width: measured weight errors next to the note's bounds."""

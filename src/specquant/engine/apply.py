@@ -99,6 +99,28 @@ class QuantReport:
         n = self.num_weights
         return sum(r.bits_per_weight * r.params for r in self.layers) / n if n else 0.0
 
+    def summary(self) -> str:
+        """What the run decided, in a few lines: layers and weights quantized, the bits per weight
+        split into code and scale bits (the one definition of specquant's reports; the saved file
+        adds its headers, which ``specquant.io.storage_breakdown`` measures), the size against
+        float32 weights, the worst layer and the time."""
+        n = self.num_weights
+        if not n:
+            return f"{self.method}: no layer quantized ({len(self.skipped)} skipped), {self.seconds:.1f} s"
+        code, total = self.avg_bits, self.bits_per_weight
+        measured = [r for r in self.layers if r.rel_output_error is not None]
+        worst = max(measured, key=lambda r: r.rel_output_error) if measured else None
+        lines = [
+            f"{self.method}: {len(self.layers)} layers, {n:,} weights quantized in {self.seconds:.1f} s"
+            + (f" ({len(self.skipped)} modules left in float)" if self.skipped else ""),
+            f"{total:.3f} bits per weight = {code:.3f} code + {total - code:.3f} scale (and zero point) bits; "
+            f"{32.0 / total:.1f}× smaller than float32 for these layers (the saved file adds its headers)",
+            (f"largest relative output error {worst.rel_output_error:.4g} in layer {worst.name!r}; "
+             if worst is not None else "no output error measured (no calibration data); ")
+            + f"{self.n_calib} calibration samples",
+        ]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,
@@ -149,6 +171,12 @@ def kv_cache_off(model: nn.Module):
     finally:
         for cfg, old in saved:
             cfg.use_cache = old
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The one device all of ``model``'s parameters and buffers are on, else None (none, or split)."""
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
 
 
 def peak_rss_mb() -> float:
@@ -243,6 +271,7 @@ def quantize(
     batch_size: int = 128,
     patch_fraction: float = 1.0,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s Linear/Conv layers in place, in forward order, and report per layer.
 
@@ -256,6 +285,9 @@ def quantize(
         batch_size: calibration samples per forward pass.
         patch_fraction: share of conv patches kept in the statistics (random, seeded by config.seed).
         progress: show a progress bar over layers on stderr (only when it is a terminal).
+        device: move the model there first (e.g. "cuda"); default: leave it where it is.  The
+            calibration batches are moved to the model's device (when all its parameters share
+            one), and the statistics and the algorithms run there.
 
     Each quantized module keeps its ``QuantizedWeight`` as ``module.qweight`` and its weight
     holds the dequantized values, so the model runs as a fake-quant model; ``specquant.save``
@@ -268,10 +300,17 @@ def quantize(
     if not 0.0 < patch_fraction <= 1.0:
         raise ValueError(f"patch_fraction must be in (0, 1], got {patch_fraction}")
     method = method_of(config)
+    if device is not None:
+        model.to(device)
     model.eval()
     _check_model(model, config)
+    where = model_device(model)
 
     batches = as_batches(calib, batch_size) if (calib is not None or config.needs_data) else None
+    if batches is not None and where is not None:
+        batches = [b.to(where) for b in batches]
+    if example_input is not None and where is not None:
+        example_input = example_input.to(where)
     if batches is not None:
         check_calibration_finite(batches)
     example = batches[0] if batches else example_input
@@ -542,10 +581,10 @@ def _quantize_mixed_rows(name: str, W: torch.Tensor, stats: LayerStats | None, c
     """
     row_bits = settings.row_bits
     out = W.shape[0]  # W (out, N0)
-    bt = torch.tensor(row_bits)
-    codes = torch.empty(W.shape, dtype=torch.uint8)  # (out, N0)
-    scale = torch.empty(out, 1)
-    zp = torch.empty(out, 1)
+    bt = torch.tensor(row_bits, device=W.device)
+    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)  # (out, N0)
+    scale = torch.empty(out, 1, device=W.device)
+    zp = torch.empty(out, 1, device=W.device)
     algorithm = None
     for b in sorted(set(row_bits)):
         idx = torch.nonzero(bt == b).flatten()  # (n_b,)

@@ -181,15 +181,17 @@ class StatsAccumulator:
     third of the products.
     """
 
-    def __init__(self, groups: int, dim: int, weight: torch.Tensor | None = None, keep_f: bool = True):
-        z = torch.zeros(groups, dim, dim, dtype=torch.float64)
+    def __init__(self, groups: int, dim: int, weight: torch.Tensor | None = None, keep_f: bool = True,
+                 device: torch.device | str | None = None):
+        z = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.H, self.G = z.clone(), z.clone()
         self.F = z.clone() if keep_f else None
         self.weight = None if weight is None else weight.float()  # (g, out/g, N0)
-        self.energy = None if weight is None else torch.zeros(groups, weight.shape[1], dtype=torch.float64)
+        self.energy = None if weight is None else torch.zeros(groups, weight.shape[1], dtype=torch.float64,
+                                                              device=device)
         self.same = True  # every chunk so far had X̃ = X (then F = H)
-        self.sx = torch.zeros(groups, dim, dtype=torch.float64)
-        self.sxt = torch.zeros(groups, dim, dtype=torch.float64)
+        self.sx = torch.zeros(groups, dim, dtype=torch.float64, device=device)
+        self.sxt = torch.zeros(groups, dim, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
@@ -245,8 +247,8 @@ def _subsample(rows: torch.Tensor, fraction: float, gen: torch.Generator) -> tor
         return rows
     m = rows.shape[1]
     k = max(1, int(round(m * fraction)))
-    idx = torch.randperm(m, generator=gen)[:k]
-    return rows[:, idx]
+    idx = torch.randperm(m, generator=gen)[:k]  # drawn on the CPU: the same patches on any device
+    return rows[:, idx.to(rows.device)]
 
 
 def find_blocks(model: nn.Module, layer_names: list[str]) -> list[str]:
@@ -501,6 +503,6 @@ def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen, weight=None, keep_f=
         else:
             Xt = X
     if acc is None:
-        acc = StatsAccumulator(X.shape[0], X.shape[2], weight, keep_f)
+        acc = StatsAccumulator(X.shape[0], X.shape[2], weight, keep_f, device=X.device)
     acc.add(X, Xt)
     return acc

@@ -79,10 +79,12 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
     if was_training:  # an nn.Module in training mode; a plain callable (a runtime) has no mode
         model.eval()
     windows = token_windows(ids, seq_len, max_windows)  # (W, L)
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    device = next(params, torch.empty(0)).device  # the windows go where the model is (a runtime: CPU)
     total, count = 0.0, 0
     try:
         for s in range(0, windows.shape[0], batch_size):
-            x = windows[s:s + batch_size]  # (b, L)
+            x = windows[s:s + batch_size].to(device)  # (b, L)
             logits = _logits(model, x)[:, :-1].float()  # (b, L-1, vocab)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
             if not math.isfinite(float(nll)):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +152,7 @@ def allocate(
     example_input: torch.Tensor | None = None,
     batch_size: int = 128,
     granularity: str = "layer",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Allocation:
     """Choose a width per layer so that Σ_l M_l·b_l ≤ avg_bits·Σ_l M_l.
 
@@ -175,6 +176,7 @@ def allocate(
         solver: knapsack solver, "auto", "dp" or "milp".
         granularity: "layer" (one width per layer) or "channel" (one width per output row;
             policy "sensitivity" only, with the report's per-row costs).
+        progress: ``progress(done, total)`` over the sensitivity pass (see :func:`measure_sensitivity`).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown allocation policy {policy!r}; allowed: {', '.join(POLICIES)}")
@@ -223,7 +225,7 @@ def allocate(
                 if labels is not None:
                     labels = torch.as_tensor(labels)[:sensitivity_samples]
             sensitivity = measure_sensitivity(base, sens_data, cands, cfg, metric=metric, labels=labels,
-                                              layers=free, fold_bn=False, batch_size=batch_size)
+                                              layers=free, fold_bn=False, batch_size=batch_size, progress=progress)
         table = {s.name: s.costs for s in sensitivity.layers}
         costs = []
         for i, n in enumerate(names):

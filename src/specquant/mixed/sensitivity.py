@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,7 @@ def measure_sensitivity(
     fold_bn: bool = True,
     batch_size: int = 128,
     row_costs: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SensitivityReport:
     """Quantize each layer alone at each candidate width and measure the damage.
 
@@ -145,6 +147,8 @@ def measure_sensitivity(
         layers: names to measure (default: every quantizable layer in forward order that the
             config does not skip).
         row_costs: also split each cost over the layer's output rows (see the module docstring).
+        progress: called as ``progress(done, total)`` after each (layer, width) measured, for a
+            progress bar with an ETA (the pass is len(layers) × len(candidates) quantizations).
     """
     t0 = time.perf_counter()
     if metric not in SENSITIVITY_METRICS:
@@ -186,6 +190,9 @@ def measure_sensitivity(
         labels=label_kind, baseline=base_loss, folded_bn=folded,
     )
     mods = dict(base.named_modules())
+    total, done = len(layers) * len(cands), 0
+    if progress is not None:
+        progress(0, total)
     for name in layers:
         alone = {m: ModuleSettings(skip=True) for m in all_names if m != name}
         alone[name] = ModuleSettings(granularity=cfg0.settings_for(name).granularity)
@@ -206,6 +213,9 @@ def measure_sensitivity(
                 share = e / tot if tot > 0 else torch.full_like(e, 1.0 / e.numel())
                 rows[b] = (costs[b] * share).tolist()
             del q
+            done += 1
+            if progress is not None:
+                progress(done, total)
         w = fmod.weight
         report.layers.append(LayerSensitivity(name=name, params=w.numel(), costs=costs,
                                               row_costs=rows if row_costs else None,

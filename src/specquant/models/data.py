@@ -264,3 +264,32 @@ def load_wikitext(split: str = "test", data_dir: str | Path | None = None) -> st
         for a, b in WIKITEXT_SPLITS:
             text = text.replace(a, b)
     return text
+
+
+def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded subset of ``n`` samples in which every class of the integer labels
+    ``y`` keeps its share (largest-remainder rounding; each class at least one sample when ``n`` is at
+    least the number of classes). Floating targets (no classes) give a plain seeded subset.
+
+    A test file sorted by class (CIFAR-10's is) would otherwise give its first class only."""
+    total = int(y.shape[0])
+    if n >= total:
+        return torch.arange(total)
+    g = torch.Generator().manual_seed(seed)
+    if y.is_floating_point() or y.ndim != 1:
+        return torch.randperm(total, generator=g)[:n].sort().values
+    classes, counts = torch.unique(y, return_counts=True)
+    exact = counts.double() * n / total
+    quota = exact.floor().long()
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]).item(), i))
+    for i in order[: n - int(quota.sum())]:
+        quota[i] += 1
+    if n >= len(classes):  # no class left out: take one from the largest quota for each empty one
+        for i in (quota == 0).nonzero().flatten().tolist():
+            quota[int(quota.argmax())] -= 1
+            quota[i] = 1
+    picked = []
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        members = (y == c).nonzero().flatten()
+        picked.append(members[torch.randperm(members.numel(), generator=g)[:q]])
+    return torch.cat(picked).sort().values

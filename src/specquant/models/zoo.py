@@ -20,6 +20,7 @@ else ``~/.cache/specquant``, as a safetensors file (no pickle), written atomical
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -85,11 +86,18 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+def did_you_mean(model_id: str) -> str:
+    """`` (did you mean 'X'?)`` for the zoo id closest to a misspelt ``model_id``, else ``""``."""
+    close = difflib.get_close_matches(str(model_id), list(_REGISTRY), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def get_entry(model_id: str) -> ZooEntry:
     try:
         return _REGISTRY[model_id]
     except KeyError:
-        raise ValueError(f"unknown model id {model_id!r}; known ids: {', '.join(_REGISTRY)}") from None
+        raise ValueError(f"unknown model id {model_id!r}{did_you_mean(model_id)}; known ids: "
+                         f"{', '.join(_REGISTRY)}") from None
 
 
 def get_model(model_id: str, data_dir: DataDir = None) -> tuple[nn.Module, ZooEntry]:
@@ -118,7 +126,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / x.shape[0]
 
 
-def _seeded_subset(x: torch.Tensor, n: int, seed: int, what: str) -> torch.Tensor:
+def seeded_subset(x: torch.Tensor, n: int, seed: int, what: str) -> torch.Tensor:
     """``n`` rows of ``x`` chosen by a seeded permutation (no replacement)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of calibration samples must be a positive integer, got {n!r}")
@@ -186,7 +194,7 @@ def _digits_load(data_dir: DataDir = None) -> nn.Module:
 
 def _digits_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tensor:
     x, _, _, _ = _data.load_digits_split()
-    return _seeded_subset(x, n, seed, "the digits training split")
+    return seeded_subset(x, n, seed, "the digits training split")
 
 
 def _digits_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +238,7 @@ def load_mnist_mlp(data_dir: DataDir = None, seed: int = 0) -> nn.Module:
 
 def _mnist_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tensor:
     x, _ = _data.load_mnist("train", data_dir)
-    return _seeded_subset(x, n, seed, "the MNIST training set")
+    return seeded_subset(x, n, seed, "the MNIST training set")
 
 
 def _mnist_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +263,7 @@ def _resnet_loader(build: Callable[[], nn.Module], filename: str) -> Callable[[D
 
 def _cifar_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tensor:
     x, _ = _data.load_cifar10("train", data_dir)
-    return _seeded_subset(x, n, seed, "cifar10/train-10k.npz")
+    return seeded_subset(x, n, seed, "cifar10/train-10k.npz")
 
 
 def _cifar_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:

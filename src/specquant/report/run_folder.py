@@ -136,8 +136,10 @@ def plot_accuracy_vs_bits(runs: Sequence[Mapping], float_accuracy: float | None 
 
 def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None]],
                 kappas: Sequence[float] | None = None, error_label: str = "relative output error",
-                title: str = "per-layer error and condition number") -> bytes:
-    """Per-layer relative error (one series per label) and, below, κ(W) on a log scale."""
+                title: str = "per-layer error and condition number", reference: float | None = None,
+                reference_label: str = "") -> bytes:
+    """Per-layer relative error (one series per label) and, below, κ(W) on a log scale;
+    ``reference``: a horizontal line (e.g. y = 1 where a measured/bound ratio means the bound fails)."""
     rows = 2 if kappas is not None else 1
     width = max(6.0, 0.35 * len(names) + 2)
     fig = Figure(figsize=(width, 3.2 * rows))
@@ -150,8 +152,10 @@ def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    if len(errors) > 1:
-        ax.legend(fontsize=7, ncol=min(5, len(errors)))
+    if reference is not None:
+        ax.axhline(reference, color="tab:red", ls="--", lw=1.2, label=reference_label or f"y = {reference:g}")
+    if len(errors) > 1 or reference is not None:  # outside, right of the axes: it never hides a point
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if kappas is not None:
         kx = axes[1][0]
         finite = [k if k is not None and math.isfinite(k) else float("nan") for k in kappas]
@@ -162,6 +166,33 @@ def plot_layers(names: Sequence[str], errors: Mapping[str, Sequence[float | None
     bottom = axes[-1][0]
     bottom.set_xticks(x)
     bottom.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    return _png(fig)
+
+
+def plot_widths(names: Sequence[str], widths: Sequence[float], low: Sequence[float], high: Sequence[float],
+                budget: float, code_bits: float, file_bits: float | None,
+                title: str = "width chosen per layer") -> bytes:
+    """The mixed-precision allocation: each layer's mean code width (bars), the range of its rows'
+    widths when they differ (whiskers), the budget, the achieved code bits and the file's bits
+    per weight (horizontal lines)."""
+    width = max(6.0, 0.35 * len(names) + 2)
+    fig = Figure(figsize=(width, 4.0))
+    ax = fig.subplots()
+    x = list(range(len(names)))
+    ax.bar(x, widths, color="tab:blue", alpha=0.75, label="mean code width of the layer")
+    err = [[w - lo for w, lo in zip(widths, low)], [hi - w for w, hi in zip(widths, high)]]
+    if any(hi != lo for lo, hi in zip(low, high)):
+        ax.errorbar(x, widths, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1, label="range over its rows")
+    ax.axhline(budget, color="tab:red", ls="--", lw=1.2, label=f"budget {budget:g} code bits")
+    ax.axhline(code_bits, color="tab:green", ls=":", lw=1.5, label=f"achieved {code_bits:.3f} code bits")
+    if file_bits is not None:
+        ax.axhline(file_bits, color="tab:purple", ls="-.", lw=1.2, label=f"file {file_bits:.3f} bits/weight")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(title)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(names) > 3 else -0.2), ncol=2)
     return _png(fig)
 
 
@@ -199,11 +230,13 @@ def plot_frame_redundancy(sweeps: Sequence[Mapping], title: str = "frame ΣΔ: w
 def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, layers: Sequence[Mapping],
                      plots: Mapping[str, bytes] | None = None, summary: Sequence[Mapping] | None = None,
                      title: str = "specquant run", notes: Sequence[str] = (),
-                     sections: Sequence[tuple[str, Sequence[Mapping]]] = ()) -> Path:
+                     sections: Sequence[tuple[str, Sequence[Mapping]]] = (), headline: Sequence[str] = (),
+                     captions: Mapping[str, str] | None = None, glossary: Mapping[str, str] | None = None) -> Path:
     """Write config.json, metrics.json, layers.csv, the plots and index.html into ``out``.
 
     ``plots`` maps file names (``"layers.png"``) to PNG bytes; ``summary`` is the rows of the
-    summary table of the HTML page (default: one row from ``metrics``). The packed model is
+    summary table of the HTML page (default: one row from ``metrics``); ``headline``, ``captions``
+    and ``glossary`` go to :func:`specquant.report.html.render_html`. The packed model is
     written by the caller (``specquant.io.save(model, out / MODEL_FILE, ...)``) before this, so
     that metrics can read its size. ``out`` is meant to be the :attr:`RunFolder.path` of a
     :class:`RunFolder` (so the folder appears whole or not at all), with ``config`` and
@@ -218,7 +251,8 @@ def write_run_folder(out: str | Path, *, config: Mapping, metrics: Mapping, laye
     write_json(out / CONFIG_JSON, config)
     write_json(out / METRICS_JSON, metrics)
     html.write_html(out / INDEX_HTML, title=title, summary=summary if summary is not None else [metrics],
-                    plots=plots, layers=layers, config=config, notes=notes, sections=sections)
+                    plots=plots, layers=layers, config=config, notes=notes, sections=sections, headline=headline,
+                    captions=captions, glossary=glossary)
     return out
 
 
