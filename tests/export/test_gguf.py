@@ -242,3 +242,38 @@ def test_q4_1_blocks_hold_the_asymmetric_grid_exactly(tmp_path):
     plain = quantized(tiny_llama(seed=6), "rtn", 4, symmetric=False, scale_dtype="float16")
     with pytest.raises(ValueError, match="not exact in float16"):
         export_gguf(plain, tmp_path / "p.gguf", spm_vocab())
+
+
+def test_hf_folder_bpe_tokenizer_is_written_and_llama_cpp_loads_it(tmp_path):
+    """A Hugging Face folder's tokenizer.json (byte-level BPE) becomes llama.cpp's "gpt2" vocabulary:
+    tokens and merges as stored; llama.cpp loads the file and tokenizes with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from specquant.export.gguf import vocab_from_tokenizer_json
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(["the cat sat on the mat", "a dog and a cat", "hello world"] * 20, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    vocab = vocab_from_tokenizer_json(tmp_path / "tokenizer.json", VOCAB)
+    tokens = vocab.fields["tokenizer.ggml.tokens"][0]
+    assert len(tokens) == VOCAB and vocab.fields["tokenizer.ggml.model"][0] == "gpt2"
+    assert tokens[tok.token_to_id("<|endoftext|>")] == "<|endoftext|>" and vocab.fields["tokenizer.ggml.merges"][0]
+    model = quantized(tiny_llama(seed=7), "rtn", 4)
+    export_gguf(model, tmp_path / "m.gguf", vocab)
+    (tmp_path / "w.json").write_text('{"model": {"type": "WordLevel", "vocab": {}}}')
+    with pytest.raises(ValueError, match="WordLevel"):
+        vocab_from_tokenizer_json(tmp_path / "w.json", VOCAB)
+    if importlib.util.find_spec("llama_cpp") is None:
+        require_llama_cpp()  # skips (fails under CI) with the reason
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
+    try:
+        ids = llm.tokenize(b"the cat sat", add_bos=False)
+        assert ids == tok.encode("the cat sat").ids
+    finally:
+        llm.close()
