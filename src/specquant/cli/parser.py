@@ -94,14 +94,19 @@ def _seed(text: str) -> int:
     return _int_at_least(text, 0, "seed must be a non-negative integer")
 
 
-def _nonnegative_float(text: str) -> float:
+def _float_at_least(text: str, minimum: float, what: str) -> float:
+    """``text`` as a finite number ≥ ``minimum``; else an argparse error saying ``what`` was expected."""
     try:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    if not (math.isfinite(v) and v >= minimum):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
     return v
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float_at_least(text, 0.0, "expected a finite number >= 0")
 
 
 def _positive_float(text: str) -> float:
@@ -130,13 +135,7 @@ def _granularity(text: str) -> str:
 
 
 def _redundancy(text: str) -> float:
-    try:
-        r = float(text)
-    except ValueError:
-        r = float("nan")
-    if not (math.isfinite(r) and r >= 1.0):
-        raise argparse.ArgumentTypeError(f"redundancy must be a number >= 1, got {text!r}")
-    return r
+    return _float_at_least(text, 1.0, "redundancy must be a number >= 1")
 
 
 def _frame_default_redundancy() -> float:
