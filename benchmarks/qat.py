@@ -123,7 +123,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
             print(f"  {case}: step {done}/{total}, {spent:.0f} s, ETA {spent * (total - done) / done:.0f} s",
                   flush=True)
 
-    lr = args.lr if args.lr is not None else (0.01 if x_train.dim() == 4 else 0.005)
+    lr = args.lr
     result = finetune(model, (x_train, y_train), cfg, epochs=args.epochs, lr=lr, seed=args.seed, progress=progress)
     assert result.steps == steps
     qat_acc = accuracy(model, x_test, y_test)
@@ -164,9 +164,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["r20-ternary-gpfq", "r20-ternary-rtn"])
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, default=None, help="default: 0.01 (ResNet-20), 0.005 (MNIST MLP)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine decay) (default: 1e-4)")
     p.add_argument("--lsq", action="store_true")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val", type=int, default=0, help="hold out this many training images as validation")

@@ -415,14 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "or learned (--lsq). The trained codes are saved packed on the same grid. JSON keys: "
                           "accuracy, ptq_accuracy, float_accuracy, epochs, train_seconds, ..."),
         epilog="example: specquant quantize resnet20-cifar10 --method gpfq --bits 2 --out runs/gpfq2\n"
-               "         specquant train resnet20-cifar10 --from runs/gpfq2 --epochs 10 --lr 0.01 --out runs/qat2")
+               "         specquant train resnet20-cifar10 --from runs/gpfq2 --epochs 15 --lr 1e-4 --out runs/qat2")
     p.add_argument("model", metavar="MODEL", help=f"zoo id of a classifier ({models}); must be the run's model")
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", required=True,
                    help="the run folder of 'specquant quantize --out' to start from (its codes and scales) (required)")
     p.add_argument("--epochs", metavar="E", type=_positive_int, required=True, help="passes over the training split "
                                                                                    "(required)")
-    p.add_argument("--lr", metavar="LR", type=_positive_float, default=0.01,
-                   help="peak learning rate, cosine decay to 0 (default: 0.01)")
+    p.add_argument("--lr", metavar="LR", type=_positive_float, default=1e-4,
+                   help="peak learning rate, cosine decay to 0 (default: 1e-4, for Adam)")
     p.add_argument("--kappa-reg", metavar="LAMBDA", type=_nonnegative_float, default=0.0,
                    help="weight of the kappa-regularizer: LAMBDA times the sum over quantized layers of log kappa(W) "
                         "of the latent weights (default: 0, off)")
@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the penalty: log (log kappa(W)) or ratio (||W||_op / sigma_min) (default: log)")
     p.add_argument("--lsq", action="store_true", help="learn the scales with LSQ (Esser et al. 2020) (default: the "
                                                       "run's scales, fixed)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                   help="sgd (momentum 0.9, Nesterov) or adam (default: sgd)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="adam, or sgd (momentum 0.9, Nesterov) (default: adam)")
     p.add_argument("--weight-decay", metavar="WD", type=_nonnegative_float, default=0.0,
                    help="weight decay of the latent weights and biases (default: 0)")
     p.add_argument("--batch-size", metavar="B", type=_positive_int, default=128, help="samples per step (default: 128)")
