@@ -148,30 +148,22 @@ def test_bad_inputs_are_one_line_errors():
         QATConfig(optimizer="lion")
 
 
-class _TinyConv(nn.Module):
-    """conv(3→4, 3x3) → ReLU → conv(4→4, 3x3, stride 2) → mean pool → linear(4→3)."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = self.c2(torch.relu(self.c1(x)))  # (B, 4, H/2, W/2)
-        return self.fc(h.mean((2, 3)))  # (B, 3)
+def _tiny_conv() -> nn.Module:
+    """conv(3→4, 3x3) → ReLU → conv(4→4, 3x3, stride 2) → mean pool → linear(4→3), fresh weights (seed 0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
 def test_convolutions_train_with_crop_flip_and_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 3, 8, 8, generator=g)
     y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()  # (96,) in 0..2
-    torch.manual_seed(0)
-    model = _TinyConv()
+    model = _tiny_conv()
     sq.quantize(model, sq.RTNConfig(bits=3), calib=x[:32], progress=False)
     result = finetune(model, (x, y), QATConfig(batch_size=32, augment="crop-flip", lsq=True), epochs=2, lr=1e-2)
-    assert result.layers == ["c1", "c2", "fc"] and result.steps == 6
-    assert model.c2.qweight.codes.shape == (4, 4, 3, 3)
-    path = sq.save(model, tmp_path / "conv.safetensors", arch=_TinyConv)
-    loaded = sq.load(path, build=_TinyConv, kernel="torch")
+    assert result.layers == ["0", "2", "5"] and result.steps == 6
+    assert model[2].qweight.codes.shape == (4, 4, 3, 3)
+    path = sq.save(model, tmp_path / "conv.safetensors", arch=_tiny_conv)
+    loaded = sq.load(path, build=_tiny_conv, kernel="torch")
     assert torch.equal(loaded(x), model(x))
