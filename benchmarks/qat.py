@@ -146,15 +146,23 @@ def run_case(case: str, args, float_cache: dict) -> Row:
     return row
 
 
+def held_out(r: dict) -> str:
+    if r["val_qat_accuracy"] is None:
+        return "—"
+    return f"{r['val_ptq_accuracy']:.2f} → {r['val_qat_accuracy']:.2f}"
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| case | start | W/A bits (levels) | float % | PTQ % | QAT % | epochs | lr | LSQ | train s (threads) | "
-            "saved = trained |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| case | start | W/A bits (levels) | float % | PTQ % | QAT % | held-out % (PTQ → QAT) | train images | "
+            "epochs | lr | LSQ | train s (threads) | saved = trained |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
         a = "float" if r["act_bits"] is None else r["act_bits"]
         lines.append(f"| {r['case']} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
                      f"{r['float_accuracy']:.2f} | "
-                     f"{r['ptq_accuracy']:.2f} | **{r['qat_accuracy']:.2f}** | {r['epochs']} | {r['lr']} | "
+                     f"{r['ptq_accuracy']:.2f} | **{r['qat_accuracy']:.2f}** | {held_out(r)} | {r['n_train']} | "
+                     f"{r['epochs']} | {r['lr']} | "
                      f"{'yes' if r['lsq'] else 'no'} | {r['train_seconds']:.0f} ({r['threads']}) | "
                      f"{'yes' if r['saved_equals_trained'] else 'NO'} |")
     return "\n".join(lines)
