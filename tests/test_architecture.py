@@ -30,10 +30,11 @@ ALLOWED: dict[str, set[str]] = {
     "mixed": {"core", "algorithms", "engine", "files"},
     "diagnostics": {"core", "algorithms", "engine", "files"},
     "report": {"files"},
+    "qat": {"core", "algorithms", "engine", "nn", "models", "files"},  # fake-quant training from a PTQ result
     "cli": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export", "mixed",
-            "diagnostics", "report", "root"},
+            "diagnostics", "report", "qat", "root"},
     "root": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export", "mixed",
-             "diagnostics", "report"},
+             "diagnostics", "report", "qat"},
     "entry": {"cli"},
 }
 

@@ -1,4 +1,5 @@
 """specquant: post-training quantization of PyTorch networks with theory-backed algorithms."""
+from specquant import qat
 from specquant._version import __version__
 from specquant.algorithms import AWQConfig, GPFQConfig, GPTQConfig, QronosConfig, QuantConfig, RTNConfig, SPFQConfig
 from specquant.core import metrics, spectral
@@ -16,5 +17,5 @@ __all__ = [
     "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "AWQConfig", "metrics",
     "spectral",
     "save", "load", "analyze", "export_onnx", "OnnxExport", "export_gguf",
-    "__version__",
+    "qat", "__version__",
 ]

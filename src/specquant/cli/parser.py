@@ -16,10 +16,12 @@ from specquant.cli.eval import cmd_eval
 from specquant.cli.export import FORMATS as EXPORT_FORMATS
 from specquant.cli.export import cmd_export
 from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
+from specquant.cli.train import cmd_train
 from specquant.core.actquant import ACT_CALIBRATORS
 from specquant.core.grid import Granularity
 from specquant.models import list_models
 from specquant.models.user import DATA_FORMAT_HELP
+from specquant.qat import AUGMENTS, KAPPA_KINDS, OPTIMIZERS
 
 DEFAULT_CALIB = 512
 
@@ -92,6 +94,28 @@ def _seed(text: str) -> int:
     return _int_at_least(text, 0, "seed must be a non-negative integer")
 
 
+def _float_at_least(text: str, minimum: float, what: str) -> float:
+    """``text`` as a finite number ≥ ``minimum``; else an argparse error saying ``what`` was expected."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v >= minimum):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return v
+
+
+def _nonnegative_float(text: str) -> float:
+    return _float_at_least(text, 0.0, "expected a finite number >= 0")
+
+
+def _positive_float(text: str) -> float:
+    v = _nonnegative_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
 def _add_lm(p: argparse.ArgumentParser) -> None:
     """The language-model settings (ignored by classifiers)."""
     p.add_argument("--seq-len", metavar="L", type=_positive_int, default=None,
@@ -111,13 +135,7 @@ def _granularity(text: str) -> str:
 
 
 def _redundancy(text: str) -> float:
-    try:
-        r = float(text)
-    except ValueError:
-        r = float("nan")
-    if not (math.isfinite(r) and r >= 1.0):
-        raise argparse.ArgumentTypeError(f"redundancy must be a number >= 1, got {text!r}")
-    return r
+    return _float_at_least(text, 1.0, "redundancy must be a number >= 1")
 
 
 def _frame_default_redundancy() -> float:
@@ -385,4 +403,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     _add_common(p, json_help="print the per-layer rows as one JSON object on stdout.")
     p.set_defaults(func=cmd_analyze)
+
+    # train -----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "train", formatter_class=_Formatter, help="quantization-aware fine-tuning of a quantize run folder",
+        description=_wrap("Fine-tune a quantized zoo classifier on its training split (CIFAR-10: "
+                          "cifar10/train-10k.npz, MNIST: its 60,000 training images, digits: its 1,437 training "
+                          "samples; never the test set) with quantization in the loop: each quantized layer keeps "
+                          "a float latent weight, initialised from the run's dequantized weights, whose codes are "
+                          "re-rounded on the run's grid at every step (straight-through estimator); scales fixed "
+                          "or learned (--lsq). The trained codes are saved packed on the same grid. JSON keys: "
+                          "accuracy, ptq_accuracy, float_accuracy, epochs, train_seconds, ..."),
+        epilog="example: specquant quantize resnet20-cifar10 --method gpfq --bits 2 --out runs/gpfq2\n"
+               "         specquant train resnet20-cifar10 --from runs/gpfq2 --epochs 15 --lr 1e-4 --out runs/qat2")
+    p.add_argument("model", metavar="MODEL", help=f"zoo id of a classifier ({models}); must be the run's model")
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR", required=True,
+                   help="the run folder of 'specquant quantize --out' to start from (its codes and scales) (required)")
+    p.add_argument("--epochs", metavar="E", type=_positive_int, required=True, help="passes over the training split "
+                                                                                   "(required)")
+    p.add_argument("--lr", metavar="LR", type=_positive_float, default=1e-4,
+                   help="peak learning rate, cosine decay to 0 (default: 1e-4, for Adam)")
+    p.add_argument("--kappa-reg", metavar="LAMBDA", type=_nonnegative_float, default=0.0,
+                   help="weight of the kappa-regularizer: LAMBDA times the sum over quantized layers of log kappa(W) "
+                        "of the latent weights (default: 0, off)")
+    p.add_argument("--kappa-kind", choices=KAPPA_KINDS, default="log",
+                   help="the penalty: log (log kappa(W)) or ratio (||W||_op / sigma_min) (default: log)")
+    p.add_argument("--lsq", action="store_true", help="learn the scales with LSQ (Esser et al. 2020) (default: the "
+                                                      "run's scales, fixed)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="adam, or sgd (momentum 0.9, Nesterov) (default: adam)")
+    p.add_argument("--weight-decay", metavar="WD", type=_nonnegative_float, default=0.0,
+                   help="weight decay of the latent weights and biases (default: 0)")
+    p.add_argument("--batch-size", metavar="B", type=_positive_int, default=128, help="samples per step (default: 128)")
+    p.add_argument("--augment", choices=("auto",) + AUGMENTS, default="auto",
+                   help="crop-flip: random crops of the 4-pixel-padded images and horizontal flips; auto: crop-flip "
+                        "for image inputs, none otherwise (default: auto)")
+    p.add_argument("--seed", metavar="S", type=_seed, default=0,
+                   help="seed of the sample order and the augmentation (default: 0)")
+    p.add_argument("--limit", metavar="N", type=_positive_int, default=None,
+                   help="evaluate on N test samples only (class-stratified, seeded like the run) (default: the run's "
+                        "--limit, else all)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help=f"write a run folder here (model.safetensors, config.json, metrics.json, layers.csv, "
+                        f"index.html); {OUT_HELP} (default: none)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    _add_device(p)
+    _add_common(p, json_help="print the metrics as one JSON object on stdout.")
+    p.set_defaults(func=cmd_train)
     return parser

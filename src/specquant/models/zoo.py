@@ -69,6 +69,8 @@ class ZooEntry:
     needs_data_dir: bool = True  # False when everything ships with the installed packages
     reference_accuracy: float | None = None  # published top-1 (percent) on the test set
     extra: dict = field(default_factory=dict)  # training recipe and other facts for reports
+    train: Callable[[DataDir], tuple[torch.Tensor, torch.Tensor]] | None = None  # train(data_dir): the
+    #   labelled training split (x, y) for fine-tuning (specquant.qat), never the test set; None: none known
 
 
 _REGISTRY: dict[str, ZooEntry] = {}
@@ -202,6 +204,11 @@ def _digits_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _digits_train(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _, _ = _data.load_digits_split()
+    return x, y
+
+
 # ---------------------------------------------------------------------------------------------
 # mnist-mlp: trained once by train_mlp, cached as safetensors
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +252,10 @@ def _mnist_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _data.load_mnist("test", data_dir)
 
 
+def _mnist_train(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _data.load_mnist("train", data_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 ResNets: pretrained weights from the data directory
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +279,10 @@ def _cifar_calib(n: int, seed: int = 0, data_dir: DataDir = None) -> torch.Tenso
 
 def _cifar_test(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _data.load_cifar10("test", data_dir)
+
+
+def _cifar_train(data_dir: DataDir = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _data.load_cifar10("train", data_dir)  # the 10,000-image training subset (train-10k.npz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +408,7 @@ register(
         input_shape=(64,),
         needs_data_dir=False,
         extra={"recipe": DIGITS_RECIPE, "sizes": list(DIGITS_SIZES)},
+        train=_digits_train,
     )
 )
 register(
@@ -406,6 +422,7 @@ register(
         test=_mnist_test,
         input_shape=(784,),
         extra={"recipe": MNIST_RECIPE, "sizes": list(MNIST_SIZES)},
+        train=_mnist_train,
     )
 )
 register(
@@ -419,6 +436,7 @@ register(
         test=_cifar_test,
         input_shape=(3, 32, 32),
         reference_accuracy=91.73,
+        train=_cifar_train,
     )
 )
 register(
@@ -432,6 +450,7 @@ register(
         test=_cifar_test,
         input_shape=(3, 32, 32),
         reference_accuracy=92.63,
+        train=_cifar_train,
     )
 )
 register(

@@ -1,0 +1,200 @@
+"""``finetune``: quantization-aware training of a PTQ result on a labelled training split.
+
+The model comes out of ``specquant.quantize`` (or ``specquant.load``): each quantized layer is
+trained as a :class:`~specquant.qat.layers.FakeQuantLayer` (latent float weight initialised from
+the PTQ weight, codes re-rounded every step with the STE of Bengio et al. 2013, scales fixed or
+learned with LSQ, Esser et al., ICLR 2020), optionally with the κ-regularizer of the
+spectral-limits note (``qat.kappa``), and the final codes are written back as ``.qweight`` so that
+``specquant.save`` packs them like any PTQ result.
+
+Every random choice (the order of the samples, the crops and flips) is drawn from one generator
+seeded by ``seed``: the same seed on the same machine and thread count gives the same model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specquant.qat.kappa import KAPPA_KINDS, kappa_penalty
+from specquant.qat.layers import finalize_qat, prepare_qat
+
+AUGMENTS = ("none", "crop-flip")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class QATConfig:
+    """Settings of one fine-tuning run (epochs, learning rate and seed are ``finetune``'s arguments)."""
+
+    batch_size: int = 128  # samples per step
+    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9, Nesterov)
+    weight_decay: float = 0.0  # on the latent weights and biases (not on LSQ scales)
+    lsq: bool = False  # learn the scales (LSQ); False: keep the PTQ scales
+    kappa_reg: float = 0.0  # λ of the κ-regularizer, summed over the quantized layers (0: off)
+    kappa_kind: str = "log"  # "log": log κ(W); "ratio": ‖W‖_op/σ_min (qat.kappa)
+    augment: str = "none"  # "crop-flip": random 4-pixel-padded crops and horizontal flips (images)
+    cosine: bool = True  # cosine learning-rate decay to 0 over all steps (else constant)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
+        if self.kappa_kind not in KAPPA_KINDS:
+            raise ValueError(f"unknown kappa penalty {self.kappa_kind!r}; allowed: {', '.join(KAPPA_KINDS)}")
+        for what in ("weight_decay", "kappa_reg"):
+            v = getattr(self, what)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+
+
+@dataclass
+class QATResult:
+    """What one ``finetune`` call did."""
+
+    epochs: int  # epochs trained
+    steps: int  # optimizer steps
+    lr: float  # peak learning rate
+    seed: int  # seed of the shuffling and augmentation
+    n_train: int  # training samples
+    train_seconds: float  # wall time of the training loop
+    epoch_loss: list[float] = field(default_factory=list)  # mean task loss per epoch (training data)
+    epoch_accuracy: list[float] = field(default_factory=list)  # training top-1 (%) per epoch, augmented batches
+    epoch_kappa: list[float] = field(default_factory=list)  # with kappa_reg: mean penalty over the layers per epoch
+    layers: list[str] = field(default_factory=list)  # the layers trained and written back
+    config: dict = field(default_factory=dict)  # the QATConfig as a dict
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded images and random horizontal flips (x (B, C, H, W)), drawn from ``gen``."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)  # (B,) crop offsets
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5  # (B,)
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)).to(x.device)  # (B, W)
+    cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    idx_b = torch.arange(b, device=x.device)[:, None, None]  # (B, 1, 1)
+    out = xp.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+
+
+def _check_data(train_data) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(train_data, (tuple, list)) and len(train_data) == 2):
+        raise ValueError("train_data must be a pair (x, y) of tensors: inputs (N, …) and integer labels (N,)")
+    x, y = train_data
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise ValueError("train_data must be a pair (x, y) of tensors")
+    if y.dim() != 1 or y.is_floating_point() or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"train_data: expected x (N, …) and integer labels y (N,), got x {tuple(x.shape)} and "
+                         f"y {tuple(y.shape)} {y.dtype}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("train_data: x holds NaN or Inf values")
+    return x, y
+
+
+def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epochs: int = 1, lr: float = 1e-4,
+             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> QATResult:
+    """Quantization-aware fine-tuning of a quantized model, in place; returns a :class:`QATResult`.
+
+    Args:
+        model: a model whose quantized layers hold ``.qweight`` (``specquant.quantize``) or are packed
+            layers (``specquant.load``); the PTQ codes and scales are the starting point.
+        train_data: (x, y): training inputs (N, …) and integer labels (N,) — a training split, never
+            the test set.
+        config: a :class:`QATConfig` (default: Adam, fixed scales, no penalty, no augmentation).
+        epochs: passes over ``train_data``.
+        lr: peak learning rate (cosine decay with ``config.cosine``).  With fixed scales a code changes
+            only when its latent weight crosses half a step: SGD at 0.01 barely moves ResNet-20's
+            latent weights in a few epochs, Adam at 1e-4 (the default) does.
+        seed: seed of the sample order and the augmentation.
+        progress: ``progress(done_steps, total_steps)`` after every step (e.g. ``cli.common.EtaProgress``).
+    After the call each quantized module holds its trained codes as ``.qweight`` (same grid, granularity
+    and layout as the PTQ result) and its weight is their dequantized value; ``specquant.save`` packs it.
+    """
+    config = config if config is not None else QATConfig()
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    x, y = _check_data(train_data)
+    if config.augment == "crop-flip" and x.dim() != 4:
+        raise ValueError(f"augment 'crop-flip' needs images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
+    layers = prepare_qat(model, lsq=config.lsq)
+    try:
+        return _train(model, layers, x, y, config, epochs, float(lr), seed, progress)
+    finally:
+        finalize_qat(model)  # the trained codes written back (also when training stops early)
+        model.eval()
+
+
+def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: QATConfig, epochs: int, lr: float,
+           seed: int, progress) -> QATResult:
+    device = next(model.parameters()).device
+    scales = [p for layer in layers for n, p in layer.named_parameters(recurse=False) if n == "scale"]
+    ids = {id(p) for p in scales}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": params, "weight_decay": config.weight_decay}]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0})
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.Adam(groups, lr=lr)
+    n = x.shape[0]
+    steps_per_epoch = -(-n // config.batch_size)
+    total = epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(seed)
+    result = QATResult(epochs=epochs, steps=0, lr=lr, seed=seed, n_train=n, train_seconds=0.0,
+                       layers=[layer.name for layer in layers], config=dict(config.__dict__))
+    t0 = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)  # (N,)
+        loss_sum, correct = 0.0, 0
+        for s in range(0, n, config.batch_size):
+            idx = order[s:s + config.batch_size]
+            xb = x[idx]
+            if config.augment == "crop-flip":
+                xb = crop_flip(xb, gen)
+            xb, yb = xb.to(device), y[idx].to(device)
+            if config.cosine:
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * result.steps / total))
+            out = model(xb)  # (B, classes)
+            loss = F.cross_entropy(out, yb)
+            total_loss = loss
+            if config.kappa_reg > 0:
+                total_loss = loss + config.kappa_reg * sum(kappa_penalty(layer.module.weight, config.kappa_kind)
+                                                           for layer in layers)
+            if not bool(torch.isfinite(total_loss.detach())):
+                raise ValueError(f"QAT diverged at step {result.steps + 1}: the loss is {float(total_loss.detach())}; "
+                                 "lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            total_loss.backward()
+            opt.step()
+            result.steps += 1
+            loss_sum += float(loss.detach()) * idx.numel()
+            correct += int((out.argmax(1) == yb).sum())
+            if progress is not None:
+                progress(result.steps, total)
+        result.epoch_loss.append(loss_sum / n)
+        result.epoch_accuracy.append(100.0 * correct / n)
+        if config.kappa_reg > 0:
+            with torch.no_grad():
+                result.epoch_kappa.append(sum(float(kappa_penalty(layer.module.weight, config.kappa_kind))
+                                              for layer in layers) / len(layers))
+    result.train_seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,169 @@
+"""QAT end to end on tiny models: the loss goes down, the trained codes are written back on the PTQ grid
+and layout, and the saved file gives the trained model's outputs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import specquant as sq
+from specquant.core.layouts import grid_layout
+from specquant.models.mlp import MLP, train_mlp
+from specquant.qat import FakeQuantLayer, QATConfig, crop_flip, finetune, prepare_qat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(n: int = 512, seed: int = 0):
+    """Random inputs (n, 16) labelled by a random teacher MLP into 4 classes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    teacher = torch.randn(16, 4, generator=g)
+    return x, (x @ teacher).argmax(1)
+
+
+def _ptq(bits: int, **cfg):
+    x, y = _data()
+    model = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0)
+    sq.quantize(model, sq.RTNConfig(bits=bits, **cfg), calib=x[:128], progress=False)
+    return model, x, y
+
+
+def _loss(model, x, y) -> float:
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("lsq", [False, True])
+def test_loss_decreases_on_a_tiny_model(lsq):
+    model, x, y = _ptq(2)
+    before = _loss(model, x, y)
+    result = finetune(model, (x, y), QATConfig(batch_size=64, lsq=lsq, optimizer="adam"), epochs=15, lr=3e-3, seed=0)
+    after = _loss(model, x, y)  # the model with the written-back codes
+    assert after < 0.85 * before, (before, after)
+    assert result.epoch_loss[-1] < result.epoch_loss[0]
+    assert result.steps == 15 * 8 and result.layers == ["fc1", "fc2"]
+
+
+def test_first_forward_is_the_ptq_model():
+    model, x, _ = _ptq(3)
+    ref = model(x).detach()
+    prepare_qat(model)
+    assert isinstance(model.fc1, FakeQuantLayer)
+    assert torch.equal(model(x).detach(), ref)
+
+
+@pytest.mark.parametrize("bits, granularity", [(1, "channel"), (2, "channel"), (3, "group:5"), (4, "tensor")])
+def test_codes_written_back_on_the_ptq_grid_and_file_round_trip(tmp_path, bits, granularity):
+    model, x, y = _ptq(bits, granularity=granularity)
+    ptq = {n: copy.deepcopy(m.qweight) for n, m in model.named_modules() if hasattr(m, "qweight")}
+    finetune(model, (x, y), QATConfig(batch_size=64, lsq=True), epochs=3, lr=0.02, seed=1)
+    for name, old in ptq.items():
+        mod = model.get_submodule(name)
+        qw = mod.qweight
+        assert qw.spec == old.spec and qw.granularity == old.granularity and type(qw.layout) is type(old.layout)
+        assert qw.layout.to_record() == grid_layout(old.spec, old.shape).to_record()
+        assert int(qw.codes.min()) >= old.spec.qmin and int(qw.codes.max()) <= old.spec.qmax
+        assert torch.equal(mod.weight.detach(), qw.dequantize())
+    # training changed the quantized weights (codes or LSQ scales)
+    assert any(not torch.equal(model.get_submodule(n).weight.detach(), q.dequantize()) for n, q in ptq.items())
+    path = sq.save(model, tmp_path / "qat.safetensors", arch=lambda: MLP((16, 32, 4)))
+    loaded = sq.load(path, build=lambda: MLP((16, 32, 4)), kernel="torch")
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_fixed_scales_stay_and_lsq_scales_move():
+    model, x, y = _ptq(2)
+    s0 = model.fc1.qweight.scale.clone()
+    finetune(model, (x, y), QATConfig(batch_size=64), epochs=2, lr=0.02)
+    assert torch.equal(model.fc1.qweight.scale, s0)
+    model, x, y = _ptq(2)
+    finetune(model, (x, y), QATConfig(batch_size=64, lsq=True), epochs=2, lr=0.02)
+    assert not torch.equal(model.fc1.qweight.scale, s0)
+
+
+def test_same_seed_same_codes_and_a_loaded_file_trains(tmp_path):
+    model, x, y = _ptq(2)
+    path = sq.save(model, tmp_path / "ptq.safetensors", arch=lambda: MLP((16, 32, 4)))
+    a = sq.load(path, build=lambda: MLP((16, 32, 4)))  # packed layers: unpacked by finetune
+    b = sq.load(path, build=lambda: MLP((16, 32, 4)))
+    for m in (a, b):
+        finetune(m, (x, y), QATConfig(batch_size=64), epochs=2, lr=0.02, seed=5)
+    assert torch.equal(a.fc1.qweight.codes, b.fc1.qweight.codes)
+    assert torch.equal(a.fc2.qweight.codes, b.fc2.qweight.codes)
+
+
+def test_activation_quantizers_train_through_the_ste_and_are_saved(tmp_path):
+    x, y = _data()
+    model = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0)
+    cfg = sq.RTNConfig(bits=4)
+    cfg.act_bits = 4
+    sq.quantize(model, cfg, calib=x[:128], progress=False)
+    aq = model.fc2.act_quant
+    before = _loss(model, x, y)
+    finetune(model, (x, y), QATConfig(batch_size=64, optimizer="adam"), epochs=5, lr=3e-3)
+    assert model.fc2.act_quant == aq and _loss(model, x, y) < before
+    path = sq.save(model, tmp_path / "w4a4.safetensors", arch=lambda: MLP((16, 32, 4)))
+    loaded = sq.load(path, build=lambda: MLP((16, 32, 4)), kernel="torch")
+    assert loaded.fc2.input_quant == aq
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_kappa_penalty_lowers_kappa():
+    model, x, y = _ptq(4)
+    ref = copy.deepcopy(model)
+    finetune(ref, (x, y), QATConfig(batch_size=64), epochs=5, lr=0.02)
+    r = finetune(model, (x, y), QATConfig(batch_size=64, kappa_reg=0.05), epochs=5, lr=0.02)
+    assert len(r.epoch_kappa) == 5
+    assert sq.spectral.condition_number(model.fc1.weight) < sq.spectral.condition_number(ref.fc1.weight)
+
+
+def test_crop_flip_is_seeded_and_keeps_shape():
+    x = torch.randn(8, 3, 32, 32)
+    a = crop_flip(x, torch.Generator().manual_seed(3))
+    b = crop_flip(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+    # an unshifted, unflipped crop is the image itself: some sample of a large batch is one
+    xs = torch.randn(400, 1, 8, 8)
+    out = crop_flip(xs, torch.Generator().manual_seed(0), pad=1)
+    assert any(torch.equal(out[i], xs[i]) for i in range(400))
+    assert any(torch.equal(out[i], xs[i].flip(2)) for i in range(400))
+
+
+def test_bad_inputs_are_one_line_errors():
+    model, x, y = _ptq(2)
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        finetune(model, (x, y), epochs=0)
+    with pytest.raises(ValueError, match="pair"):
+        finetune(model, x)
+    with pytest.raises(ValueError, match="integer labels"):
+        finetune(model, (x, y.float()))
+    with pytest.raises(ValueError, match="needs images"):
+        finetune(model, (x, y), QATConfig(augment="crop-flip"))
+    with pytest.raises(ValueError, match="no quantized layer"):
+        finetune(MLP((16, 4)), (x, y))
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        QATConfig(optimizer="lion")
+
+
+def _tiny_conv() -> nn.Module:
+    """conv(3→4, 3x3) → ReLU → conv(4→4, 3x3, stride 2) → mean pool → linear(4→3), fresh weights (seed 0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_convolutions_train_with_crop_flip_and_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()  # (96,) in 0..2
+    model = _tiny_conv()
+    sq.quantize(model, sq.RTNConfig(bits=3), calib=x[:32], progress=False)
+    result = finetune(model, (x, y), QATConfig(batch_size=32, augment="crop-flip", lsq=True), epochs=2, lr=1e-2)
+    assert result.layers == ["0", "2", "5"] and result.steps == 6
+    assert model[2].qweight.codes.shape == (4, 4, 3, 3)
+    path = sq.save(model, tmp_path / "conv.safetensors", arch=_tiny_conv)
+    loaded = sq.load(path, build=_tiny_conv, kernel="torch")
+    assert torch.equal(loaded(x), model(x))
