@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from size_speed import time_interleaved as _interleaved  # benchmarks/ is the script's folder
 from torch import nn
 
 import specquant as sq
@@ -68,22 +69,10 @@ def log(msg: str) -> None:
     print(f"[runtimes] {msg}", file=sys.stderr, flush=True)
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int = 2, budget_s: float = 30.0) -> dict[str, float]:
-    """Median ms of each callable, timed in interleaved rounds (a load change hits all alike)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        start = time.perf_counter()
-        for r in range(reps):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-            if r >= 4 and time.perf_counter() - start > budget_s:
-                break
-    return {k: statistics.median(ts) for k, ts in times.items()}
+def time_interleaved(fns: dict, reps: int) -> dict[str, float]:
+    """Median ms of each callable, timed in interleaved rounds (size_speed.time_interleaved: at least 5
+    rounds, then stop once 30 s have passed)."""
+    return {k: v["median_ms"] for k, v in _interleaved(fns, reps, budget_s=30.0, min_rounds=5).items()}
 
 
 @dataclass

@@ -50,12 +50,12 @@ def log(msg: str) -> None:
     print(f"[size_speed] {msg}", file=sys.stderr, flush=True)
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int = 2, budget_s: float = 20.0) -> dict:
+def time_interleaved(fns: dict, reps: int, warmup: int = 2, budget_s: float = 20.0, min_rounds: int = 3) -> dict:
     """Median (and quartiles) in ms of each callable, timed in interleaved rounds.
 
     Every round calls each function once, in turn, so that a change of load on a shared machine
-    hits all of them alike and the ratios of one run stay fair.  Stops early (at least 3 rounds)
-    once ``budget_s`` seconds have passed.
+    hits all of them alike and the ratios of one run stay fair.  Stops early (at least
+    ``min_rounds`` rounds) once ``budget_s`` seconds have passed.  (benchmarks/runtimes.py uses it too.)
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def time_interleaved(fns: dict, reps: int, warmup: int = 2, budget_s: float = 20
                 t0 = time.perf_counter()
                 fn()
                 times[k].append((time.perf_counter() - t0) * 1e3)
-            if r >= 2 and time.perf_counter() - start > budget_s:
+            if r >= min_rounds - 1 and time.perf_counter() - start > budget_s:
                 break
     out = {}
     for k, ts in times.items():
