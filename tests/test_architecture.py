@@ -31,10 +31,11 @@ ALLOWED: dict[str, set[str]] = {
     "diagnostics": {"core", "algorithms", "engine", "files"},
     "report": {"files"},
     "qat": {"core", "algorithms", "engine", "nn", "models", "files"},  # fake-quant training from a PTQ result
+    "outofcore": {"algorithms", "engine", "io", "models", "files"},  # a model folder quantized block by block
     "cli": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export", "mixed",
-            "diagnostics", "report", "qat", "root"},
+            "diagnostics", "report", "qat", "outofcore", "root"},
     "root": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export", "mixed",
-             "diagnostics", "report", "qat"},
+             "diagnostics", "report", "qat", "outofcore"},
     "entry": {"cli"},
 }
 
