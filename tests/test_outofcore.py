@@ -143,3 +143,21 @@ def test_a_limit_that_cannot_be_met_is_refused_before_any_work(tmp_path):
     assert "\n" not in msg and msg.startswith("--max-memory 1 MiB cannot be met") and "largest block" in msg
     assert not (tmp_path / "q.sq").exists() and not list(tmp_path.glob("specquant-ooc-*"))
 
+
+
+def test_layers_left_in_float_are_streamed_through_and_written(tmp_path):
+    """A decoder block left wholly in float (run, not quantized) and a float head after the last
+    quantized layer (copied through, never run): still the in-memory result."""
+    torch.set_num_threads(1)
+    folder = _folder(tmp_path, tied=False, layers=3)
+    cfg = sq.GPTQConfig(bits=4)
+    cfg.modules.update({"model.layers.1.*": sq.algorithms.base.ModuleSettings(skip=True),
+                        "lm_head": sq.algorithms.base.ModuleSettings(skip=True)})
+    calib = _calib()
+    _, report = _in_memory(folder, cfg, calib, tmp_path / "mem.sq", batch_size=4)
+    res = sq.quantize_folder(folder, cfg, calib, tmp_path / "ooc.sq", batch_size=4, progress=False, workdir=tmp_path)
+    assert [r.name for r in res.report.layers] == [r.name for r in report.layers] and len(report.layers) == 14
+    mem, _ = _tensors(tmp_path / "mem.sq")
+    ooc, _ = _tensors(res.path)
+    assert mem.keys() == ooc.keys() and "lm_head.weight" in ooc and "model.layers.1.mlp.down_proj.weight" in ooc
+    assert all(torch.equal(mem[k], ooc[k]) for k in mem)

@@ -29,8 +29,8 @@ from torch import nn
 
 from specquant.algorithms.base import QuantConfig
 from specquant.engine.apply import QuantReport, peak_rss_mb
-from specquant.engine.calibrate import as_batches, find_blocks
-from specquant.engine.outofcore import BlockIO, quantize_streamed
+from specquant.engine.calibrate import as_batches
+from specquant.engine.outofcore import BlockIO, quantize_streamed, streamed_blocks
 from specquant.engine.spill import ActivationStore
 from specquant.engine.walk import quantizable_layers
 from specquant.io.parts import PartsWriter
@@ -155,6 +155,10 @@ class _FolderWeights:
                 self._swap(fp, t)
             self.resident.update({id(p), id(fp)})
 
+    def resident_names(self, model: nn.Module) -> set[str]:
+        """Names (all of them, ties included) of the parameters loaded for the whole run."""
+        return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in self.resident}
+
     def _check(self, name: str, p: torch.Tensor, t: torch.Tensor) -> None:
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{str(self.reader.folder)!r}: tensor {self.key[name]!r} has shape {tuple(t.shape)}, "
@@ -241,8 +245,7 @@ def quantize_folder(folder, config: QuantConfig, calib, out, *, max_memory=None,
     model = build_empty(folder)
     float_model = copy.deepcopy(model)
     weights = _FolderWeights(reader, model, float_model)
-    candidates = [n for n, _ in quantizable_layers(model) if not config.settings_for(n).skip]
-    blocks = find_blocks(model, candidates)
+    blocks = streamed_blocks(model)
     batches = as_batches(calib, batch_size)
     tokens = sum(b.numel() for b in batches)
     est = _estimate(model, blocks, tokens, max(b.numel() for b in batches))
@@ -259,12 +262,19 @@ def quantize_folder(folder, config: QuantConfig, calib, out, *, max_memory=None,
         store = ActivationStore(tmp, int(activation_budget))
         writer = PartsWriter(Path(out), tmp, {"zoo_id": None, "arch": None},
                              {"hf_folder": str(folder), **(meta or {})})
-        io = BlockIO(load=weights.load, save=lambda name, block: writer.add_module(block, name + "."),
-                     drop=weights.drop)
+        mine = weights.resident_names(model)  # a tied parameter is written (or recorded as tied) with the residents
+        io = BlockIO(load=weights.load, drop=weights.drop,
+                     save=lambda name, block: writer.add_module(block, name + ".", keep=lambda k: k not in mine))
         streamed = quantize_streamed(model, float_model, config, batches, io, store, batch_size=batch_size,
                                      progress=progress)
-        inside = tuple(b + "." for b in streamed.blocks)
-        writer.add_module(model, "", keep=lambda k: not k.startswith(inside) and k not in streamed.blocks)
+        for name in blocks:  # blocks after the last quantized layer: their float weights, copied through
+            if name not in streamed.blocks:
+                block = model.get_submodule(name)
+                weights.load(name, None, block)
+                io.save(name, block)
+                weights.drop(name, block)
+        inside = tuple(b + "." for b in blocks)
+        writer.add_module(model, "", keep=lambda k: k in mine or not k.startswith(inside))
         path = writer.finish([n for n, _ in model.named_modules()])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

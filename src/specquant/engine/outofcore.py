@@ -69,7 +69,13 @@ class StreamedReport:
     report: QuantReport  # per-layer records, as the in-memory engine's
     block_seconds: list[tuple[str, float]]  # each block's wall time (load, statistics, algorithm, write)
     spilled_bytes: int  # hidden-state bytes written to the store's files
-    blocks: list[str]  # the blocks, in order
+    blocks: list[str]  # the blocks walked, in order (a block after the last quantized layer is not walked)
+
+
+def streamed_blocks(model: nn.Module) -> list[str]:
+    """The blocks whose weights are read on demand: those of all quantizable layers (skipped or
+    not); every parameter outside them is resident for the whole run."""
+    return find_blocks(model, [n for n, _ in quantizable_layers(model)])
 
 
 @contextlib.contextmanager
@@ -155,13 +161,16 @@ def quantize_streamed(model: nn.Module, float_model: nn.Module, config: QuantCon
     check_calibration_finite(batches)
     example = batches[0][:1]  # structure probes: one sample is enough
     with kv_cache_off(model), kv_cache_off(float_model):
-        candidates = [n for n, _ in quantizable_layers(model) if not config.settings_for(n).skip]
-        with _lazy(model, find_blocks(model, candidates), io):
-            layer_order = forward_order(model, example)
-        layer_order = [n for n in layer_order if not config.settings_for(n).skip]
+        with _lazy(model, streamed_blocks(model), io):
+            called = forward_order(model, example)
+        layer_order = [n for n in called if not config.settings_for(n).skip]
         ties = resolve_ties(model, layer_order, lambda n: config.settings_for(n).skip)
         layer_order = ties.layer_order
-        blocks = find_blocks(model, layer_order)
+        # Blocks hold every called layer (a block left in float is still run: later blocks read its
+        # output); blocks after the last one with a layer to quantize are not walked at all.
+        blocks = find_blocks(model, called)
+        busy = [k for k, b in enumerate(blocks) if any(n == b or n.startswith(b + ".") for n in layer_order)]
+        blocks = blocks[:busy[-1] + 1] if busy else []
         with _lazy(model, blocks, io):
             links = block_links(model, blocks, example)
         return _walk(model, float_model, config, method, batches, io, store, layer_order, ties, blocks, links,
