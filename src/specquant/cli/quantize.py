@@ -33,6 +33,7 @@ from specquant.cli.common import (
     staged_run_folder,
     versions,
 )
+from specquant.cli.outofcore import check_out_of_core, cmd_quantize_out_of_core
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
 from specquant.mixed import allocate
 from specquant.report import run_folder as rf
@@ -342,6 +343,9 @@ def _plot_allocation(allocation, budget: float, code_bits: float, file_bits: flo
 def cmd_quantize(args, argv: list[str]) -> int:
     ui = UI(args.quiet)
     config, entry = quantize_config(args)
+    limit = check_out_of_core(args, entry)
+    if limit is not None:  # --max-memory: a Hugging Face folder read block by block (cli/outofcore.py)
+        return cmd_quantize_out_of_core(args, argv, config, entry, limit)
     with staged_run_folder(args.out, args.overwrite) as folder:
         metrics = run_quantize(args, argv, ui, config, folder, entry)
     out = folder.target if folder is not None else None
