@@ -203,17 +203,6 @@ class ShardReader:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
-    def nbytes(self, key: str) -> int:
-        """Bytes of tensor ``key`` in float32."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.where[key]), framework="pt", device="cpu") as f:
-            shape = f.get_slice(key).get_shape()
-        n = 1
-        for d in shape:
-            n *= int(d)
-        return 4 * n
-
     def get(self, key: str) -> torch.Tensor:
         """Tensor ``key`` as float32 (a copy owning its memory)."""
         from safetensors import safe_open
