@@ -102,7 +102,7 @@ def child(args) -> None:
     if args.blocks:  # stop after N blocks: the rest of the layers (and the head) stay in float, never read
         from specquant.algorithms.base import ModuleSettings
 
-        cfg.modules.update({f"model.layers.{i}": ModuleSettings(skip=True) for i in range(args.blocks, args.layers)})
+        cfg.modules.update({f"model.layers.{i}.*": ModuleSettings(skip=True) for i in range(args.blocks, args.layers)})
         cfg.modules["lm_head"] = ModuleSettings(skip=True)
     calib = calib_tokens(args.calib, args.seq_len, args.vocab)
     res = sq.quantize_folder(args.folder, cfg, calib, args.outfile, max_memory=args.max_memory, batch_size=args.calib,

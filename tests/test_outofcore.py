@@ -146,12 +146,13 @@ def test_a_limit_that_cannot_be_met_is_refused_before_any_work(tmp_path):
 
 
 def test_layers_left_in_float_are_streamed_through_and_written(tmp_path):
-    """A decoder block left wholly in float (run, not quantized) and a float head after the last
-    quantized layer (copied through, never run): still the in-memory result."""
+    """A decoder block left wholly in float (run, not quantized), and a float block and head after
+    the last quantized layer (copied through, not walked): still the in-memory result."""
     torch.set_num_threads(1)
-    folder = _folder(tmp_path, tied=False, layers=3)
+    folder = _folder(tmp_path, tied=False, layers=4)
     cfg = sq.GPTQConfig(bits=4)
     cfg.modules.update({"model.layers.1.*": sq.algorithms.base.ModuleSettings(skip=True),
+                        "model.layers.3.*": sq.algorithms.base.ModuleSettings(skip=True),
                         "lm_head": sq.algorithms.base.ModuleSettings(skip=True)})
     calib = _calib()
     _, report = _in_memory(folder, cfg, calib, tmp_path / "mem.sq", batch_size=4)

@@ -163,7 +163,8 @@ def quantize_streamed(model: nn.Module, float_model: nn.Module, config: QuantCon
     if example.dim() == 2 and not example.is_floating_point():  # token ids: a few tokens show the structure too
         example = example[:, :16]
     with kv_cache_off(model), kv_cache_off(float_model):
-        with _lazy(model, streamed_blocks(model), io):
+        lazy = streamed_blocks(model)  # every block, walked or not: the probes run the whole model
+        with _lazy(model, lazy, io):
             called = forward_order(model, example)
         layer_order = [n for n in called if not config.settings_for(n).skip]
         ties = resolve_ties(model, layer_order, lambda n: config.settings_for(n).skip)
@@ -173,7 +174,7 @@ def quantize_streamed(model: nn.Module, float_model: nn.Module, config: QuantCon
         blocks = find_blocks(model, called)
         busy = [k for k, b in enumerate(blocks) if any(n == b or n.startswith(b + ".") for n in layer_order)]
         blocks = blocks[:busy[-1] + 1] if busy else []
-        with _lazy(model, blocks, io):
+        with _lazy(model, lazy, io):
             links = block_links(model, blocks, example)
         return _walk(model, float_model, config, method, batches, io, store, layer_order, ties, blocks, links,
                      batch_size, progress, t_start)
