@@ -33,6 +33,7 @@ from specquant.engine.calibrate import as_batches
 from specquant.engine.outofcore import BlockIO, quantize_streamed, streamed_blocks
 from specquant.engine.spill import ActivationStore
 from specquant.engine.walk import quantizable_layers
+from specquant.hf_compat import is_hf_conv1d
 from specquant.io.parts import PartsWriter
 from specquant.models.hf import ShardReader, build_empty
 
@@ -261,6 +262,10 @@ def quantize_folder(folder, config: QuantConfig, calib, out, *, max_memory=None,
     folder = Path(folder).expanduser().resolve()
     reader = ShardReader(folder)
     model = build_empty(folder)
+    conv1d = next((n for n, m in model.named_modules() if is_hf_conv1d(m)), None)
+    if conv1d is not None:
+        raise ValueError(f"layer '{conv1d}' is a transformers Conv1D (GPT-2 style): out-of-core quantization reads "
+                         "nn.Linear weights only; quantize this model in memory")
     float_model = copy.deepcopy(model)
     weights = _FolderWeights(reader, model, float_model)
     blocks = streamed_blocks(model)

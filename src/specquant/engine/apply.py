@@ -44,6 +44,7 @@ from specquant.engine.walk import (
     resolve_ties,
     skipped_modules,
 )
+from specquant.hf_compat import linearize_conv1d
 
 
 @dataclass
@@ -77,6 +78,7 @@ class QuantReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     folded_bn: list[FoldedBN] = field(default_factory=list)
     awq: list[AWQRecord] = field(default_factory=list)  # the AWQ pre-step, one record per input group (config.awq)
+    linearized: list[str] = field(default_factory=list)  # transformers Conv1D layers turned into nn.Linear first
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
     peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)
@@ -134,6 +136,7 @@ class QuantReport:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
             **({"awq": [dataclasses.asdict(r) for r in self.awq]} if self.awq else {}),
+            **({"linearized": list(self.linearized)} if self.linearized else {}),
         }
 
 
@@ -303,6 +306,7 @@ def quantize(
     if device is not None:
         model.to(device)
     model.eval()
+    linearized = linearize_conv1d(model)  # GPT-2's Conv1D projections become the nn.Linear they compute
     _check_model(model, config)
     where = model_device(model)
 
@@ -320,6 +324,7 @@ def quantize(
         example = example[:2]
     with kv_cache_off(model):
         report = _walk(model, config, method, batches, example, fold_bn, batch_size, patch_fraction, progress)
+    report.linearized = linearized
     report.seconds = time.perf_counter() - t_start
     report.peak_rss_mb = peak_rss_mb()
     return report

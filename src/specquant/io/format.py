@@ -111,6 +111,7 @@ from specquant.core.actquant import ActQuantizer
 from specquant.core.grid import SCALE_DTYPES, Granularity, GridSpec
 from specquant.core.layouts import Layout, layout_tensor_names
 from specquant.core.qweight import integer_zero_points
+from specquant.hf_compat import is_hf_conv1d, linearize_conv1d
 from specquant.io.files import atomic_write_bytes
 from specquant.io.files import loads as strict_loads
 from specquant.nn.layers import (
@@ -290,6 +291,7 @@ def build_skeleton(model_info: dict, data_dir=None, *, build: Callable[[], nn.Mo
     else:
         raise SQFormatError(f"{where}the header names neither a zoo id nor an architecture entry point; "
                             f"pass build=<a function returning the architecture> to specquant.load")
+    linearize_conv1d(model)  # GPT-2's Conv1D layers as the nn.Linear the engine made of them
     return model.eval()
 
 
@@ -491,6 +493,11 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     except SQFormatError as e:
         raise ValueError(str(e)) from None
     folded = _folded_bns(model, skeleton)
+    conv1d = next((n for n, m in model.named_modules() if is_hf_conv1d(m)), None)
+    if conv1d is not None:
+        raise ValueError(f"layer '{conv1d}' is a transformers Conv1D that was never quantized; quantize the model "
+                         f"(which turns Conv1D into nn.Linear) or call specquant.hf_compat.linearize_conv1d(model) "
+                         f"before saving")
 
     layers, tensors, qnames = quantized_entries(model, sdt)
     float_tensors, tied = float_entries(model, tuple(n + "." for n in qnames))
