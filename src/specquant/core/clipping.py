@@ -16,8 +16,9 @@ method             range of each row
 ``aciq-gauss``     ``mean ± r·σ`` with ``r = aciq_alpha_ratio(bits, "gauss")`` (Banner et al. 2019)
 ``aciq-laplace``   ``mean ± r·b`` with ``r = aciq_alpha_ratio(bits, "laplace")``, ``b`` the mean
                    absolute deviation
-``kl``             TensorRT-style threshold minimising KL(P‖Q) over a 2048-bin histogram of ``|x|``
-                   (fewer bins for rows under 16·2048 values; meant for activations)
+``kl``             TensorRT-style threshold minimising KL(P‖Q) over a 2048-bin histogram of the
+                   nonzero ``|x|`` (fewer bins for rows under 16·2048 values; exact zeros, which
+                   every grid keeps exact, are left out; meant for activations)
 =================  =============================================================================
 
 A constant or zero row never produces NaN: a zero row gets ``lo = hi = 0`` (scale 0), a constant
@@ -303,7 +304,13 @@ def _kl_range(rows: torch.Tensor, rmin: torch.Tensor, rmax: torch.Tensor, spec: 
         # |x| histogram with 2^(b−1) levels per side; a one-signed row on an asymmetric grid
         # uses all 2^b levels on its one side.
         levels = 1 << spec.bits if (one_signed and not spec.symmetric) else 1 << (spec.bits - 1)
-        t = kl_threshold(np.abs(row), levels)
+        # Exact zeros are left out of the histogram: 0 is a grid point of every candidate range,
+        # so they carry no information about the threshold.  Left in (post-ReLU activations are
+        # ~50 % zeros), their spike in bin 0 dominated KL(P‖Q): Q spreads the spike evenly over
+        # the bins merged with it, which costs more the wider the range, so the search picked a
+        # range 2-50× narrower than the MSE-optimal one (ResNet-20 W4A4 fell to 27 %).
+        a = np.abs(row)
+        t = kl_threshold(a[a != 0], levels)
         lo_np[r], hi_np[r] = -t, t
     lo = torch.from_numpy(lo_np).to(rows.dtype)
     hi = torch.from_numpy(hi_np).to(rows.dtype)
