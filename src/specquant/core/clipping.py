@@ -32,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from specquant.core.grid import GridSpec, check_bits, check_finite
+from specquant.core.grid import GridSpec, check_bits, check_finite, fake_quantize
 from specquant.core.metrics import kl_divergence
 
 CLIPPING_METHODS = ("minmax", "percentile", "mse", "aciq-gauss", "aciq-laplace", "kl")
@@ -132,6 +132,8 @@ class _RowMSE:
     def __call__(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         scale, zp = self.spec.qparams_from_range(lo, hi)
         scale, zp = scale[:, None], zp[:, None]
+        if self.spec.fp8 is not None:  # a float grid: the grid's own rounding
+            return (fake_quantize(self.rows, scale, zp, self.spec) - self.rows).square_().mean(dim=1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         t = torch.div(self.rows, safe, out=self.buf)
         t.add_(zp).round_().clamp_(self.spec.qmin, self.spec.qmax)  # codes (scale 0: error = x)
