@@ -234,7 +234,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="test images (0: all)")
     p.add_argument("--weights", nargs="+", default=["rtn", "gpfq"], choices=["rtn", "gpfq"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--calibrators", nargs="+", default=list(CALIBRATORS), choices=CALIBRATORS)
+    p.add_argument("--calibrators", nargs="*", default=list(CALIBRATORS), choices=CALIBRATORS,
+                   help="activation calibrators (none: weight-only rows only)")
     p.add_argument("--grids", nargs="+", default=["int"], choices=["int", "fp8-e4m3", "fp8-e5m2"],
                    help="weight grids (FP8 ones only for 8-bit weights)")
     p.add_argument("--act-grids", nargs="+", default=["int"], choices=["int", "fp8-e4m3", "fp8-e5m2"],
