@@ -12,9 +12,15 @@ and what ACIQ's Laplace model (Banner et al. 2019, "Post training 4-bit quantiza
 convolutional networks for rapid-deployment") predicts for it: with μ and b = E|x − μ| fitted
 per layer and the quantizer's range [lo, hi] and step Δ, E ≈ Δ²/12 + b²·e^{−(hi − μ)/b} +
 b²·e^{−(μ − lo)/b}.  The calibrator ranking by that prediction is printed next to the ranking
-by accuracy.
+by accuracy, with the median over layers of each quantizer's range top over ACIQ-Laplace's analytic
+one on the same inputs (clip/ACIQ: > 1 means the calibrator keeps a wider range than ACIQ predicts).
+
+``--grids`` / ``--act-grids`` add FP8 weight / activation grids (E4M3, E5M2; 8-bit settings only) beside
+the integer ones (ACIQ's columns are left empty for FP8 activations: its model is of a uniform grid).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/act_ptq.py --out bench-out/act_ptq.json
+    python benchmarks/act_ptq.py --settings W8A8 --grids int fp8-e4m3 fp8-e5m2 --act-grids int fp8-e4m3 \
+        --calibrators mse
     python benchmarks/act_ptq.py --settings W4A4 --weights gpfq --calibrators mse kl --limit 2000
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 
 import specquant as sq
+from specquant.core.actquant import calibrate_activation, sample_values
 from specquant.engine.walk import fold_batchnorm
 from specquant.io.files import write_json
 from specquant.models import get_entry
@@ -51,13 +58,17 @@ class Row:
     act_rel_mse: float | None  # Σ over layers of ‖Q(x) − x‖²/‖x‖² on test inputs
     aciq_predicted_rel_mse: float | None  # the same from ACIQ's Laplace model
     quant_seconds: float
+    clip_vs_aciq: float | None = None  # median over layers of (range top) / (ACIQ-Laplace's analytic range top)
+    grid: str = "int"  # weight grid (int | fp8-e4m3 | fp8-e5m2)
+    act_grid: str = "int"  # activation grid
 
 
-def config_for(weights: str, w_bits: int, act_bits: int | None, calibrator: str | None, seed: int):
-    act = {} if act_bits is None else {"act_bits": act_bits, "act_calibrator": calibrator}
+def config_for(weights: str, w_bits: int, act_bits: int | None, calibrator: str | None, seed: int,
+               grid: str = "int", act_grid: str = "int"):
+    act = {} if act_bits is None else {"act_bits": act_bits, "act_calibrator": calibrator, "act_grid": act_grid}
     if weights == "rtn":
-        return sq.RTNConfig(bits=w_bits, seed=seed, **act)
-    return sq.GPFQConfig(bits=w_bits, seed=seed, **act)
+        return sq.RTNConfig(bits=w_bits, seed=seed, grid=grid, **act)
+    return sq.GPFQConfig(bits=w_bits, seed=seed, grid=grid, **act)
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -68,8 +79,9 @@ def accuracy(model, x, y, batch: int = 500) -> float:
     return 100.0 * correct / x.shape[0]
 
 
-def act_errors(model, x) -> tuple[float, float]:
-    """(measured, ACIQ-predicted) Σ_layers ‖Q(x) − x‖²/‖x‖² on the raw inputs of the quantized layers."""
+def act_errors(model, x) -> tuple[float, float, float]:
+    """(measured, ACIQ-predicted) Σ_layers ‖Q(x) − x‖²/‖x‖² on the raw inputs of the quantized layers, and
+    the median over layers of the quantizer's range top over ACIQ-Laplace's analytic one on the same inputs."""
     mods = [(n, m) for n, m in model.named_modules() if getattr(m, "act_quant", None) is not None]
     seen: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.__setitem__(n, a[0].detach()), prepend=True)
@@ -81,14 +93,21 @@ def act_errors(model, x) -> tuple[float, float]:
         for h in handles:
             h.remove()
     measured = predicted = 0.0
+    ratios = []
     for n, m in mods:
         v = seen[n].double().reshape(-1)  # (numel,)
         aq = m.act_quant
         energy = float(v.pow(2).mean())
         measured += float((aq.fake_quantize(v) - v).pow(2).mean()) / energy
-        lo, hi = -aq.zero_point * aq.scale, (aq.qmax - aq.zero_point) * aq.scale
+        if aq.grid != "int":
+            continue  # ACIQ's model (uniform steps Δ²/12) does not describe an FP8 grid
+        lo, hi = (float(t) for t in aq.spec.value_range(torch.tensor(aq.scale), torch.tensor(float(aq.zero_point))))
         predicted += (aq.scale ** 2 / 12 + _laplace_tail(v, hi) + _laplace_tail(-v, -lo)) / energy
-    return measured, predicted
+        ref = calibrate_activation(sample_values([v], seed=0), aq.bits, "aciq-laplace", grid=aq.grid)
+        ratios.append(hi / float(ref.spec.value_range(torch.tensor(ref.scale), torch.tensor(float(ref.zero_point)))[1]))
+    if not ratios:
+        return measured, None, None
+    return measured, predicted, sorted(ratios)[len(ratios) // 2]
 
 
 def _laplace_tail(v: torch.Tensor, c: float) -> float:
@@ -117,26 +136,35 @@ def run(args) -> dict:
           flush=True)
     rows: list[Row] = []
 
-    def one(weights, setting, w_bits, act_bits, cal):
+    def one(weights, setting, w_bits, act_bits, cal, grid="int", act_grid="int"):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        sq.quantize(m, config_for(weights, w_bits, act_bits, cal, args.seed), calib=calib, progress=False)
+        sq.quantize(m, config_for(weights, w_bits, act_bits, cal, args.seed, grid, act_grid), calib=calib,
+                    progress=False)
         qs = time.perf_counter() - t0
         acc = accuracy(m, x_test, y_test)
-        meas, pred = act_errors(m, x_test[:500]) if act_bits is not None else (None, None)
-        r = Row(weights, setting, w_bits, act_bits, cal, acc, float_acc - acc, meas, pred, qs)
+        meas, pred, clip = act_errors(m, x_test[:500]) if act_bits is not None else (None, None, None)
+        r = Row(weights, setting, w_bits, act_bits, cal, acc, float_acc - acc, meas, pred, qs, clip, grid,
+                act_grid if act_bits is not None else "int")
         rows.append(r)
-        print(f"{weights:5s} {setting:5s} {cal or '-':13s} {acc:6.2f} %  drop {r.drop:5.2f}  "
-              f"act mse {meas if meas is not None else float('nan'):.4g} (ACIQ model "
-              f"{pred if pred is not None else float('nan'):.4g})  {qs:.1f} s", flush=True)
+        print(f"{weights:5s} {setting:5s} w:{grid:8s} a:{r.act_grid:8s} {cal or '-':13s} {acc:6.2f} %  "
+              f"drop {r.drop:5.2f}  act mse {meas if meas is not None else float('nan'):.4g} (ACIQ model "
+              f"{pred if pred is not None else float('nan'):.4g}, clip/ACIQ's {clip or float('nan'):.3g})  "
+              f"{qs:.1f} s", flush=True)
 
     for weights in args.weights:
-        for wb in sorted({SETTINGS[s][0] for s in args.settings}, reverse=True) if args.weight_only else ():
-            one(weights, f"W{wb}", wb, None, None)
-        for s in args.settings:
-            wb, ab = SETTINGS[s]
-            for cal in args.calibrators:
-                one(weights, s, wb, ab, cal)
+        for grid in args.grids:
+            wbs = sorted({SETTINGS[s][0] for s in args.settings}, reverse=True) if args.weight_only else ()
+            for wb in wbs:
+                if grid == "int" or wb == 8:  # an FP8 grid is 8-bit
+                    one(weights, f"W{wb}", wb, None, None, grid)
+            for s in args.settings:
+                wb, ab = SETTINGS[s]
+                for act_grid in args.act_grids:
+                    if (grid != "int" and wb != 8) or (act_grid != "int" and ab != 8):
+                        continue
+                    for cal in args.calibrators:
+                        one(weights, s, wb, ab, cal, grid, act_grid)
     return {"model": args.model, "float_accuracy": float_acc, "n_test": int(x_test.shape[0]),
             "n_calib": int(calib.shape[0]), "seed": args.seed, "threads": torch.get_num_threads(),
             "rows": [asdict(r) for r in rows], "winners": winners(rows)}
@@ -146,13 +174,14 @@ def winners(rows: list[Row]) -> list[dict]:
     """Per (weights, setting): the best calibrator by accuracy, and the rankings by accuracy and by
     ACIQ's predicted activation error."""
     out = []
-    keys = sorted({(r.weights, r.setting) for r in rows if r.act_bits is not None})
-    for w, s in keys:
-        rs = [r for r in rows if (r.weights, r.setting) == (w, s)]
+    keys = sorted({(r.weights, r.setting, r.grid, r.act_grid) for r in rows if r.act_bits is not None})
+    for w, s, g, ag in keys:
+        rs = [r for r in rows if (r.weights, r.setting, r.grid, r.act_grid) == (w, s, g, ag)]
         by_acc = [r.calibrator for r in sorted(rs, key=lambda r: -r.accuracy)]
-        by_pred = [r.calibrator for r in sorted(rs, key=lambda r: r.aciq_predicted_rel_mse)]
+        by_pred = [r.calibrator for r in sorted(rs, key=lambda r: r.aciq_predicted_rel_mse or 0.0)]
         by_meas = [r.calibrator for r in sorted(rs, key=lambda r: r.act_rel_mse)]
-        out.append({"weights": w, "setting": s, "best": by_acc[0], "best_accuracy": max(r.accuracy for r in rs),
+        out.append({"weights": w, "setting": s, "grid": g, "act_grid": ag, "best": by_acc[0],
+                    "best_accuracy": max(r.accuracy for r in rs),
                     "ranking_by_accuracy": by_acc, "ranking_by_measured_act_mse": by_meas,
                     "ranking_by_aciq_prediction": by_pred})
     return out
@@ -205,7 +234,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="test images (0: all)")
     p.add_argument("--weights", nargs="+", default=["rtn", "gpfq"], choices=["rtn", "gpfq"])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--calibrators", nargs="+", default=list(CALIBRATORS), choices=CALIBRATORS)
+    p.add_argument("--calibrators", nargs="*", default=list(CALIBRATORS), choices=CALIBRATORS,
+                   help="activation calibrators (none: weight-only rows only)")
+    p.add_argument("--grids", nargs="+", default=["int"], choices=["int", "fp8-e4m3", "fp8-e5m2"],
+                   help="weight grids (FP8 ones only for 8-bit weights)")
+    p.add_argument("--act-grids", nargs="+", default=["int"], choices=["int", "fp8-e4m3", "fp8-e5m2"],
+                   help="activation grids (FP8 ones only for 8-bit activations)")
     p.add_argument("--no-weight-only", dest="weight_only", action="store_false",
                    help="skip the weight-only reference rows")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
@@ -217,10 +251,12 @@ def main() -> None:
             write_json(args.out, result)
         return
     result = run(args)
-    print("\n| weights | setting | best calibrator | accuracy % | ranking by accuracy | ranking by ACIQ's model |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| weights | setting | grid (w/a) | best calibrator | accuracy % | ranking by accuracy | ranking by ACIQ's "
+          "model |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for w in result["winners"]:
-        print(f"| {w['weights']} | {w['setting']} | {w['best']} | {w['best_accuracy']:.2f} | "
+        print(f"| {w['weights']} | {w['setting']} | {w['grid']}/{w['act_grid']} | {w['best']} | "
+              f"{w['best_accuracy']:.2f} | "
               f"{' > '.join(w['ranking_by_accuracy'])} | {' > '.join(w['ranking_by_aciq_prediction'])} |")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

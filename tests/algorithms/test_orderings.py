@@ -152,3 +152,26 @@ def test_dead_inputs_are_handled(layer_data, stats_from):
     c = c.clamp(qw.spec.qmin, qw.spec.qmax)
     assert ((qw.codes[:, 3].double() - c).abs() < 1).all()  # one of the two grid points around w_t
     assert torch.isfinite(qw.dequantize()).all()
+
+
+@pytest.mark.parametrize("grid", ["fp8-e4m3", "fp8-e5m2"])
+def test_error_feedback_on_fp8_beats_rtn_fp8(layer_data, stats_from, grid):
+    """GPFQ, GPTQ and Qronos round column by column on the FP8 grid: their output error is at most
+    RTN-FP8's on the same scales and data (SPFQ with nearest rounding too)."""
+    from specquant.algorithms import QronosConfig, qronos
+
+    W, X, Xt = layer_data
+    s = stats_from(X, Xt)
+    kw = {"bits": 8, "grid": grid, "scale_rule": "minmax"}
+    q_rtn = rtn.quantize_weight(W, s, RTNConfig(**kw))
+    e_rtn = out_err(W, q_rtn.dequantize(), X, Xt)
+    for qw in (gpfq.quantize_weight(W, s, GPFQConfig(search=(), **kw)),
+               qronos.quantize_weight(W, s, QronosConfig(**kw)),
+               spfq.quantize_weight(W, s, SPFQConfig(rounding="nearest", **kw))):
+        assert qw.spec.kind == grid and torch.equal(qw.scale, q_rtn.scale)
+        assert out_err(W, qw.dequantize(), X, Xt) <= e_rtn
+        assert bool(torch.isfinite(qw.codes.view(qw.spec.fp8.dtype).float()).all())  # FP8 bit patterns
+    t_rtn = out_err(W, q_rtn.dequantize(), Xt, Xt)
+    assert out_err(W, gptq.quantize_weight(W, s, GPTQConfig(search=(), **kw)).dequantize(), Xt, Xt) <= t_rtn
+    with pytest.raises(ValueError, match=f"config.grid {grid} stores 8-bit codes; it needs bits=8, got bits=4"):
+        RTNConfig(bits=4, grid=grid)

@@ -136,3 +136,31 @@ def test_activation_quantization_is_recorded_and_the_saved_file_evaluates_the_sa
                                                                 "4", "--act-calibrator", "kl"])
     assert "invalid choice: 'l2'" in error_line(["quantize", "digits-mlp", "--method", "rtn", "--bits", "4",
                                                  "--act-bits", "4", "--act-calibrator", "l2"])
+
+
+def test_fp8_grids_are_recorded_evaluate_the_same_and_bad_combinations_are_refused(tmp_path, capsys, error_line):
+    out = tmp_path / "fp8"
+    assert main(["quantize", "digits-mlp", "--method", "gptq", "--grid", "fp8-e4m3", "--act-grid", "fp8-e5m2",
+                 "--calib", "64", "--out", str(out), "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["bits"] == 8 and m["grid"] == "fp8-e4m3" and m["act_bits"] == 8 and m["act_grid"] == "fp8-e5m2"
+    assert all(r["levels"] == 253 and r["act"]["grid"] == "fp8-e5m2" for r in m["layers"])
+    assert m["bits_per_weight_split"]["code"] == 8.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quant_config"]["grid"] == "fp8-e4m3" and config["quant_config"]["act_grid"] == "fp8-e5m2"
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0  # the file holds FP8 codes and FP8 input quantizers
+    assert json.loads(capsys.readouterr().out)["accuracy"] == m["accuracy"]
+    q = ["quantize", "digits-mlp", "--method", "rtn"]
+    assert "--grid fp8-e4m3 stores 8-bit codes; --bits 3 contradicts it" in error_line(
+        q + ["--grid", "fp8-e4m3", "--bits", "3"])
+    assert "--gguf q8_0 holds integer codes; --grid fp8-e5m2 contradicts it" in error_line(
+        q + ["--grid", "fp8-e5m2", "--gguf", "q8_0"])
+    assert "--act-grid fp8-e4m3 is 8-bit; --act-bits 4 contradicts it" in error_line(
+        q + ["--bits", "8", "--act-grid", "fp8-e4m3", "--act-bits", "4"])
+    assert "invalid choice: 'fp8'" in error_line(q + ["--bits", "8", "--grid", "fp8"])
+    run = tmp_path / "w"
+    assert main(q + ["--grid", "fp8-e4m3", "--calib", "32", "--out", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its codes are fp8-e4m3 floats; onnxruntime's MatMulNBits holds integer codes only" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "m.onnx").exists()

@@ -85,3 +85,28 @@ def test_sample_values_is_seeded_bounded_and_proportional():
     assert 0.2 < share < 0.3
     small = [torch.arange(6.0).reshape(2, 3)]
     assert sample_values(small, 4000).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # few: all of them
+
+
+@pytest.mark.parametrize("grid", ["fp8-e4m3", "fp8-e5m2"])
+def test_fp8_activation_quantizer(grid):
+    from specquant.core.grid import GridSpec, fake_quantize
+
+    g = torch.Generator().manual_seed(5)
+    v = torch.relu(torch.randn(20000, generator=g)) * 3
+    aq = calibrate_activation(v, 8, "minmax", grid=grid)
+    assert aq.grid == grid and aq.zero_point == 0
+    assert aq.scale == pytest.approx(float(v.max()) / GridSpec(8, grid).alpha_steps, rel=1e-6)
+    # the same values as the weight grid's rounding, codes are the FP8 bit patterns
+    s = torch.tensor([aq.scale])
+    assert torch.equal(aq.fake_quantize(v), fake_quantize(v, s, torch.zeros(1), aq.spec))
+    assert torch.equal(aq.codes(v).view(aq.spec.fp8.dtype).float() * s, aq.fake_quantize(v))
+    assert aq.fake_quantize(torch.zeros(2)).tolist() == [0.0, 0.0]
+    mse = calibrate_activation(v, 8, "mse", grid=grid)
+    err = {a: float((a.fake_quantize(v) - v).pow(2).mean()) for a in (aq, mse)}
+    assert err[mse] <= err[aq] * 1.0001  # the search includes (about) the min-max range
+    assert ActQuantizer.from_record(aq.to_record()) == aq and aq.to_record()["grid"] == grid
+    assert "grid" not in calibrate_activation(v, 8, "mse").to_record()  # integer records unchanged
+    with pytest.raises(ValueError, match=f"an {grid} activation grid has 8 bits, got activation bits 4"):
+        calibrate_activation(v, 4, "mse", grid=grid)
+    with pytest.raises(ValueError, match="unknown activation grid 'fp4'"):
+        calibrate_activation(v, 8, "mse", grid="fp4")

@@ -212,6 +212,30 @@ def test_kl_threshold_asymmetric_one_signed_row_and_degenerate_input():
     assert kl_threshold(np.full(10, 2.5), 4) == 2.5
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dist", ["gauss", "relu-gauss", "relu-laplace", "relu-shifted"])
+def test_kl_activation_range_is_near_the_mse_range(dist, bits):
+    # The KL search once picked a range 2-50x too narrow on post-ReLU data (the spike of exact
+    # zeros dominated KL(P||Q)): its range must stay within a sane factor of the MSE-optimal
+    # range, and its quantization error within a small factor of the mse calibrator's.
+    from specquant.core.actquant import calibrate_activation
+
+    g = torch.Generator().manual_seed(17)
+    z = torch.randn(100_000, generator=g)
+    v = {"gauss": z, "relu-gauss": z.clamp_min(0), "relu-shifted": (z - 1).clamp_min(0),
+         "relu-laplace": laplace((1, 100_000), 1.0, seed=171).reshape(-1).clamp_min(0)}[dist]
+    kl, mse = calibrate_activation(v, bits, "kl"), calibrate_activation(v, bits, "mse")
+
+    def top(aq):
+        return (aq.qmax - aq.zero_point) * aq.scale
+
+    assert 0.6 < top(kl) / top(mse) < 1.6
+    err_kl = float((kl.fake_quantize(v) - v).pow(2).mean())
+    err_mse = float((mse.fake_quantize(v) - v).pow(2).mean())
+    assert err_mse <= err_kl * 1.0001  # mse is the optimum of this very error
+    assert err_kl < (5.0 if dist == "relu-shifted" else 2.5) * err_mse
+
+
 # --------------------------------------------------------------------------- all calibrators
 
 @pytest.mark.parametrize("method", CLIPPING_METHODS)

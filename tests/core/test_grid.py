@@ -24,9 +24,9 @@ DB_PER_BIT = 20 * math.log10(2)  # 6.0206 dB: halving Δ quarters the MSE
 
 
 def all_specs():
-    """Every (bits, kind) the core accepts."""
+    """Every uniform (bits, kind) the core accepts (the FP8 float grids have their own tests below)."""
     specs = []
-    for kind in GRID_KINDS:
+    for kind in (k for k in GRID_KINDS if not k.startswith("fp8")):
         for bits in range(1, 9):
             try:
                 specs.append(GridSpec(bits, kind))
@@ -262,3 +262,77 @@ def test_granularity_rows_and_scale_shapes_for_conv_weight(g, scale_shape, n_row
     blocked = w.reshape(g.blocked_shape(tuple(w.shape))).abs()
     amax = blocked.amax(dim=[d for d, n in enumerate(scale_shape) if n == 1], keepdim=True)
     torch.testing.assert_close(g.rows_to_scale(per_row, tuple(w.shape)), amax)
+
+
+# --------------------------------------------------------------------------- FP8 grids
+
+FP8_KINDS = {"fp8-e4m3": (4, 3, 448.0), "fp8-e5m2": (5, 2, 57344.0)}  # exponent bits, mantissa bits, max
+
+
+def fp8_reference_values(kind: str) -> dict[int, float]:
+    """Every finite bit pattern's value, decoded from the format's definition (not by torch)."""
+    e_bits, m_bits, _ = FP8_KINDS[kind]
+    bias = (1 << (e_bits - 1)) - 1
+    out = {}
+    for u in range(256):
+        sign = -1.0 if u >> 7 else 1.0
+        e, m = (u >> m_bits) & ((1 << e_bits) - 1), u & ((1 << m_bits) - 1)
+        if kind == "fp8-e4m3" and e == 15 and m == 7:
+            continue  # E4M3 "fn": only S.1111.111 is NaN, no infinities
+        if kind == "fp8-e5m2" and e == 31:
+            continue  # E5M2: inf and NaN
+        frac = m / (1 << m_bits)
+        out[u] = sign * (frac * 2.0 ** (1 - bias) if e == 0 else (1 + frac) * 2.0 ** (e - bias))
+    return out
+
+
+@pytest.mark.parametrize("kind", list(FP8_KINDS))
+def test_fp8_every_code_round_trips_and_matches_the_format(kind):
+    from specquant.core.grid import dequantize_codes
+
+    spec = GridSpec(8, kind)
+    ref = fp8_reference_values(kind)
+    assert spec.levels == len(set(ref.values())) and spec.alpha_steps == FP8_KINDS[kind][2]
+    codes = torch.tensor(sorted(ref), dtype=torch.float64)  # (n,) every finite pattern
+    values = dequantize_codes(codes, torch.ones(1, dtype=torch.float64), torch.zeros(1), spec)
+    assert values.tolist() == [ref[u] for u in sorted(ref)]
+    back = quantize_codes(values, torch.ones(1, dtype=torch.float64), torch.zeros(1), spec)
+    zero = {0, 128}  # +0 and −0 are the same value; every other code comes back as itself
+    assert all(int(b) == u or {int(b), u} <= zero for b, u in zip(back.tolist(), sorted(ref)))
+
+
+@pytest.mark.parametrize("kind", list(FP8_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fp8_rounding_is_nearest_ties_to_even_and_saturates(kind, dtype):
+    spec = GridSpec(8, kind)
+    ref = fp8_reference_values(kind)
+    grid = torch.tensor(sorted(set(ref.values())), dtype=torch.float64)  # (levels,) sorted values
+    fmax = FP8_KINDS[kind][2]
+    g = torch.Generator().manual_seed(3)
+    mids = (grid[1:] + grid[:-1]) / 2  # exact ties
+    x = torch.cat([torch.randn(4000, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-4, 4, (4000,),
+                                                                                                generator=g),
+                   mids, grid, torch.tensor([fmax * 1.03, -fmax * 5, 1e30, -1e30], dtype=torch.float64)]).to(dtype)
+    one = torch.ones(1, dtype=dtype)
+    got = fake_quantize(x, one, torch.zeros(1, dtype=dtype), spec).double()
+    xd = x.double().clamp(-fmax, fmax)
+    dist = (xd[:, None] - grid[None, :]).abs()  # (n, levels)
+    best = dist.min(dim=1).values
+    assert torch.equal((got - xd).abs(), best)  # the nearest representable value
+    # ties: the neighbour whose code is even (its last mantissa bit 0)
+    codes = {v: u for u, v in ref.items() if u < 128}
+    tie = (dist == best[:, None]).sum(1) == 2
+    for v in got[tie & (x.double() > 0)].tolist():
+        assert codes[v] % 2 == 0
+    assert got.abs().max() == fmax  # saturated, never inf or NaN
+    assert bool(torch.isfinite(got).all())
+
+
+def test_fp8_scale_maps_the_clipping_value_to_the_format_max():
+    spec = GridSpec(8, "fp8-e4m3")
+    w = torch.tensor([[0.5, -3.0, 1.0], [2.0, 0.25, -0.5]])
+    scale, zp = spec.qparams_from_alpha(w.abs().amax(dim=1, keepdim=True))
+    assert torch.equal(scale.reshape(-1), torch.tensor([3.0, 2.0]) / 448)
+    assert torch.equal(fake_quantize(w, scale, zp, spec).abs().amax(dim=1), torch.tensor([3.0, 2.0]))
+    with pytest.raises(ValueError, match="fp8-e4m3 grid has 8 bits"):
+        GridSpec(4, "fp8-e4m3")

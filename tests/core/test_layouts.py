@@ -342,3 +342,38 @@ def test_a_new_stored_field_is_one_class(permuted_rows, tmp_path):
     unregister_layout(PermutedRowsLayout)  # a reader that does not know the layout: one clear line
     with pytest.raises(SQFormatError, match="unknown code packing 'bits-perm'"):
         load(path)
+
+
+# --------------------------------------------------------------------------- FP8
+
+
+@pytest.mark.parametrize("kind", ["fp8-e4m3", "fp8-e5m2"])
+def test_fp8_layout_round_trip_size_record_and_bad_codes(kind):
+    from specquant.core.layouts import FP8Layout, Layout
+    from specquant.core.quantizer import quantize_tensor
+    from specquant.core.qweight import QuantizedWeight
+
+    spec = GridSpec(8, kind)
+    finite = torch.isfinite(torch.arange(256, dtype=torch.int32).to(torch.uint8).view(spec.fp8.dtype).float())
+    codes = torch.nonzero(finite).reshape(-1).to(torch.uint8)  # every finite bit pattern
+    codes = torch.cat([codes, codes.flip(0)])[:240].reshape(6, 40)
+    lay = grid_layout(spec, codes.shape)
+    assert isinstance(lay, FP8Layout) and lay.nbytes() == codes.numel() and lay.code_bits() == 8 * codes.numel()
+    data = lay.pack(codes)
+    assert torch.equal(lay.unpack(data), codes) and torch.equal(lay.unpack_rows(data, 2, 5), codes[2:5])
+    lay.validate(data, spec=spec, weight_shape=(6, 40))
+    back = Layout.from_record(lay.to_record(), {}, spec=spec, weight_shape=(6, 40))
+    assert back == lay and lay.to_record() == {"kind": "uniform", "packing": "fp8"}
+    bad = data.clone()
+    bad[7] = 0x7F  # NaN in both formats
+    with pytest.raises(ValueError, match=rf"'fc.codes' byte 7 \(0x7f\) is not a finite {kind} value"):
+        lay.validate(bad, spec=spec, layer="fc")
+    with pytest.raises(ValueError, match="'fp8' packing on a narrow grid"):
+        lay.validate(spec=GridSpec(8, "narrow"))
+    with pytest.raises(ValueError, match="stored with 'fp8' packing, not 'bits'"):
+        BitsLayout(8, (6, 40)).validate(spec=spec)
+    # a weight: 8 bits per weight + one float32 scale per row
+    qw = quantize_tensor(torch.randn(6, 40), bits=8, grid=kind)
+    assert isinstance(qw.layout, FP8Layout)
+    assert qw.storage_bits() == 8 * 240 + 32 * 6
+    assert isinstance(QuantizedWeight(qw.codes, qw.scale, qw.zero_point, spec, qw.granularity).layout, FP8Layout)

@@ -104,3 +104,23 @@ def test_tied_layers_keep_their_own_input_quantizer(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), copy.deepcopy(model)(x))
     assert loaded.a.input_quant == model.a.act_quant
+
+
+@pytest.mark.parametrize("grid", ["fp8-e4m3", "fp8-e5m2"])
+def test_fp8_weights_and_activations_round_trip(tmp_path, grid):
+    from specquant.nn import convert
+
+    model = net()
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    quantize(model, GPFQConfig(bits=8, grid=grid, act_bits=8, act_grid=grid), calib=x, progress=False)
+    path = save(model, tmp_path / "m.sq", arch=net)
+    loaded = load(path, build=net, kernel="torch")
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(loaded(x), ref)
+        assert torch.equal(convert(copy.deepcopy(model))(x), ref)
+    recs = {r["name"]: r for r in expand_layers(read_header(path))}
+    assert {r["grid"] for r in recs.values()} == {grid} and {r["packing"] for r in recs.values()} == {"fp8"}
+    assert {r["act"]["grid"] for r in recs.values()} == {grid}
+    assert loaded[0].packed.codes.numel() == 8 * 3 * 3 * 3  # one byte per weight
+    assert loaded[0].input_quant == model[0].act_quant

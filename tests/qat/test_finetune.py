@@ -167,3 +167,12 @@ def test_convolutions_train_with_crop_flip_and_round_trip(tmp_path):
     path = sq.save(model, tmp_path / "conv.safetensors", arch=_tiny_conv)
     loaded = sq.load(path, build=_tiny_conv, kernel="torch")
     assert torch.equal(loaded(x), model(x))
+
+
+def test_fp8_ptq_results_are_refused_in_one_line():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    x = torch.randn(32, 8)
+    sq.quantize(model, sq.RTNConfig(bits=8, grid="fp8-e4m3"), calib=x, progress=False)
+    with pytest.raises(ValueError, match="layer '0': QAT re-rounds on integer grids; this PTQ result has FP8 weights"):
+        prepare_qat(model)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from specquant.algorithms.common import target_energy
-from specquant.core.actquant import check_act_calibrator
-from specquant.core.grid import Granularity, check_bits, scale_dtype_name
+from specquant.core.actquant import check_act_calibrator, check_act_grid
+from specquant.core.grid import FP8_FORMATS, Granularity, GridSpec, check_bits, scale_dtype_name
 
 if TYPE_CHECKING:
     from specquant.core.qweight import QuantizedWeight
@@ -67,6 +67,7 @@ class LayerStats:
 
 
 ACT_SOURCES = ("quantized", "float")  # QuantConfig.act_source: calibrate input quantizers on X̃ or on X
+WEIGHT_GRIDS = ("int", *FP8_FORMATS)  # QuantConfig.grid: the integer grids, or an 8-bit float grid
 
 
 # --------------------------------------------------------------------------- per-module settings
@@ -208,6 +209,9 @@ class QuantConfig(metaclass=_ConfigType):
     act_calibrator: str = "mse"  # its range: mse, minmax, percentile, kl, aciq (= aciq-laplace), aciq-gauss
     act_source: str = "quantized"  # the inputs it is calibrated on: "quantized" (X̃, what the layer will see:
     #                                earlier layers quantized) or "float" (X, the float model's)
+    grid: str = "int"  # weight grid: "int" (narrow symmetric / asymmetric by `symmetric`) or "fp8-e4m3" /
+    #                    "fp8-e5m2" (8-bit float codes scaled per block; bits must be 8, symmetric True)
+    act_grid: str = "int"  # input quantizers' grid: "int" (asymmetric uniform) or "fp8-e4m3" / "fp8-e5m2"
 
     method = "base"  # the method's name (class attribute, not a field; the registry checks it)
     needs_data = False  # whether the engine must stream calibration statistics
@@ -236,6 +240,27 @@ class QuantConfig(metaclass=_ConfigType):
             raise ValueError(f"config.act_calibrator: {e}") from None
         if self.act_source not in ACT_SOURCES:
             raise ValueError(f"config.act_source must be one of {', '.join(ACT_SOURCES)}, got {self.act_source!r}")
+        if self.grid not in WEIGHT_GRIDS:
+            raise ValueError(f"config.grid must be one of {', '.join(WEIGHT_GRIDS)}, got {self.grid!r}")
+        if self.grid != "int":
+            if self.bits != 8:
+                raise ValueError(f"config.grid {self.grid} stores 8-bit codes; it needs bits=8, got bits={self.bits}")
+            if not self.symmetric:
+                raise ValueError(f"config.grid {self.grid} is symmetric (zero point 0); it needs symmetric=True")
+        try:
+            check_act_grid(self.act_grid, self.act_bits)
+        except ValueError as e:
+            raise ValueError(f"config.act_grid: {e}") from None
+
+    def grid_spec(self, bits: int | None = None) -> GridSpec:
+        """The weight grid of a layer with ``bits`` (default ``self.bits``): ``GridSpec.default(bits,
+        symmetric)``, or the FP8 grid of ``grid`` (which needs 8 bits: a one-line error otherwise)."""
+        bits = self.bits if bits is None else bits
+        if self.grid == "int":
+            return GridSpec.default(bits, self.symmetric)
+        if bits != 8:
+            raise ValueError(f"grid {self.grid} stores 8-bit codes, not {bits}-bit ones")
+        return GridSpec(8, self.grid)
 
     def settings_for(self, name: str) -> ResolvedSettings:
         """The settings of module ``name`` (see the class docstring for which entry applies)."""
@@ -261,6 +286,10 @@ class QuantConfig(metaclass=_ConfigType):
             del d["awq"], d["awq_grid"]
         if self.act_bits is None:
             del d["act_bits"], d["act_calibrator"], d["act_source"]
+        if d.get("act_grid") == "int" or self.act_bits is None:
+            del d["act_grid"]
+        if self.grid == "int":
+            del d["grid"]
         d["granularity"] = self.granularity.label()
         d["modules"] = {k: s.to_dict() for k, s in self.modules.items()}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -68,8 +68,8 @@ def choose_scales(
 def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.Tensor, torch.Tensor]:
     """``choose_scales`` before the scales are rounded to their storage dtype."""
     if rule == "authors":
-        if not spec.symmetric:
-            raise ValueError("the 'authors' step rule needs a symmetric grid")
+        if not spec.symmetric or spec.fp8 is not None:
+            raise ValueError(f"the 'authors' step rule needs a symmetric integer grid, not {spec.kind}")
         delta = c_alpha * W.abs().amax(dim=1).mean() / (1 << (spec.bits - 1))
         shape = gran.scale_shape(tuple(W.shape))
         scale = torch.full(shape, float(delta), device=W.device)

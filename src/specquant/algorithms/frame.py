@@ -175,6 +175,8 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: FrameConf
     if not isinstance(config, FrameConfig):
         raise TypeError(f"config must be a FrameConfig, got {type(config).__name__}")
     validate_config(config)
+    if config.grid != "int":
+        raise ValueError(f"the frame method codes Sigma-Delta coefficients on uniform grids, not {config.grid}")
     if ctx is not None and ctx.seed != config.seed:
         config = dataclasses.replace(config, seed=ctx.seed)
     _check_tensor(W, "weight", 2)

@@ -33,8 +33,7 @@ from specquant.algorithms.common import (
     to_quantized_weight,
 )
 from specquant.algorithms.refine import refine_codes
-from specquant.core.grid import GridSpec, round_scale
-from specquant.core.rounding import round_values
+from specquant.core.grid import GridSpec, round_on_grid, round_scale
 
 
 @dataclass
@@ -89,7 +88,6 @@ def path_follow(
     Q = torch.zeros(n, out, dtype=torch.float64, device=Wt.device)  # (N0, out)
     d = torch.diagonal(H).clone()
     g = torch.diagonal(G).clone()
-    qmin, qmax = spec.qmin, spec.qmax
     for i0 in range(0, n, block_size):
         i1 = min(i0 + block_size, n)
         for t in range(i0, i1):
@@ -98,10 +96,7 @@ def path_follow(
             else:  # dead input: X̃_t = 0, any value gives the same output; take w_t itself
                 z = Wt[t]
             if quantize:
-                s = St[t]
-                safe = torch.where(s > 0, s, torch.ones_like(s))
-                c = round_values(z / safe + Zt[t], rounding, generator).clamp(qmin, qmax)
-                q = torch.where(s > 0, (c - Zt[t]) * s, torch.zeros_like(z))
+                q = round_on_grid(z, St[t], Zt[t], spec, rounding, generator)  # (out,) on the grid (FP8 too)
             else:
                 q = z
             Q[t] = q
@@ -116,7 +111,7 @@ def path_follow(
 def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPFQConfig, ctx: QuantContext | None = None):
     """GPFQ on one layer: ``W`` (out, N0) and its input statistics → QuantizedWeight.  Pure function
     (deterministic: ``ctx`` is not used)."""
-    spec = GridSpec.default(config.bits, config.symmetric)
+    spec = config.grid_spec()
     gran = config.granularity
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, stats.H, config.c_alpha, store=config.scale_dtype)
     S = per_column(scale, gran, tuple(W.shape))

@@ -40,7 +40,7 @@ import torch
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, context, register_method
 from specquant.algorithms.common import choose_scales, column_order, per_column, row_output_error, to_quantized_weight
 from specquant.algorithms.refine import refine_codes
-from specquant.core.grid import GridSpec, round_scale
+from specquant.core.grid import GridSpec, round_on_grid, round_scale
 
 
 @dataclass
@@ -71,7 +71,6 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.T
     step of 0 gives 0).  Returns the quantized (out, N0), in the same column order."""
     W = W.clone()
     n = W.shape[1]
-    safe = torch.where(S > 0, S, torch.ones_like(S))
     Q = torch.zeros_like(W)  # (out, N0)
     for i0 in range(0, n, block_size):
         i1 = min(i0 + block_size, n)
@@ -81,8 +80,7 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.T
         for j in range(i1 - i0):
             t = i0 + j
             w = W1[:, j]  # (out,)
-            c = torch.round(w / safe[:, t] + Z[:, t]).clamp(spec.qmin, spec.qmax)
-            q = torch.where(S[:, t] > 0, (c - Z[:, t]) * S[:, t], torch.zeros_like(w))
+            q = round_on_grid(w, S[:, t], Z[:, t], spec)  # (out,) nearest grid value (FP8 grids too)
             Q[:, t] = q
             err = (w - q) / U1[j, j]
             W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
@@ -133,7 +131,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: GPTQConfig, ctx:
     """GPTQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function
     (deterministic; ``ctx.layer`` names the layer in errors)."""
     ctx = context(ctx, config)
-    spec, gran = GridSpec.default(config.bits, config.symmetric), config.granularity
+    spec, gran = config.grid_spec(), config.granularity
     scale, zp, S, Z, col_order = static_grid(W, stats.H, spec, config)
     if config.search and gran.kind == "channel":
         scale, zp, W_hat = _search_steps(W, stats, scale, zp, spec, col_order, config, ctx.layer)

@@ -52,7 +52,7 @@ from specquant.algorithms.common import (
 )
 from specquant.algorithms.gptq import error_feedback, static_grid
 from specquant.algorithms.refine import refine_codes
-from specquant.core.grid import GridSpec
+from specquant.core.grid import GridSpec, round_on_grid
 from specquant.core.qweight import QuantizedWeight
 
 DAMP_RULES = ("max-eig", "mean-diag")
@@ -119,9 +119,7 @@ def damping(H: torch.Tensor, damp: float, rule: str) -> float:
 
 def _round(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     """Nearest grid value of ``w`` (out,) for step ``s`` and zero point ``z`` (out,); step 0 gives 0."""
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    c = torch.round(w / safe + z).clamp(spec.qmin, spec.qmax)
-    return torch.where(s > 0, (c - z) * s, torch.zeros_like(w))
+    return round_on_grid(w, s, z, spec)
 
 
 def qronos_core(
@@ -180,7 +178,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: QronosConfig,
     ctx = context(ctx, config)
     if stats is None:
         raise ValueError(f"Qronos needs calibration statistics (H, G) for layer '{ctx.layer}'")
-    spec, gran = GridSpec.default(config.bits, config.symmetric), config.granularity
+    spec, gran = config.grid_spec(), config.granularity
     scale, zp, S, Z, col_order = static_grid(W, stats.H, spec, config)
     W_hat = qronos_core(W, stats.H, stats.G, S, Z, spec, col_order, config.damp, config.damp_rule,
                         config.block_size, ctx.layer)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from specquant.core.grid import GridSpec
+from specquant.core.grid import GridSpec, round_on_grid
 
 
 def refine_codes(
@@ -65,7 +65,6 @@ def refine_codes(
     d = torch.diagonal(Hd)
     St = S.double()[:, perm].T.contiguous()
     Zt = Z.double()[:, perm].T.contiguous()
-    safe_S = torch.where(St > 0, St, torch.ones_like(St))
     for _ in range(sweeps):
         changed = False
         for i0 in range(0, n, block_size):
@@ -76,8 +75,7 @@ def refine_codes(
                 if d[t] <= 0:
                     continue
                 z = Qt[t] + Rt[t] / d[t]  # (out,) continuous minimiser along coordinate t
-                c = torch.round(z / safe_S[t] + Zt[t]).clamp(spec.qmin, spec.qmax)
-                q = torch.where(St[t] > 0, (c - Zt[t]) * St[t], Qt[t])
+                q = torch.where(St[t] > 0, round_on_grid(z, St[t], Zt[t], spec), Qt[t])  # (out,) (FP8 too)
                 delta = q - Qt[t]  # (out,)
                 if not bool(delta.any()):
                     continue

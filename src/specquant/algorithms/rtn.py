@@ -10,7 +10,7 @@ import torch
 
 from specquant.algorithms.base import LayerStats, QuantConfig, QuantContext, register_method
 from specquant.algorithms.common import choose_scales, to_quantized_weight
-from specquant.core.grid import GridSpec, fake_quantize
+from specquant.core.grid import fake_quantize
 from specquant.core.qweight import QuantizedWeight
 
 
@@ -29,7 +29,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats | None, config: RTNConfig
     """Round each weight of ``W`` (out, N0) to the nearest grid point.  Pure function.
 
     ``stats`` is used only by the "output-mse" scale rule; ``ctx`` is not used."""
-    spec = GridSpec.default(config.bits, config.symmetric)
+    spec = config.grid_spec()
     gran = config.granularity
     H = stats.H if stats is not None else None
     scale, zp = choose_scales(W, spec, gran, config.scale_rule, H, store=config.scale_dtype)

@@ -121,7 +121,7 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, config: SPFQConfig, ctx:
     """SPFQ on one layer: ``W`` (out, N0) and its statistics → QuantizedWeight.  Pure function:
     the random rounding is drawn from ``ctx.seed``; ``ctx.layer`` names the layer in errors."""
     ctx = context(ctx, config)
-    spec = GridSpec.default(config.bits, config.symmetric)
+    spec = config.grid_spec()
     gran = config.granularity
     col_order = column_order(stats.H, config.act_order)
     if config.perfect_alignment:

@@ -17,7 +17,7 @@ from specquant.cli.export import FORMATS as EXPORT_FORMATS
 from specquant.cli.export import cmd_export
 from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
 from specquant.cli.train import cmd_train
-from specquant.core.actquant import ACT_CALIBRATORS
+from specquant.core.actquant import ACT_CALIBRATORS, ACT_GRIDS
 from specquant.core.grid import Granularity
 from specquant.models import list_models
 from specquant.models.user import DATA_FORMAT_HELP
@@ -298,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-calibrator", metavar="C", choices=ACT_CALIBRATORS, default=None,
                    help="how --act-bits chooses each range: " + ", ".join(ACT_CALIBRATORS)
                         + " (aciq = aciq-laplace) (default: mse)")
+    p.add_argument("--grid", metavar="KIND", choices=ACT_GRIDS, default="int",
+                   help="weight grid: int (the integer grids), fp8-e4m3 (OCP E4M3 'fn', max 448) or fp8-e5m2 "
+                        "(max 57344): 8-bit float codes, stored as their bit patterns, one scale per block "
+                        "mapping the block's clipping value to the format's max; implies --bits 8 and is refused "
+                        "with other widths, --asymmetric, --gguf, --avg-bits and --method frame (default: int)")
+    p.add_argument("--act-grid", metavar="KIND", choices=ACT_GRIDS, default="int",
+                   help="grid of the --act-bits input quantizers: int (asymmetric uniform) or fp8-e4m3 / fp8-e5m2 "
+                        "(per-tensor scale, zero point 0); an FP8 grid implies --act-bits 8 (default: int)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
                    help="calibration samples drawn from the training split with --seed "
                         f"(default: {DEFAULT_CALIB})")

@@ -63,7 +63,11 @@ def quantize_config(args):
         raise CLIError("quantize: give either --bits (uniform) or --avg-bits (mixed precision), not both")
     entry = resolve_entry(args.model, args)
     if getattr(args, "gguf", None) is not None:
+        if getattr(args, "grid", "int") != "int":
+            raise CLIError(f"quantize: --gguf {args.gguf} holds integer codes; --grid {args.grid} contradicts it")
         _gguf_args(args)
+    if getattr(args, "grid", "int") != "int":
+        _fp8_args(args)
     if args.avg_bits is None and args.bits is None:
         raise CLIError("quantize: give --bits B (uniform) or --avg-bits A with --policy (mixed precision)")
     if args.avg_bits is not None and args.policy is None:
@@ -82,6 +86,8 @@ def quantize_config(args):
     base_bits = args.bits if not mixed else max(1, min(8, round(args.avg_bits)))
     config = make_config(args.method, base_bits, args.granularity, args.seed, args.redundancy,
                          symmetric=not args.asymmetric, protect=args.protect or (), scale_dtype=scale_dtype)
+    if getattr(args, "grid", "int") != "int":
+        config = dataclasses.replace(config, grid=args.grid)
     check_data_dir(entry, args.data_dir)
     resolve_device(args.device)
     if entry.kind == "lm" and (args.metric is not None or args.limit is not None):
@@ -93,18 +99,41 @@ def quantize_config(args):
 def _act_config(args, config):
     """``--act-bits A [--act-calibrator C]``: the config with input quantizers on every quantized layer."""
     act_bits, calibrator = getattr(args, "act_bits", None), getattr(args, "act_calibrator", None)
+    act_grid = getattr(args, "act_grid", "int") or "int"
+    if act_grid != "int":
+        if act_bits not in (None, 8):
+            raise CLIError(f"quantize: --act-grid {act_grid} is 8-bit; --act-bits {act_bits} contradicts it")
+        act_bits = 8
     if act_bits is None:
         if calibrator is not None:
             raise CLIError("quantize: --act-calibrator needs --act-bits A")
         return config
-    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse")
+    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse", act_grid=act_grid)
 
 
 def act_fields(config) -> dict:
-    """{"act_bits", "act_calibrator"} of a run with activation quantization, else {} (older JSON unchanged)."""
+    """{"act_bits", "act_calibrator"} of a run with activation quantization, else {}, plus "grid" / "act_grid"
+    when FP8 (older JSON unchanged)."""
+    grid = {"grid": config.grid} if getattr(config, "grid", "int") != "int" else {}
     if getattr(config, "act_bits", None) is None:
-        return {}
-    return {"act_bits": config.act_bits, "act_calibrator": config.act_calibrator}
+        return grid
+    act_grid = {"act_grid": config.act_grid} if getattr(config, "act_grid", "int") != "int" else {}
+    return {**grid, "act_bits": config.act_bits, "act_calibrator": config.act_calibrator, **act_grid}
+
+
+def _fp8_args(args) -> None:
+    """``--grid fp8-e4m3|fp8-e5m2``: 8-bit float codes; widths and options that contradict it are refused."""
+    if args.bits is not None and args.bits != 8:
+        raise CLIError(f"quantize: --grid {args.grid} stores 8-bit codes; --bits {args.bits} contradicts it")
+    if args.asymmetric:
+        raise CLIError(f"quantize: --grid {args.grid} is symmetric (zero point 0); drop --asymmetric")
+    if args.avg_bits is not None or base_method(args) == "frame":
+        raise CLIError(f"quantize: --grid {args.grid} needs one 8-bit grid (not --avg-bits, not --method frame)")
+    for pattern, b in args.protect or ():
+        if b is not None and b != 8:
+            raise CLIError(f"quantize: --protect {pattern}={b}: with --grid {args.grid} a protected layer is 8 bits "
+                           "or float")
+    args.bits = 8
 
 
 def _gguf_args(args) -> None:

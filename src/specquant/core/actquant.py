@@ -9,6 +9,11 @@ quantization of convolutional networks for rapid-deployment", for ACIQ; Migacz 2
 for KL; Jacob et al. 2018, "Quantization and training of neural networks for efficient
 integer-arithmetic-only inference", for the asymmetric uint8 scheme).
 
+``grid="fp8-e4m3"`` / ``"fp8-e5m2"`` makes it an FP8 quantizer instead: x̂ = S·fp8(x/S), the nearest
+value of the 8-bit float format (ties to even, saturated at ±max; :func:`specquant.core.grid.fp8_round`),
+one per-tensor scale S = α / max with α the calibrated clipping value (symmetric: α = max(|lo|, |hi|)
+of the calibrator's range; ``mse`` searches α on the FP8 grid itself), zero point 0.
+
 Everything here is pure: the engine draws a bounded, seeded sample of a layer's inputs
 (:func:`sample_values`) and calls :func:`calibrate_activation`; the quantized model (the
 engine's fake-quant model and the packed layers of ``specquant.nn``) applies
@@ -22,10 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from specquant.core.clipping import CLIPPING_METHODS, calibrate
-from specquant.core.grid import GridSpec, check_bits
+from specquant.core.grid import FP8_FORMATS, GridSpec, check_bits, fp8_codes, fp8_round
 
 ACT_CALIBRATORS = ("mse", "minmax", "percentile", "kl", "aciq", "aciq-gauss", "aciq-laplace")
 ACIQ_DEFAULT = "aciq-laplace"  # "aciq" means ACIQ's Laplace prior (Banner et al.'s model for activations)
+ACT_GRIDS = ("int", "fp8-e4m3", "fp8-e5m2")  # integer (asymmetric uniform) or an 8-bit float grid
 ACT_SAMPLE = 1 << 18  # values drawn per layer for calibration (memory and time stay bounded)
 
 
@@ -36,6 +42,15 @@ def check_act_calibrator(name: str) -> str:
     return ACIQ_DEFAULT if name == "aciq" else name
 
 
+def check_act_grid(grid: str, bits: int | None = None) -> str:
+    """``grid`` if it is one of ``ACT_GRIDS`` (an FP8 one only with 8 bits); a one-line error otherwise."""
+    if grid not in ACT_GRIDS:
+        raise ValueError(f"unknown activation grid {grid!r}; allowed: {', '.join(ACT_GRIDS)}")
+    if grid != "int" and bits is not None and bits != 8:
+        raise ValueError(f"an {grid} activation grid has 8 bits, got activation bits {bits}")
+    return grid
+
+
 @dataclass(frozen=True)
 class ActQuantizer:
     """A per-tensor asymmetric activation quantizer: x ≈ scale·(q − zero_point), q in 0..2^bits − 1."""
@@ -44,9 +59,13 @@ class ActQuantizer:
     scale: float  # step S > 0, a float32 value (stored exactly in JSON)
     zero_point: int  # integer Z in 0..2^bits − 1 (the code of 0.0)
     calibrator: str = "mse"  # the core calibrator that chose the range (informational)
+    grid: str = "int"  # "int" (the asymmetric integer grid) or "fp8-e4m3" / "fp8-e5m2" (S·fp8(x/S), Z = 0)
 
     def __post_init__(self) -> None:
         check_bits(self.bits, "activation bits")
+        check_act_grid(self.grid, self.bits)
+        if self.grid != "int" and self.zero_point != 0:
+            raise ValueError(f"an {self.grid} activation quantizer has zero point 0, got {self.zero_point!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ValueError(f"activation scale must be a number, got {self.scale!r}")
         if not (math.isfinite(self.scale) and self.scale > 0) or float(torch.tensor(self.scale).item()) != self.scale:
@@ -61,29 +80,41 @@ class ActQuantizer:
 
     @property
     def spec(self) -> GridSpec:
+        if self.grid != "int":
+            return GridSpec(8, self.grid)
         return GridSpec.default(self.bits, symmetric=False)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes of ``x`` (same shape, uint8): clamp(round(x/S) + Z, 0, qmax)."""
+        """Codes of ``x`` (same shape, uint8): clamp(round(x/S) + Z, 0, qmax) (FP8: the bit patterns)."""
         s = torch.tensor(self.scale, dtype=torch.float32, device=x.device)
+        if self.grid != "int":
+            return fp8_codes(fp8_round(x.float() / s, FP8_FORMATS[self.grid]), FP8_FORMATS[self.grid])
         t = torch.round(x.float() / s) + float(self.zero_point)  # (…) position on the code axis
         return t.clamp_(0, self.qmax).to(torch.uint8)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """S·(codes(x) − Z) in ``x``'s dtype: what a layer with this input quantizer multiplies."""
         s = torch.tensor(self.scale, dtype=torch.float32, device=x.device)
+        if self.grid != "int":
+            return (fp8_round(x.float() / s, FP8_FORMATS[self.grid]) * s).to(x.dtype)
         t = torch.round(x.float() / s) + float(self.zero_point)
         return ((t.clamp_(0, self.qmax) - float(self.zero_point)) * s).to(x.dtype)
 
     def to_record(self) -> dict:
-        """The header record (JSON): bits, scale, zero point, calibrator."""
-        return {"bits": self.bits, "scale": self.scale, "zero_point": self.zero_point, "calibrator": self.calibrator}
+        """The header record (JSON): bits, scale, zero point, calibrator (and "grid" when not "int")."""
+        rec = {"bits": self.bits, "scale": self.scale, "zero_point": self.zero_point, "calibrator": self.calibrator}
+        return rec if self.grid == "int" else {**rec, "grid": self.grid}
 
     @classmethod
     def from_record(cls, rec) -> "ActQuantizer":
         """Rebuild from :meth:`to_record`'s output; every value checked (one-line ValueError)."""
-        if not isinstance(rec, dict) or set(rec) != {"bits", "scale", "zero_point", "calibrator"}:
-            raise ValueError(f"activation record must have bits, scale, zero_point, calibrator; got {str(rec)[:80]}")
+        keys = {"bits", "scale", "zero_point", "calibrator"}
+        if not isinstance(rec, dict) or not keys <= set(rec) <= keys | {"grid"}:
+            raise ValueError(f"activation record must have bits, scale, zero_point, calibrator (and may have grid); "
+                             f"got {str(rec)[:80]}")
+        grid = rec.get("grid", "int")
+        if not isinstance(grid, str) or grid not in ACT_GRIDS or grid == "int" and "grid" in rec:
+            raise ValueError(f"activation grid {str(grid)[:30]!r} is not one of {', '.join(ACT_GRIDS[1:])}")
         if not isinstance(rec["calibrator"], str) or rec["calibrator"] not in CLIPPING_METHODS:
             raise ValueError(f"activation calibrator {str(rec['calibrator'])[:30]!r} is not one of "
                              f"{', '.join(CLIPPING_METHODS)}")
@@ -92,7 +123,8 @@ class ActQuantizer:
         scale = rec["scale"]
         if isinstance(scale, int) and not isinstance(scale, bool):
             scale = float(scale)
-        return cls(bits=rec["bits"], scale=scale, zero_point=rec["zero_point"], calibrator=rec["calibrator"])
+        return cls(bits=rec["bits"], scale=scale, zero_point=rec["zero_point"], calibrator=rec["calibrator"],
+                   grid=grid)
 
 
 def sample_values(xs: list[torch.Tensor], k: int = ACT_SAMPLE, seed: int = 0) -> torch.Tensor:
@@ -115,7 +147,7 @@ def sample_values(xs: list[torch.Tensor], k: int = ACT_SAMPLE, seed: int = 0) ->
 
 
 def calibrate_activation(values: torch.Tensor, bits: int, calibrator: str = "mse", *,
-                         percentile: float = 99.99) -> ActQuantizer:
+                         percentile: float = 99.99, grid: str = "int") -> ActQuantizer:
     """The per-tensor asymmetric ``bits``-bit quantizer whose range ``calibrator`` chooses on ``values``.
 
     Args:
@@ -123,13 +155,20 @@ def calibrate_activation(values: torch.Tensor, bits: int, calibrator: str = "mse
         bits: code width, 1..8.
         calibrator: one of ``ACT_CALIBRATORS`` (``"aciq"`` is ACIQ with the Laplace prior).
         percentile: for ``"percentile"``: the upper/lower percentile kept.
+        grid: "int", or "fp8-e4m3" / "fp8-e5m2" (8 bits): a symmetric FP8 quantizer whose scale maps
+            the calibrated clipping value max(|lo|, |hi|) to the format's max.
     An all-zero sample gets the smallest float32 step (every input then maps to 0 or a clamp end).
     """
     check_bits(bits, "activation bits")
     method = check_act_calibrator(calibrator)
-    spec = GridSpec.default(bits, symmetric=False)
+    check_act_grid(grid, bits)
+    spec = GridSpec.default(bits, symmetric=False) if grid == "int" else GridSpec(8, grid)
     rows = values.reshape(1, -1).double()  # (1, n): one block, the whole tensor
     lo, hi = calibrate(rows, method, spec, percentile=percentile)  # each (1,)
+    if grid != "int":
+        s = float(spec.qparams_from_range(lo, hi)[0].float().item())
+        return ActQuantizer(bits=8, scale=s if s > 0 else float(torch.finfo(torch.float32).tiny), zero_point=0,
+                            calibrator=method, grid=grid)
     scale, zp = spec.qparams_from_range(lo, hi)  # (1,) each
     s = float(scale.float().item())
     if not s > 0:

@@ -16,8 +16,9 @@ method             range of each row
 ``aciq-gauss``     ``mean ± r·σ`` with ``r = aciq_alpha_ratio(bits, "gauss")`` (Banner et al. 2019)
 ``aciq-laplace``   ``mean ± r·b`` with ``r = aciq_alpha_ratio(bits, "laplace")``, ``b`` the mean
                    absolute deviation
-``kl``             TensorRT-style threshold minimising KL(P‖Q) over a 2048-bin histogram of ``|x|``
-                   (fewer bins for rows under 16·2048 values; meant for activations)
+``kl``             TensorRT-style threshold minimising KL(P‖Q) over a 2048-bin histogram of the
+                   nonzero ``|x|`` (fewer bins for rows under 16·2048 values; exact zeros, which
+                   every grid keeps exact, are left out; meant for activations)
 =================  =============================================================================
 
 A constant or zero row never produces NaN: a zero row gets ``lo = hi = 0`` (scale 0), a constant
@@ -31,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from specquant.core.grid import GridSpec, check_bits, check_finite
+from specquant.core.grid import GridSpec, check_bits, check_finite, fake_quantize
 from specquant.core.metrics import kl_divergence
 
 CLIPPING_METHODS = ("minmax", "percentile", "mse", "aciq-gauss", "aciq-laplace", "kl")
@@ -131,6 +132,8 @@ class _RowMSE:
     def __call__(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         scale, zp = self.spec.qparams_from_range(lo, hi)
         scale, zp = scale[:, None], zp[:, None]
+        if self.spec.fp8 is not None:  # a float grid: the grid's own rounding
+            return (fake_quantize(self.rows, scale, zp, self.spec) - self.rows).square_().mean(dim=1)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         t = torch.div(self.rows, safe, out=self.buf)
         t.add_(zp).round_().clamp_(self.spec.qmin, self.spec.qmax)  # codes (scale 0: error = x)
@@ -303,7 +306,13 @@ def _kl_range(rows: torch.Tensor, rmin: torch.Tensor, rmax: torch.Tensor, spec: 
         # |x| histogram with 2^(b−1) levels per side; a one-signed row on an asymmetric grid
         # uses all 2^b levels on its one side.
         levels = 1 << spec.bits if (one_signed and not spec.symmetric) else 1 << (spec.bits - 1)
-        t = kl_threshold(np.abs(row), levels)
+        # Exact zeros are left out of the histogram: 0 is a grid point of every candidate range,
+        # so they carry no information about the threshold.  Left in (post-ReLU activations are
+        # ~50 % zeros), their spike in bin 0 dominated KL(P‖Q): Q spreads the spike evenly over
+        # the bins merged with it, which costs more the wider the range, so the search picked a
+        # range 2-50× narrower than the MSE-optimal one (ResNet-20 W4A4 fell to 27 %).
+        a = np.abs(row)
+        t = kl_threshold(a[a != 0], levels)
         lo_np[r], hi_np[r] = -t, t
     lo = torch.from_numpy(lo_np).to(rows.dtype)
     hi = torch.from_numpy(hi_np).to(rows.dtype)

@@ -12,7 +12,16 @@ kind             values                                 levels          zero poi
 ``"midrise"``    ±Δ/2, ±3Δ/2, … (symmetric mid-rise)     2^b             (2^b - 1)/2
 ``"binary"``     ±α (= mid-rise with 1 bit, Δ = 2α)       2               1/2
 ``"asymmetric"`` (u - z)Δ, z an integer in [0, 2^b-1]    2^b             calibrated
+``"fp8-e4m3"``   Δ·fp8(u): u the E4M3 bit pattern        253             0 (unused)
+``"fp8-e5m2"``   Δ·fp8(u): u the E5M2 bit pattern        247             0 (unused)
 ===============  =====================================  ==============  =====================
+
+The two FP8 kinds (8 bits only) are float grids, not uniform ones: a code is the bit pattern of
+an 8-bit float (OCP "OFP8" formats, Micikevicius et al. 2022, "FP8 formats for deep learning":
+E4M3 in its "fn" variant — no infinities, max 448, NaN 0x7F/0xFF — and E5M2 — IEEE-like, max
+57344), and the value is ``scale · fp8(u)``.  Quantizing divides by the scale, rounds to the
+nearest representable FP8 value (ties to even) and saturates at ±max (:func:`fp8_round`); the
+scale maps the block's clipping value to the format's max (``alpha_steps`` is that max).
 
 The clipping value ``alpha`` of a symmetric grid is the largest magnitude it represents
 (the outermost level); an asymmetric grid is set from a range ``[lo, hi]`` that contains 0.
@@ -28,7 +37,50 @@ import torch
 
 from specquant.core.rounding import round_values
 
-GRID_KINDS = ("narrow", "full", "midrise", "binary", "asymmetric")
+GRID_KINDS = ("narrow", "full", "midrise", "binary", "asymmetric", "fp8-e4m3", "fp8-e5m2")
+
+
+@dataclass(frozen=True)
+class FP8Format:
+    """One 8-bit float format: its torch dtype, field widths and largest finite value."""
+
+    name: str  # GridSpec kind, "fp8-e4m3" or "fp8-e5m2"
+    dtype: torch.dtype  # torch's dtype holding exactly these values (for the bit patterns)
+    mantissa_bits: int  # stored fraction bits
+    min_exponent: int  # exponent of the smallest normal number (subnormals share its quantum)
+    max_value: float  # largest finite value (saturation point)
+
+
+FP8_FORMATS = {
+    "fp8-e4m3": FP8Format("fp8-e4m3", torch.float8_e4m3fn, 3, -6, 448.0),  # OCP E4M3 "fn": no inf
+    "fp8-e5m2": FP8Format("fp8-e5m2", torch.float8_e5m2, 2, -14, 57344.0),  # IEEE-like E5M2
+}
+FP8_LEVELS = {"fp8-e4m3": 253, "fp8-e5m2": 247}  # distinct finite values (+0 and −0 count once)
+
+
+def fp8_round(t: torch.Tensor, fmt: FP8Format, rounding: str = "nearest",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """``t`` rounded to the nearest value of ``fmt`` (ties to even), saturated at ±max; same dtype.
+    ``rounding="stochastic"``: to one of the two neighbouring values, unbiased (``round_values``).
+
+    Exact in any float dtype: within a binade the representable values are the multiples of
+    the quantum 2^(e − mantissa_bits) (e the binade's exponent, at least the smallest normal
+    one: subnormals share its quantum), so t / quantum is exact and ``torch.round`` (half to
+    even) picks the nearest; a value that rounds up into the next binade is representable too.
+    """
+    _, e = torch.frexp(t)  # t = m·2^e, 0.5 <= |m| < 1: the binade exponent is e − 1
+    q = torch.ldexp(torch.ones_like(t), (e - 1).clamp_min(fmt.min_exponent) - fmt.mantissa_bits)
+    return (round_values(t / q, rounding, generator) * q).clamp_(-fmt.max_value, fmt.max_value)
+
+
+def fp8_codes(values: torch.Tensor, fmt: FP8Format) -> torch.Tensor:
+    """The uint8 bit patterns of ``values`` (already representable in ``fmt``)."""
+    return values.float().to(fmt.dtype).view(torch.uint8)
+
+
+def fp8_values(codes: torch.Tensor, fmt: FP8Format, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values of the bit patterns ``codes`` (any integer-valued tensor of 0..255), in ``dtype``."""
+    return codes.to(torch.uint8).view(fmt.dtype).to(dtype)
 MAX_GROUP_SIZE = 2**40  # largest group size accepted (a larger one is one group per row anyway)
 GRANULARITY_KINDS = ("tensor", "channel", "group")
 
@@ -116,6 +168,13 @@ class GridSpec:
             raise ValueError("a narrow (mid-tread) grid needs bits >= 2; use kind='binary' for 1 bit")
         if self.kind == "binary" and self.bits != 1:
             raise ValueError(f"a binary grid has 1 bit, got bits={self.bits}")
+        if self.kind in FP8_FORMATS and self.bits != 8:
+            raise ValueError(f"an {self.kind} grid has 8 bits, got bits={self.bits}")
+
+    @property
+    def fp8(self) -> FP8Format | None:
+        """The 8-bit float format of an FP8 grid, else None."""
+        return FP8_FORMATS.get(self.kind)
 
     @staticmethod
     def default(bits: int, symmetric: bool = True) -> "GridSpec":
@@ -142,6 +201,8 @@ class GridSpec:
     @property
     def levels(self) -> int:
         """Number of distinct representable values."""
+        if self.kind in FP8_LEVELS:
+            return FP8_LEVELS[self.kind]
         return self.qmax - self.qmin + 1
 
     @property
@@ -151,6 +212,8 @@ class GridSpec:
             return float(1 << (self.bits - 1))
         if self.kind in ("midrise", "binary"):
             return ((1 << self.bits) - 1) / 2.0
+        if self.kind in FP8_FORMATS:
+            return 0.0  # unused: an FP8 value is scale·fp8(code)
         raise ValueError("an asymmetric grid has no fixed zero point")
 
     @property
@@ -162,6 +225,8 @@ class GridSpec:
             return float(1 << (self.bits - 1))
         if self.kind in ("midrise", "binary"):
             return ((1 << self.bits) - 1) / 2.0
+        if self.kind in FP8_FORMATS:
+            return FP8_FORMATS[self.kind].max_value  # the clipping value maps to the format's max
         raise ValueError("an asymmetric grid is set from a range, not alpha")
 
     def qparams_from_alpha(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +258,8 @@ class GridSpec:
 
     def value_range(self, scale: torch.Tensor, zp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest and largest representable value for each block."""
+        if self.fp8 is not None:
+            return -self.fp8.max_value * scale, self.fp8.max_value * scale
         return (self.qmin - zp) * scale, (self.qmax - zp) * scale
 
 
@@ -207,18 +274,39 @@ def quantize_codes(
     """Map ``x`` to unsigned codes (float tensor of integers) on the grid given by scale/zp.
 
     ``scale`` and ``zp`` broadcast against ``x``.  Blocks with ``scale == 0`` get the code
-    nearest to the zero point (they dequantize to 0).
+    nearest to the zero point (they dequantize to 0).  FP8 grids: the bit patterns of the
+    FP8 values of x / scale (``zp`` unused).
     """
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if spec.fp8 is not None:
+        v = torch.where(scale > 0, fp8_round(x / safe, spec.fp8, rounding, generator), torch.zeros_like(x))
+        return fp8_codes(v, spec.fp8).to(x.dtype)
     t = x / safe + zp  # (…) position on the code axis
     t = torch.where(scale > 0, t, torch.zeros_like(t) + zp)
     u = round_values(t, rounding, generator)  # codes are integers for every kind of grid
     return u.clamp(spec.qmin, spec.qmax)
 
 
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    """Values ``(codes - zp) * scale``."""
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
+                     spec: GridSpec | None = None) -> torch.Tensor:
+    """Values ``(codes - zp) * scale`` (FP8 grids: ``fp8(codes) * scale``)."""
+    if spec is not None and spec.fp8 is not None:
+        return fp8_values(codes, spec.fp8, scale.dtype) * scale
     return (codes.to(scale.dtype) - zp) * scale
+
+
+def round_on_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: GridSpec, rounding: str = "nearest",
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The grid value of ``w`` (same shape) with step ``s`` and zero point ``z`` (broadcasting), 0 where
+    ``s == 0``: what the error-feedback methods (GPTQ, GPFQ, Qronos, SPFQ) round each column to.
+    Uniform grids: (clamp(round(w/s + z)) − z)·s; FP8 grids: s·fp8(w/s), saturated at ±max."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    if spec.fp8 is not None:
+        q = fp8_round(w / safe, spec.fp8, rounding, generator) * s
+    else:
+        c = round_values(w / safe + z, rounding, generator).clamp(spec.qmin, spec.qmax)
+        q = (c - z) * s
+    return torch.where(s > 0, q, torch.zeros_like(w))
 
 
 def fake_quantize(
@@ -226,7 +314,7 @@ def fake_quantize(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Quantize then dequantize (same shape as ``x``)."""
-    return dequantize_codes(quantize_codes(x, scale, zp, spec, rounding, generator), scale, zp)
+    return dequantize_codes(quantize_codes(x, scale, zp, spec, rounding, generator), scale, zp, spec)
 
 
 @dataclass(frozen=True)

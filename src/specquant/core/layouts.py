@@ -23,6 +23,9 @@ layout           bytes                                          record fields (+
                  width in increasing order, the rows of that      + ``row_bits`` uint8 (out,)
                  width (in row order) in the layout of that
                  width's default grid; the segments concatenated
+``FP8Layout``    one byte per code, the FP8 bit pattern itself       kind "uniform", packing "fp8"
+                 (E4M3 / E5M2; the grid says which); no NaN/inf
+                 pattern accepted
 ``FrameLayout``  ΣΔ codes of frame coefficients, shape (N, M),    kind "frame", packing "bits",
                  bit packed                                       "frame" {kind, dim, size, seed,
                                                                   order, along}, "codes_shape"
@@ -255,6 +258,8 @@ class BitsLayout(Layout):
     def validate(self, data=None, *, spec=None, granularity=None, weight_shape=None, layer="") -> None:
         if spec is not None and spec.bits != self.bits:
             raise ValueError(f"{_at(layer)}the layout packs {self.bits}-bit codes, the grid has {spec.bits} bits")
+        if spec is not None and spec.fp8 is not None and type(self) is BitsLayout:
+            raise ValueError(f"{_at(layer)}an {spec.kind} grid's codes are stored with 'fp8' packing, not 'bits'")
         super().validate(data, spec=spec, granularity=granularity, weight_shape=weight_shape, layer=layer)
 
     def _params(self) -> dict:
@@ -307,8 +312,62 @@ class TritsLayout(Layout):
         return {"shape": self.shape}
 
 
+class FP8Layout(Layout):
+    """FP8 codes (``GridSpec`` kinds "fp8-e4m3", "fp8-e5m2"): one byte per weight, the 8-bit float's
+    bit pattern, in the codes' order.  The bytes are not shifted (unlike 8-bit integer codes, which
+    the packed layers keep as u − 128), and a code that is NaN or ±inf in the grid's format is refused."""
+
+    name = "fp8"
+    packing = "fp8"
+    cheap_row_slices = True
+
+    def __init__(self, shape) -> None:
+        self.shape = _check_shape(shape)
+
+    def nbytes(self) -> int:
+        return self.numel
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        self._check_codes(codes)
+        return codes.reshape(-1).clone()
+
+    def unpack(self, data: torch.Tensor) -> torch.Tensor:
+        return data.reshape(self.shape)
+
+    def unpack_rows(self, data: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        row_len = self.numel // self.shape[0] if self.shape and self.shape[0] else 0
+        return data.reshape(-1)[r0 * row_len:r1 * row_len].reshape(r1 - r0, *self.shape[1:])
+
+    def code_bits(self) -> Fraction:
+        return Fraction(8 * self.numel)
+
+    def for_shape(self, shape) -> Layout:
+        return FP8Layout(shape)
+
+    @classmethod
+    def _from_record(cls, record, tensors, spec, weight_shape, layer) -> Layout:
+        return cls(weight_shape)
+
+    def validate(self, data=None, *, spec=None, granularity=None, weight_shape=None, layer="") -> None:
+        if spec is not None and spec.fp8 is None:
+            raise ValueError(f"{_at(layer)}'fp8' packing on a {spec.kind} grid (it holds FP8 codes only)")
+        super().validate(data, spec=spec, granularity=granularity, weight_shape=weight_shape, layer=layer)
+        if data is not None and spec is not None and data.numel():
+            finite = torch.isfinite(data.view(spec.fp8.dtype).float())  # (nbytes,)
+            if not bool(finite.all()):
+                i = int(torch.nonzero(~finite)[0])
+                raise ValueError(f"{_label(layer, 'codes')} byte {i} (0x{int(data[i]):02x}) is not a finite "
+                                 f"{spec.kind} value")
+
+    def _params(self) -> dict:
+        return {"shape": self.shape}
+
+
 def grid_layout(spec: GridSpec, shape) -> Layout:
-    """A grid's own layout for codes of ``shape``: trits for 3-level 2-bit grids, else bits."""
+    """A grid's own layout for codes of ``shape``: FP8 bit patterns for FP8 grids, trits for 3-level
+    2-bit grids, else bits."""
+    if spec.fp8 is not None:
+        return FP8Layout(shape)
     if spec.levels == 3 and spec.bits == 2:
         return TritsLayout(shape)
     return BitsLayout(spec.bits, shape)
@@ -538,7 +597,7 @@ def unregister_layout(cls: type[Layout]) -> None:
         del _LAYOUTS[(cls.weight_kind, cls.packing)]
 
 
-for _cls in (BitsLayout, TritsLayout, RowsLayout, FrameLayout):
+for _cls in (BitsLayout, TritsLayout, RowsLayout, FrameLayout, FP8Layout):
     register_layout(_cls)
 
 

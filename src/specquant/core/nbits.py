@@ -144,6 +144,8 @@ def _check(qw: QuantizedWeight) -> None:
         kind = getattr(getattr(qw, "layout", None), "weight_kind", type(qw).__name__)
         raise ValueError(f"its weight is {kind}-quantized (codes are not the weight's entries): MatMulNBits holds "
                          f"uniform codes only")
+    if qw.spec.fp8 is not None:
+        raise ValueError(f"its codes are {qw.spec.kind} floats; onnxruntime's MatMulNBits holds integer codes only")
     if not isinstance(qw.layout, (BitsLayout, TritsLayout)):
         raise ValueError(f"its codes use the {qw.layout.name} layout (rows of mixed widths); MatMulNBits has one "
                          f"width per node")

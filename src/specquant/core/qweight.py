@@ -95,7 +95,7 @@ class QuantizedWeight:
         """Float tensor of the original shape and dtype."""
         g = self.granularity
         c = g.to_blocks(self.codes)  # blocked_shape (a shorter last group padded, cut off below)
-        return g.from_blocks(dequantize_codes(c, self.scale, self.zero_point), self.shape).to(self.dtype)
+        return g.from_blocks(dequantize_codes(c, self.scale, self.zero_point, self.spec), self.shape).to(self.dtype)
 
     def num_weights(self) -> int:
         return self.codes.numel()

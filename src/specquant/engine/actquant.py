@@ -58,11 +58,12 @@ def layer_input_sample(f_raw: list[torch.Tensor], qblock: nn.Module | None, qlay
     return torch.cat(parts)
 
 
-def calibrate_input_quantizer(name: str, values: torch.Tensor, bits: int, calibrator: str) -> ActQuantizer:
+def calibrate_input_quantizer(name: str, values: torch.Tensor, bits: int, calibrator: str,
+                              grid: str = "int") -> ActQuantizer:
     """The layer's input quantizer from its sample; errors name the layer."""
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"layer '{name}': its input holds NaN/inf; cannot calibrate its activation quantizer")
     try:
-        return calibrate_activation(values, bits, calibrator)
+        return calibrate_activation(values, bits, calibrator, grid=grid)
     except ValueError as e:
         raise ValueError(f"layer '{name}': activation calibration: {e}") from None

@@ -470,7 +470,7 @@ def _input_quantizer(name: str, config: QuantConfig, f_raw: list, qblock: nn.Mod
     the float model (``"float"``)."""
     on_q = config.act_source == "quantized" and any_quantized
     values = layer_input_sample(f_raw, qblock if on_q else None, mod if on_q else None, q_in, config.seed)
-    return calibrate_input_quantizer(name, values, config.act_bits, config.act_calibrator)
+    return calibrate_input_quantizer(name, values, config.act_bits, config.act_calibrator, config.act_grid)
 
 
 def _same_input(name: str, in_block: list[str], f_raw: dict[str, list], mods: dict[str, nn.Module]) -> list[str]:

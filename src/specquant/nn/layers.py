@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specquant.core.actquant import ActQuantizer
-from specquant.core.grid import Granularity, GridSpec
+from specquant.core.grid import Granularity, GridSpec, dequantize_codes
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
 from specquant.core.layouts import Layout
 from specquant.core.qweight import QuantizedWeight, from_stored, zero_point_storage
@@ -247,6 +247,9 @@ class PackedWeight(nn.Module):
         # (codes − zp)·scale, the subtraction fused with the uint8/int8 → float32 conversion: the
         # same values as QuantizedWeight.dequantize() (the difference is exact), one pass fewer;
         # blocked_shape, a shorter last group padded and cut off again
+        if self.spec.fp8 is not None:  # FP8 bit patterns: scale·fp8(code), as QuantizedWeight.dequantize()
+            w = dequantize_codes(g.to_blocks(c.reshape(shape)), s, None, self.spec)
+            return g.from_blocks(w, shape).to(self.dtype)
         w = (g.to_blocks(c.reshape(shape)) - self._zero_point_for(r0, r1)) * s
         return g.from_blocks(w, shape).to(self.dtype)
 
@@ -327,6 +330,8 @@ class _QuantLayer(nn.Module):
         g = p.granularity
         if not p.layout.codes_are_weights:
             return f"needs uniform weights, this layer's are {p.layout.weight_kind}-quantized"
+        if p.spec.fp8 is not None:
+            return f"needs 8-bit integer weights, this layer's are {p.spec.kind} floats"
         if not p.int8_codes:
             return f"needs 8-bit weights, one byte per code; this layer has {p.bits} bits ({p.layout.name} layout)"
         if g.kind == "group":
@@ -345,6 +350,8 @@ class _QuantLayer(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
         if mode == "int8_static" and self.input_quant is None:
             raise ValueError("int8_static mode needs an input quantizer (quantize with act_bits)")
+        if mode == "int8_static" and self.input_quant.grid != "int":
+            raise ValueError(f"int8_static mode needs an integer input quantizer, this one is {self.input_quant.grid}")
         if mode in ("int8_dynamic", "int8_static"):
             why = self.int8_eligible()
             if why is not None:
@@ -732,7 +739,8 @@ def set_int8_static(model: nn.Module) -> list[str]:
     mode; returns their names (the others keep their mode)."""
     done = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _QuantLayer) and mod.input_quant is not None and mod.int8_eligible() is None:
+        if isinstance(mod, _QuantLayer) and mod.input_quant is not None and mod.input_quant.grid == "int" \
+                and mod.int8_eligible() is None:
             mod.set_mode("int8_static")
             done.append(name)
     return done

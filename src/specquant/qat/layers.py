@@ -58,6 +58,10 @@ class FakeQuantLayer(nn.Module):
         if type(qweight) is not QuantizedWeight or isinstance(qweight.layout, RowsLayout):
             what = "frame codes" if isinstance(qweight, FrameQuantizedWeight) else "rows of mixed widths"
             raise ValueError(f"layer '{name}': QAT needs one uniform grid per layer, this PTQ result has {what}")
+        act = getattr(module, "act_quant", None)
+        if qweight.spec.fp8 is not None or (act is not None and act.grid != "int"):
+            raise ValueError(f"layer '{name}': QAT re-rounds on integer grids; this PTQ result has FP8 "
+                             f"{'weights' if qweight.spec.fp8 is not None else 'activations'}")
         shape = tuple(module.weight.shape)
         if qweight.shape != shape:
             raise ValueError(f"layer '{name}': its qweight has shape {qweight.shape}, the weight {shape}")
