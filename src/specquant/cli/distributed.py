@@ -15,6 +15,7 @@ evaluates, writes the run folder and prints.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,10 +23,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from specquant.cli.common import PROG, CLIError
 from specquant.engine.distributed import Dist, default_timeout
+from specquant.report.run_folder import PARTIAL_TAG
 
+STOP_GRACE_S = 3.0  # seconds a stopped rank has to unwind before SIGKILL
 LOST_PEER = 3  # a rank's exit status when a collective failed (another rank is the cause)
 ERROR_PREFIX = f"{PROG}: error: "
 
@@ -71,7 +75,7 @@ def run_ranks(args, argv: list[str], work) -> int:
     timeout = default_timeout(args.dist_timeout)
     ranks = env_ranks()
     if ranks is None:
-        return launch(argv, args.nproc, args.dist_timeout)
+        return launch(argv, args.nproc, args.out)
     import torch.distributed as tdist
 
     signal.signal(signal.SIGTERM, _exit_on_term)  # a stopped rank unwinds: its staged run folder goes
@@ -153,9 +157,11 @@ def _pump(stream, sink, rank: _Rank, forward: bool) -> None:
     stream.close()
 
 
-def launch(argv: list[str], nproc: int, dist_timeout: float) -> int:
+def launch(argv: list[str], nproc: int, out: str | None = None) -> int:
     """Start ``nproc`` ranks of this very command on this machine and wait for them: 0 when all
-    succeed (rank 0's output passed through), else one error line naming the failing rank."""
+    succeed (rank 0's output passed through), else one error line naming the failing rank.  A rank
+    left waiting in a collective for a failed peer is killed after a short grace, and the run folder
+    rank 0 was staging beside ``out`` is removed with it."""
     port = free_port()
     base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -172,10 +178,12 @@ def launch(argv: list[str], nproc: int, dist_timeout: float) -> int:
             pumps.append(threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, ranks[-1], r == 0)))
         for t in pumps:
             t.start()
-        failed = _wait(ranks, dist_timeout)
+        failed = _wait(ranks)
     except BaseException:
-        _stop(ranks, dist_timeout)
+        _stop(ranks)
         raise
+    finally:
+        _remove_staging(ranks, out)
     for t in pumps:
         t.join()
     if failed is None:
@@ -183,7 +191,18 @@ def launch(argv: list[str], nproc: int, dist_timeout: float) -> int:
     raise CLIError(_blame(ranks, failed))
 
 
-def _wait(ranks: list[_Rank], dist_timeout: float) -> list[_Rank] | None:
+def _remove_staging(ranks: list[_Rank], out: str | None) -> None:
+    """Remove the hidden staging folders (report/run_folder.py) that killed ranks left beside ``out``."""
+    if out is None:
+        return
+    target = Path(out).absolute()
+    for r in ranks:
+        if r.proc.returncode is not None and r.proc.returncode < 0:
+            for p in target.parent.glob(f".{target.name}{PARTIAL_TAG}{r.proc.pid}-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _wait(ranks: list[_Rank]) -> list[_Rank] | None:
     """Wait for every rank; on the first failure stop the others.  The ranks that failed, or None."""
     while True:
         done = [r for r in ranks if r.proc.poll() is not None]
@@ -191,19 +210,20 @@ def _wait(ranks: list[_Rank], dist_timeout: float) -> list[_Rank] | None:
         if bad:
             time.sleep(0.5)  # a peer's own failure usually follows within moments: let it say why
             bad = [r for r in ranks if r.proc.poll() is not None and r.proc.returncode != 0]
-            _stop(ranks, dist_timeout)
+            _stop(ranks)
             return bad
         if len(done) == len(ranks):
             return None
         time.sleep(0.1)
 
 
-def _stop(ranks: list[_Rank], dist_timeout: float) -> None:
-    """SIGTERM every rank still running; SIGKILL what is left after the collective timeout."""
+def _stop(ranks: list[_Rank]) -> None:
+    """SIGTERM every rank still running (it unwinds and removes its staging folder); SIGKILL what is
+    left after a grace (a rank blocked inside a collective only sees the signal when it returns)."""
     for r in ranks:
         if r.proc.poll() is None:
             r.proc.terminate()
-    deadline = time.monotonic() + dist_timeout + 5.0
+    deadline = time.monotonic() + STOP_GRACE_S
     for r in ranks:
         try:
             r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
