@@ -211,6 +211,9 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
                         "the statistics are exchanged, same codes and run folder as one process; not with "
                         "--avg-bits, --act-bits or awq methods. Several machines: torchrun, see the README "
                         "(default: 1)")
+    p.add_argument("--calib-batch", metavar="B", type=_positive_int, default=128,
+                   help="calibration samples (windows) per forward pass of the statistics; N ranks need at least "
+                        "N batches, and a run gives the same codes with any --nproc at the same B (default: 128)")
     p.add_argument("--dist-timeout", metavar="SECONDS", type=_positive_float, default=1800.0,
                    help="with several ranks: how long a rank waits in one exchange before the run fails; must "
                         "exceed the longest stretch one rank works alone (rank 0's float evaluation, one block's "

@@ -215,7 +215,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     ui.say(f"quantizing with {args.method} "
            + (f"at {args.bits} bits" if not mixed else f"at {args.avg_bits} average bits ({args.policy})")
            + f", {calib.shape[0]} calibration samples ...")
-    report = sq.quantize(model, config, calib=calib, progress=ui.progress, dist=dist)
+    report = sq.quantize(model, config, calib=calib, progress=ui.progress, dist=dist,
+                         batch_size=getattr(args, "calib_batch", 128))
     ranks = {} if dist is None else {"nproc": dist.world, "comm_bytes": dist.sum_int(dist.received_bytes)}
     if helper:
         return {}

@@ -321,7 +321,7 @@ def quantize(
         check_calibration_finite(batches)
     example = batches[0] if batches else example_input
     if batches is not None and dist is not None and dist.world > 1:
-        check_distributed(config, patch_fraction, len(batches), dist.world)
+        check_distributed(config, patch_fraction, len(batches), dist.world, batch_size)
     if example is not None:
         # Structure probes (shape check, BN pairing, call order, block links) keep activations
         # alive for a whole forward pass: two samples are enough and keep that memory small.

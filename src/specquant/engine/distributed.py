@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import pickle
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,8 @@ def shard_range(n_batches: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n_batches // world, (rank + 1) * n_batches // world
 
 
-def check_distributed(config: QuantConfig, patch_fraction: float, n_batches: int, world: int) -> None:
+def check_distributed(config: QuantConfig, patch_fraction: float, n_batches: int, world: int,
+                      batch_size: int = 128) -> None:
     """One-line refusals of what does not split over ``world`` > 1 ranks exactly."""
     if world <= 1:
         return
@@ -56,8 +58,9 @@ def check_distributed(config: QuantConfig, patch_fraction: float, n_batches: int
         raise ValueError(f"patch_fraction={patch_fraction} draws one random stream through all batches and is not "
                          f"supported over {world} ranks; use patch_fraction=1 or one process")
     if n_batches < world:
-        raise ValueError(f"{world} ranks need at least {world} calibration batches, got {n_batches}; "
-                         "give more calibration samples or a smaller batch size")
+        raise ValueError(f"{world} ranks need at least {world} calibration batches, got {n_batches} (of up to "
+                         f"{batch_size} samples); give more samples or smaller batches (specquant quantize "
+                         "--calib-batch B)")
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Dist:
     device: torch.device = torch.device("cpu")  # where collective buffers live (a CUDA device under NCCL)
     sent_bytes: int = 0  # payload bytes this rank broadcast to the others (counted once per receiver)
     received_bytes: int = 0  # payload bytes this rank received
+    comm_seconds: float = 0.0  # wall time inside broadcasts (transfer and waiting for the sender)
 
     @classmethod
     def current(cls) -> Dist:
@@ -87,9 +91,12 @@ class Dist:
             self.sent_bytes += nbytes * (self.world - 1)
         else:
             self.received_bytes += nbytes
+        t0 = time.perf_counter()
         staged = buf.to(self.device)
         tdist.broadcast(staged, src=src)
-        return staged.to(buf.device)
+        out = staged.to(buf.device)
+        self.comm_seconds += time.perf_counter() - t0
+        return out
 
     def broadcast_object(self, obj, src: int):
         """``obj`` from rank ``src`` on every rank (pickled: the ranks trust each other)."""
