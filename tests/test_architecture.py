@@ -21,20 +21,22 @@ ALLOWED: dict[str, set[str]] = {
     "files": set(),  # io/files.py: the one atomic writer and strict JSON
     "core": {"_version"},
     "eval": set(),  # evaluation protocols (perplexity): tensors and models in, figures out
+    "hf_compat": set(),  # hf_compat.py: transformers' Conv1D as nn.Linear (module surgery, no imports)
     "models": {"files", "eval"},
     "algorithms": {"core"},
     "nn": {"core"},
-    "engine": {"core", "algorithms"},
-    "io": {"core", "nn", "models", "files", "_version"},
+    "engine": {"core", "algorithms", "hf_compat"},
+    "io": {"core", "nn", "models", "files", "_version", "hf_compat"},
     "export": {"core", "nn", "models", "files", "_version"},  # writers for other runtimes (ONNX, GGUF)
     "mixed": {"core", "algorithms", "engine", "files"},
     "diagnostics": {"core", "algorithms", "engine", "files"},
     "report": {"files"},
     "qat": {"core", "algorithms", "engine", "nn", "models", "files"},  # fake-quant training from a PTQ result
-    "cli": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export", "mixed",
-            "diagnostics", "report", "qat", "root"},
-    "root": {"_version", "files", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export", "mixed",
-             "diagnostics", "report", "qat"},
+    "outofcore": {"algorithms", "engine", "io", "models", "files", "hf_compat"},  # a model folder, block by block
+    "cli": {"_version", "files", "hf_compat", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export",
+            "mixed", "diagnostics", "report", "qat", "outofcore", "root"},
+    "root": {"_version", "files", "hf_compat", "core", "eval", "models", "algorithms", "nn", "engine", "io", "export",
+             "mixed", "diagnostics", "report", "qat", "outofcore"},
     "entry": {"cli"},
 }
 

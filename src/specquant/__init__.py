@@ -11,11 +11,12 @@ from specquant.engine.apply import LayerRecord, QuantReport, quantize
 from specquant.export import OnnxExport, export_onnx
 from specquant.export.gguf import export_gguf
 from specquant.io import load, save
+from specquant.outofcore import parse_memory, quantize_folder
 
 __all__ = [
     "Granularity", "GridSpec", "QuantizedWeight", "quantize_tensor", "quantize", "QuantReport", "LayerRecord",
     "QuantConfig", "RTNConfig", "GPFQConfig", "SPFQConfig", "GPTQConfig", "QronosConfig", "AWQConfig", "metrics",
     "spectral",
     "save", "load", "analyze", "export_onnx", "OnnxExport", "export_gguf",
-    "qat", "__version__",
+    "qat", "__version__", "quantize_folder", "parse_memory",
 ]

@@ -345,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_distributed(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="out-of-core: quantize a Hugging Face folder block by block within SIZE of memory (3GB, "
+                        "500MB, 2GiB; GB = 10^9 bytes): weights read lazily from the safetensors shards, cached "
+                        "activations spilled to memory-mapped temporary files beyond what the limit leaves, the "
+                        "packed file written block by block; refused up front when the expected peak exceeds "
+                        "SIZE; no float/quantized evaluation (default: none, the whole model in memory)")
     p.set_defaults(func=cmd_quantize)
 
     # eval ------------------------------------------------------------------------------------

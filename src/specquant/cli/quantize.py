@@ -34,6 +34,7 @@ from specquant.cli.common import (
     versions,
 )
 from specquant.cli.distributed import run_ranks, wants_ranks
+from specquant.cli.outofcore import check_out_of_core, cmd_quantize_out_of_core
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
 from specquant.engine.distributed import Dist
 from specquant.mixed import allocate
@@ -353,6 +354,11 @@ def _plot_allocation(allocation, budget: float, code_bits: float, file_bits: flo
 
 def cmd_quantize(args, argv: list[str]) -> int:
     config, entry = quantize_config(args)
+    limit = check_out_of_core(args, entry)
+    if limit is not None:  # --max-memory: a Hugging Face folder read block by block (cli/outofcore.py)
+        if getattr(args, "nproc", 1) > 1:
+            raise CLIError("quantize: --max-memory and --nproc cannot be combined yet; give one of them")
+        return cmd_quantize_out_of_core(args, argv, config, entry, limit)
     if wants_ranks(args):  # --nproc N, or a rank started by it or by torchrun
         return run_ranks(args, argv, lambda dist: _quantize_command(args, argv, config, entry, dist))
     return _quantize_command(args, argv, config, entry)

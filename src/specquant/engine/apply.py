@@ -45,6 +45,7 @@ from specquant.engine.walk import (
     resolve_ties,
     skipped_modules,
 )
+from specquant.hf_compat import linearize_conv1d
 
 
 @dataclass
@@ -78,6 +79,7 @@ class QuantReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     folded_bn: list[FoldedBN] = field(default_factory=list)
     awq: list[AWQRecord] = field(default_factory=list)  # the AWQ pre-step, one record per input group (config.awq)
+    linearized: list[str] = field(default_factory=list)  # transformers Conv1D layers turned into nn.Linear first
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
     peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)
@@ -135,6 +137,7 @@ class QuantReport:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
             **({"awq": [dataclasses.asdict(r) for r in self.awq]} if self.awq else {}),
+            **({"linearized": list(self.linearized)} if self.linearized else {}),
         }
 
 
@@ -309,6 +312,7 @@ def quantize(
     if device is not None:
         model.to(device)
     model.eval()
+    linearized = linearize_conv1d(model)  # GPT-2's Conv1D projections become the nn.Linear they compute
     _check_model(model, config)
     where = model_device(model)
 
@@ -328,6 +332,7 @@ def quantize(
         example = example[:2]
     with kv_cache_off(model):
         report = _walk(model, config, method, batches, example, fold_bn, batch_size, patch_fraction, progress, dist)
+    report.linearized = linearized
     report.seconds = time.perf_counter() - t_start
     report.peak_rss_mb = peak_rss_mb()
     return report
@@ -371,6 +376,7 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     bar = _progress(len(layer_order), progress)
     blocks = find_blocks(model, layer_order) if use_data else [None]
     links = block_links(model, blocks, example) if use_data else {}
+    state = BlockState(config, method, mods, fmods, opts, starts, ties, holders, report, bar)
     any_quantized = False
     f_next = q_next = None
     for k, block_name in enumerate(blocks):
@@ -392,41 +398,9 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
             if bar is not None:
                 bar.set_postfix_str(f"block {k + 1}/{len(blocks)} {block_name}")
         else:
-            in_block = layer_order
-        shared: dict[str, LayerStats | list[LayerStats]] = {}  # statistics of layers reading one input
-        for name in in_block:
-            t0 = time.perf_counter()
-            mod = mods[name]
-            stats: list[LayerStats] | None = None
-            if use_data:
-                stats = shared.pop(name, None)
-                if stats is None:
-                    readers = _same_input(name, in_block, f_raw, mods)
-                    if config.act_bits is not None:  # input quantizer first: the layer's own X̃ carries it
-                        aq = _input_quantizer(name, config, f_raw[name], qblock, mod, q_in, any_quantized)
-                        for n in readers:  # they read the very same tensor: the same quantizer
-                            install_input_quantizer(mods[n], aq)
-                    weight = torch.cat([_grouped_weight(mods[n]) for n in readers], dim=1)
-                    both = stream_layer_stats(fmods[name], f_raw[name], qblock, mod, q_in, opts,
-                                              same=not any_quantized and config.act_bits is None, weight=weight,
-                                              keep_f=False, name=name, starts=starts)
-                    stats = _split_energy(both, [mods[n].weight.shape[0] for n in readers])
-                    shared.update(zip(readers[1:], stats[1:]))
-                    stats = stats[0]
-                f_raw.pop(name)
-            tied = {id(mods[f]) for f in ties.followers.get(name, ())} | {id(mod)}
-            shared_bias = mod.bias is not None and any(id(m) not in tied for _, m, _ in holders.get(id(mod.bias), ()))
-            record = _quantize_layer(name, mod, stats, config, config.settings_for(name), method, shared_bias)
-            if getattr(mod, "act_quant", None) is not None and config.act_bits is not None:
-                record.act = mod.act_quant.to_record()
-            for f in ties.followers.get(name, ()):  # same Parameter, now dequantized: same codes too
-                mods[f].qweight = mod.qweight
-            record.seconds = time.perf_counter() - t0
-            report.layers.append(record)
-            any_quantized = True
-            if bar is not None:
-                bar.update(1)
-            del stats
+            in_block, f_raw, qblock, q_in = layer_order, None, None, None
+        quantize_block_layers(state, in_block, f_raw, qblock, q_in, any_quantized)
+        any_quantized = any_quantized or bool(in_block)
         if use_data:
             q_next = run_block(qblock, q_in, link) if feeds_next else None
             if not feeds_next:
@@ -436,6 +410,71 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
         bar.close()
     report.skipped = skipped_modules(model, set(layer_order), {f.bn for f in folded}, ties.reasons)
     return report
+
+
+@dataclass
+class BlockState:
+    """What the per-layer loop of one block reads and updates: shared by the in-memory walk
+    (:func:`quantize`) and the out-of-core walk (``engine/outofcore.py``), so both run the very
+    same statistics and algorithm code on each layer."""
+
+    config: QuantConfig  # the method config (with its per-module map)
+    method: Method  # the registered method of config
+    mods: dict  # name -> module of the model being quantized
+    fmods: dict  # name -> module of the float model (empty without data)
+    opts: StreamOptions  # how layer inputs are streamed into statistics
+    starts: list | None  # each calibration batch's first sample (None without data)
+    ties: object  # engine.walk.TiedWeights: followers of shared weights
+    holders: dict  # id(Parameter) -> its holders (engine.walk.parameter_holders)
+    report: QuantReport  # receives one LayerRecord per layer
+    bar: object  # the progress bar (or None)
+
+
+def quantize_block_layers(state: BlockState, in_block: list[str], f_raw: dict | None, qblock: nn.Module | None,
+                          q_in, any_quantized: bool) -> None:
+    """Quantize the layers ``in_block`` of one block in order: their statistics streamed from the
+    float inputs ``f_raw`` (layer name -> one tensor per batch; None without data) and the partly
+    quantized block ``qblock`` run on its cached inputs ``q_in``, the method run, the result
+    installed and recorded in ``state.report``.  ``any_quantized``: some layer before this block
+    was quantized (else the first layer's X̃ is X)."""
+    config, method, mods, fmods, opts, starts = (state.config, state.method, state.mods, state.fmods, state.opts,
+                                                 state.starts)
+    ties, holders, report, bar = state.ties, state.holders, state.report, state.bar
+    use_data = f_raw is not None
+    shared: dict[str, LayerStats | list[LayerStats]] = {}  # statistics of layers reading one input
+    for name in in_block:
+        t0 = time.perf_counter()
+        mod = mods[name]
+        stats: list[LayerStats] | None = None
+        if use_data:
+            stats = shared.pop(name, None)
+            if stats is None:
+                readers = _same_input(name, in_block, f_raw, mods)
+                if config.act_bits is not None:  # input quantizer first: the layer's own X̃ carries it
+                    aq = _input_quantizer(name, config, f_raw[name], qblock, mod, q_in, any_quantized)
+                    for n in readers:  # they read the very same tensor: the same quantizer
+                        install_input_quantizer(mods[n], aq)
+                weight = torch.cat([_grouped_weight(mods[n]) for n in readers], dim=1)
+                both = stream_layer_stats(fmods[name], f_raw[name], qblock, mod, q_in, opts,
+                                          same=not any_quantized and config.act_bits is None, weight=weight,
+                                          keep_f=False, name=name, starts=starts)
+                stats = _split_energy(both, [mods[n].weight.shape[0] for n in readers])
+                shared.update(zip(readers[1:], stats[1:]))
+                stats = stats[0]
+            f_raw.pop(name)
+        tied = {id(mods[f]) for f in ties.followers.get(name, ())} | {id(mod)}
+        shared_bias = mod.bias is not None and any(id(m) not in tied for _, m, _ in holders.get(id(mod.bias), ()))
+        record = _quantize_layer(name, mod, stats, config, config.settings_for(name), method, shared_bias)
+        if getattr(mod, "act_quant", None) is not None and config.act_bits is not None:
+            record.act = mod.act_quant.to_record()
+        for f in ties.followers.get(name, ()):  # same Parameter, now dequantized: same codes too
+            mods[f].qweight = mod.qweight
+        record.seconds = time.perf_counter() - t0
+        report.layers.append(record)
+        any_quantized = True
+        if bar is not None:
+            bar.update(1)
+        del stats
 
 
 def _input_quantizer(name: str, config: QuantConfig, f_raw: list, qblock: nn.Module, mod: nn.Module, q_in,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_text", "dumps", "fsync_dir", "jsonable", "loads", "read_json",
-    "write_json",
+    "atomic_write_bytes", "atomic_write_stream", "atomic_write_text", "dumps", "fsync_dir", "jsonable", "loads",
+    "read_json", "write_json",
 ]
 
 
@@ -67,13 +67,19 @@ def fsync_dir(path: str | Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see the module docstring); creates missing parent
     folders. Returns ``path`` as a :class:`~pathlib.Path`."""
+    return atomic_write_stream(path, lambda f: f.write(data))
+
+
+def atomic_write_stream(path: str | Path, write) -> Path:
+    """Like :func:`atomic_write_bytes`, for content too large to hold at once: ``write(f)`` writes
+    it piece by piece into the open temporary file ``f`` (binary, seekable)."""
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

@@ -111,6 +111,7 @@ from specquant.core.actquant import ActQuantizer
 from specquant.core.grid import SCALE_DTYPES, Granularity, GridSpec
 from specquant.core.layouts import Layout, layout_tensor_names
 from specquant.core.qweight import integer_zero_points
+from specquant.hf_compat import is_hf_conv1d, linearize_conv1d
 from specquant.io.files import atomic_write_bytes
 from specquant.io.files import loads as strict_loads
 from specquant.nn.layers import (
@@ -170,14 +171,26 @@ def _canonical(header: dict) -> bytes:
 
 def payload_digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 (hex) of the header without ``payload_sha256`` and of every tensor, in name order."""
+    h = digest_start(header)
+    for name in sorted(tensors):
+        digest_tensor(h, name, tensors[name])
+    return h.hexdigest()
+
+
+def digest_start(header: dict):
+    """The SHA-256 of :func:`payload_digest` with the header in it; feed it every tensor in name
+    order with :func:`digest_tensor` (tensors may come one at a time, e.g. from files on disk)."""
     h = hashlib.sha256()
     h.update(_canonical({k: v for k, v in header.items() if k != "payload_sha256"}))
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return h
+
+
+def digest_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Add tensor ``name`` to the running payload digest ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"\0{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\0".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +291,7 @@ def build_skeleton(model_info: dict, data_dir=None, *, build: Callable[[], nn.Mo
     else:
         raise SQFormatError(f"{where}the header names neither a zoo id nor an architecture entry point; "
                             f"pass build=<a function returning the architecture> to specquant.load")
+    linearize_conv1d(model)  # GPT-2's Conv1D layers as the nn.Linear the engine made of them
     return model.eval()
 
 
@@ -479,15 +493,38 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     except SQFormatError as e:
         raise ValueError(str(e)) from None
     folded = _folded_bns(model, skeleton)
+    conv1d = next((n for n, m in model.named_modules() if is_hf_conv1d(m)), None)
+    if conv1d is not None:
+        raise ValueError(f"layer '{conv1d}' is a transformers Conv1D that was never quantized; quantize the model "
+                         f"(which turns Conv1D into nn.Linear) or call specquant.hf_compat.linearize_conv1d(model) "
+                         f"before saving")
 
+    layers, tensors, qnames = quantized_entries(model, sdt)
+    float_tensors, tied = float_entries(model, tuple(n + "." for n in qnames))
+    tensors.update(float_tensors)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = make_header(model_info, layers, folded, tied, meta, sdt)
+    header["payload_sha256"] = payload_digest(header, tensors)
+    from safetensors.torch import save as st_save
+
+    data = st_save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
+    return atomic_write_bytes(Path(path), data)
+
+
+def quantized_entries(model: nn.Module, sdt: torch.dtype | None, prefix: str = "",
+                      owners: dict | None = None) -> tuple[list[dict], dict, list[str]]:
+    """(header records, tensors, names) of the quantized layers of ``model`` in module order; names
+    start with ``prefix`` (``model`` may be one block of a larger model).  ``owners`` (id of a
+    quantized weight -> the layer that stores it) carries ties across calls."""
     layers, tensors, qnames = [], {}, []
-    owners: dict[int, str] = {}  # id of a quantized weight's storage -> the layer that stores it
+    owners = {} if owners is None else owners  # id of a quantized weight's storage -> the layer that stores it
     for name, mod in model.named_modules(remove_duplicate=False):
         src = _quantized_source(mod)
         if src is None:
             continue
-        if name == "":
+        if name == "" and not prefix:
             raise ValueError("the root module itself is quantized; save a model that contains it")
+        name = prefix + name if name else prefix.rstrip(".")
         ids = _weight_ids(mod, src)
         first = next((owners[i] for i in ids if i in owners), None)
         if first is not None:  # the same quantized weight as an earlier layer: stored once
@@ -498,11 +535,20 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
         layers.append(rec)
         tensors.update(ts)
         qnames.append(name)
-    prefixes = tuple(n + "." for n in qnames)
+    return layers, tensors, qnames
+
+
+def float_entries(model: nn.Module, skip: tuple[str, ...], prefix: str = "",
+                  keep=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, ties) of ``model``'s state dict outside the quantized layers (keys starting with one
+    of ``skip``), keys prefixed with ``prefix``; ``keep(key)``, when given, selects the keys.  A
+    tensor held under two names is stored once and the second name recorded as tied to the first."""
     seen: dict[tuple, str] = {}
     tied: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        if key.startswith(prefixes):
+        key = prefix + key
+        if key.startswith(skip) or (keep is not None and not keep(key)):
             continue
         t = t.detach().cpu()
         if t.numel():
@@ -514,8 +560,12 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
                 t = t.clone()  # a different view of shared storage: safetensors wants its own copy
             seen[ident] = key
         tensors[key] = t.contiguous()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return tensors, tied
 
+
+def make_header(model_info: dict, layers: list[dict], folded: list[str], tied: dict[str, str], meta: dict | None,
+                sdt: torch.dtype | None) -> dict:
+    """The specquant header of a file holding ``layers`` (without ``payload_sha256``)."""
     if sdt is None:  # the layers' own: one name when they agree (float32 for a float model), else "mixed"
         stored = {r["scale_dtype"] for r in layers if "scale_dtype" in r}
         header_sdt = stored.pop() if len(stored) == 1 else ("float32" if not stored else "mixed")
@@ -530,11 +580,7 @@ def save(model: nn.Module, path, *, model_id: str | None = None, arch=None, meta
     if tied:
         header["tied"] = tied
     header["meta"] = _jsonable(meta or {})
-    header["payload_sha256"] = payload_digest(header, tensors)
-    from safetensors.torch import save as st_save
-
-    data = st_save(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
-    return atomic_write_bytes(Path(path), data)
+    return header
 
 
 # ---------------------------------------------------------------------------------------------

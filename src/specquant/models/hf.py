@@ -9,6 +9,7 @@ perplexity from the test text, both tokenized by the folder's tokenizer without 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -128,3 +129,86 @@ def folder_entry(folder) -> ZooEntry:
         extra={"context": context, "seq_len": seq_len, "tokenizer": functools.partial(tokenizer_of, folder),
                "hf_folder": str(folder)},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Out-of-core: the architecture without weights, and the weights read lazily from the shards
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def empty_parameters():
+    """Modules built inside get their parameters on the meta device (no memory, no
+    initialisation cost); buffers stay real (rotary frequencies are computed, not stored)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_empty(folder) -> nn.Module:
+    """The folder's architecture in eval mode with every parameter on the meta device (float32):
+    weights come later from :class:`ShardReader`."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder).expanduser()
+    config = _config(folder)
+    _check_causal_lm(folder, config)
+    with empty_parameters():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch.float32)
+    return model.eval()
+
+
+class ShardReader:
+    """The tensors of a folder's ``*.safetensors`` shards, read one at a time on request.
+
+    ``model.safetensors.index.json`` (its ``weight_map``), when present, says which shard holds
+    which tensor; otherwise every ``*.safetensors`` file of the folder is listed once.  Tensors
+    come back as float32 copies that own their memory (nothing stays mapped)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder).expanduser()
+        index = self.folder / "model.safetensors.index.json"
+        self.where: dict[str, Path] = {}
+        if index.is_file():
+            try:
+                wmap = read_json(index).get("weight_map")
+                if not isinstance(wmap, dict):
+                    raise ValueError("no weight_map")
+            except (OSError, ValueError, AttributeError) as e:
+                raise ValueError(f"{str(index)!r}: not a safetensors index ({e})") from None
+            for key, shard in wmap.items():
+                path = self.folder / str(shard)
+                if path.parent != self.folder or not path.is_file():
+                    raise ValueError(f"{str(index)!r}: tensor {key!r} is in shard {shard!r}, which is not a file "
+                                     "of the folder")
+                self.where[key] = path
+        else:
+            from safetensors import safe_open
+
+            for path in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    self.where.update({k: path for k in f.keys()})
+        if not self.where:
+            raise ValueError(f"{str(self.folder)!r}: no *.safetensors weights (out-of-core reading needs safetensors)")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as float32 (a copy owning its memory)."""
+        from safetensors import safe_open
+
+        if key not in self.where:
+            raise ValueError(f"{str(self.folder)!r}: no tensor {key!r} in its safetensors files")
+        with safe_open(str(self.where[key]), framework="pt", device="cpu") as f:
+            t = f.get_tensor(key)
+        return t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
