@@ -203,6 +203,23 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                         "(default: cpu)")
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """--nproc and --dist-timeout (cli/distributed.py)."""
+    p.add_argument("--nproc", metavar="N", type=_positive_int, default=1,
+                   help="run N ranks on this machine (torch.distributed, gloo over 127.0.0.1; OMP_NUM_THREADS "
+                        "threads each, 1 unless set): each streams a contiguous share of the calibration batches, "
+                        "the statistics are exchanged, same codes and run folder as one process; not with "
+                        "--avg-bits, --act-bits or awq methods. Several machines: torchrun, see the README "
+                        "(default: 1)")
+    p.add_argument("--calib-batch", metavar="B", type=_positive_int, default=128,
+                   help="calibration samples (windows) per forward pass of the statistics; N ranks need at least "
+                        "N batches, and a run gives the same codes with any --nproc at the same B (default: 128)")
+    p.add_argument("--dist-timeout", metavar="SECONDS", type=_positive_float, default=1800.0,
+                   help="with several ranks: how long a rank waits in one exchange before the run fails; must "
+                        "exceed the longest stretch one rank works alone (rank 0's float evaluation, one block's "
+                        "statistics) (default: 1800)")
+
+
 def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     p.add_argument("--json", action="store_true",
                    help=json_help + " Human tables still go to stderr. (default: off)")
@@ -334,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifiers only (default: all)")
     _add_lm(p)
     _add_device(p)
+    _add_distributed(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
     p.add_argument("--max-memory", metavar="SIZE", default=None,
                    help="out-of-core: quantize a Hugging Face folder block by block within SIZE of memory (3GB, "

@@ -33,8 +33,10 @@ from specquant.cli.common import (
     staged_run_folder,
     versions,
 )
+from specquant.cli.distributed import run_ranks, wants_ranks
 from specquant.cli.outofcore import check_out_of_core, cmd_quantize_out_of_core
 from specquant.diagnostics.sweeps import frame_redundancy_sweep, layer_kappas
+from specquant.engine.distributed import Dist
 from specquant.mixed import allocate
 from specquant.report import run_folder as rf
 from specquant.report.decide import BPW_DEFINITION, BitsPerWeight, Headline, budget_note, size_vs_float
@@ -202,11 +204,14 @@ def _score_keys(float_score: dict, quant_score: dict) -> dict:
             "accuracy_drop": float_score["accuracy"] - quant_score["accuracy"], "n_test": quant_score["n_test"]}
 
 
-def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None, entry=None) -> dict:
+def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None, entry=None,
+                 dist: Dist | None = None) -> dict:
     """The work of ``specquant quantize`` with the checked ``config`` (see :func:`quantize_config`);
     returns the metrics. With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
     folder into its staging folder, ``config.json`` and ``metrics.json`` stamped with its
-    ``run_id`` and the model's SHA-256."""
+    ``run_id`` and the model's SHA-256.  With ``dist`` (a rank of several, cli/distributed.py) every
+    rank quantizes its shard of the calibration batches; only rank 0 scores and writes (others
+    return {})."""
     t_total = time.perf_counter()
     mixed = args.avg_bits is not None
     ui.say(f"loading {args.model} ...")
@@ -215,10 +220,12 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     model.to(device)
     score, calib = _scorer(args, entry, ui)
     calib = calib.to(device)
+    helper = dist is not None and dist.rank != 0  # a rank that only quantizes its shard
     t0 = time.perf_counter()
-    float_score = score(model, "float eval")
+    float_score = score(model, "float eval") if not helper else {}
     float_eval_s = time.perf_counter() - t0
-    ui.say(f"float model: {float_score['summary']}")
+    if not helper:
+        ui.say(f"float model: {float_score['summary']}")
 
     allocation = None
     if mixed:
@@ -234,11 +241,15 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         for name, why in gguf_float_layers(model).items():  # exact names win over --protect patterns
             config.modules[name] = ModuleSettings(skip=True)
             ui.say(f"--gguf: {name} stays in float ({why})")
-    float_model = folded_float(model, calib)
+    float_model = folded_float(model, calib) if not helper else None
     ui.say(f"quantizing with {args.method} "
            + (f"at {args.bits} bits" if not mixed else f"at {args.avg_bits} average bits ({args.policy})")
            + f", {calib.shape[0]} calibration samples ...")
-    report = sq.quantize(model, config, calib=calib, progress=ui.progress)
+    report = sq.quantize(model, config, calib=calib, progress=ui.progress, dist=dist,
+                         batch_size=getattr(args, "calib_batch", 128))
+    ranks = {} if dist is None else {"nproc": dist.world, "comm_bytes": dist.sum_int(dist.received_bytes)}
+    if helper:
+        return {}
     t0 = time.perf_counter()
     quant_score = score(model, "quantized eval")
     eval_s = time.perf_counter() - t0
@@ -290,6 +301,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         "float_eval_seconds": float_eval_s,
         "total_seconds": time.perf_counter() - t_total,
         "peak_rss_mb": peak_rss_mb(),
+        **ranks,  # --nproc N: the number of ranks and the payload bytes they received in all
         "skipped": [dataclasses.asdict(s) for s in report.skipped],
         "folded_bn": [dataclasses.asdict(f) for f in report.folded_bn],
         **({"awq": [dataclasses.asdict(r) for r in report.awq]} if report.awq else {}),  # --method awq / awq+NAME
@@ -370,13 +382,24 @@ def _plot_allocation(allocation, budget: float, code_bits: float, file_bits: flo
 
 
 def cmd_quantize(args, argv: list[str]) -> int:
-    ui = UI(args.quiet)
     config, entry = quantize_config(args)
     limit = check_out_of_core(args, entry)
     if limit is not None:  # --max-memory: a Hugging Face folder read block by block (cli/outofcore.py)
+        if getattr(args, "nproc", 1) > 1:
+            raise CLIError("quantize: --max-memory and --nproc cannot be combined yet; give one of them")
         return cmd_quantize_out_of_core(args, argv, config, entry, limit)
-    with staged_run_folder(args.out, args.overwrite) as folder:
-        metrics = run_quantize(args, argv, ui, config, folder, entry)
+    if wants_ranks(args):  # --nproc N, or a rank started by it or by torchrun
+        return run_ranks(args, argv, lambda dist: _quantize_command(args, argv, config, entry, dist))
+    return _quantize_command(args, argv, config, entry)
+
+
+def _quantize_command(args, argv: list[str], config, entry, dist: Dist | None = None) -> int:
+    helper = dist is not None and dist.rank != 0  # ranks 1.. neither write nor print
+    ui = UI(args.quiet or helper)
+    with staged_run_folder(None if helper else args.out, args.overwrite and not helper) as folder:
+        metrics = run_quantize(args, argv, ui, config, folder, entry, dist)
+    if helper:
+        return 0
     out = folder.target if folder is not None else None
     bits = metrics["bits"] if metrics["bits"] is not None else f"avg {metrics['avg_bits']:.3g}"
     ui.say("")

@@ -33,6 +33,7 @@ from specquant.engine.calibrate import (
     run_block,
     stream_layer_stats,
 )
+from specquant.engine.distributed import Dist, check_distributed, owned_method, shard_range
 from specquant.engine.walk import (
     FoldedBN,
     SkippedModule,
@@ -275,6 +276,7 @@ def quantize(
     patch_fraction: float = 1.0,
     progress: bool = True,
     device: torch.device | str | None = None,
+    dist: Dist | None = None,
 ) -> QuantReport:
     """Quantize ``model``'s Linear/Conv layers in place, in forward order, and report per layer.
 
@@ -291,6 +293,10 @@ def quantize(
         device: move the model there first (e.g. "cuda"); default: leave it where it is.  The
             calibration batches are moved to the model's device (when all its parameters share
             one), and the statistics and the algorithms run there.
+        dist: a rank of an initialised ``torch.distributed`` group (``Dist.current()``): every rank
+            calls ``quantize`` with the same model and calibration data, streams a contiguous shard of
+            the batches, and all ranks end with the same quantized model, equal to the one-process
+            result (engine/distributed.py).
 
     Each quantized module keeps its ``QuantizedWeight`` as ``module.qweight`` and its weight
     holds the dequantized values, so the model runs as a fake-quant model; ``specquant.save``
@@ -318,12 +324,14 @@ def quantize(
     if batches is not None:
         check_calibration_finite(batches)
     example = batches[0] if batches else example_input
+    if batches is not None and dist is not None and dist.world > 1:
+        check_distributed(config, patch_fraction, len(batches), dist.world, batch_size)
     if example is not None:
         # Structure probes (shape check, BN pairing, call order, block links) keep activations
         # alive for a whole forward pass: two samples are enough and keep that memory small.
         example = example[:2]
     with kv_cache_off(model):
-        report = _walk(model, config, method, batches, example, fold_bn, batch_size, patch_fraction, progress)
+        report = _walk(model, config, method, batches, example, fold_bn, batch_size, patch_fraction, progress, dist)
     report.linearized = linearized
     report.seconds = time.perf_counter() - t_start
     report.peak_rss_mb = peak_rss_mb()
@@ -331,7 +339,7 @@ def quantize(
 
 
 def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, example, fold_bn: bool,
-          batch_size: int, patch_fraction: float, progress: bool) -> QuantReport:
+          batch_size: int, patch_fraction: float, progress: bool, dist: Dist | None = None) -> QuantReport:
     """The block-by-block walk of :func:`quantize` (arguments checked there)."""
     if example is not None:
         _check_forward(model, example)
@@ -354,11 +362,17 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded, awq=awq_records,
                          n_calib=sum(b.shape[0] for b in batches) if batches else 0)
     starts = batch_starts(batches) if batches else None
+    opts = StreamOptions(batch_size=batch_size, patch_fraction=patch_fraction, seed=config.seed)
+    if dist is not None and dist.world > 1:  # this rank's shard of the batches; results from the layers' owners
+        first, stop = shard_range(len(batches), dist.rank, dist.world) if batches else (0, 0)
+        if batches:
+            opts = dataclasses.replace(opts, first_batch=first, combine=dist.combine(len(batches)))
+            batches = batches[first:stop]
+        method = owned_method(method, dist, layer_order)
 
     use_data = batches is not None
     float_model = copy.deepcopy(model) if use_data else None
     fmods = dict(float_model.named_modules()) if use_data else {}
-    opts = StreamOptions(batch_size=batch_size, patch_fraction=patch_fraction, seed=config.seed)
     bar = _progress(len(layer_order), progress)
     blocks = find_blocks(model, layer_order) if use_data else [None]
     links = block_links(model, blocks, example) if use_data else {}

@@ -15,13 +15,14 @@ patches with the layer's real stride, padding and dilation; per group for groupe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specquant.algorithms.base import LayerStats
+from specquant.engine.treesum import DyadicSum, total
 from specquant.engine.walk import QUANTIZABLE
 
 
@@ -37,6 +38,8 @@ class StreamOptions:
     patch_fraction: float = 1.0  # share of conv patches kept (random, seeded), as in the SPFQ code
     seed: int = 0  # seed of the patch subsampling
     chunk: int = 32  # samples unfolded into patches at a time (memory only; results are the same)
+    first_batch: int = 0  # index of the first streamed batch in the whole calibration set (a rank's shard start)
+    combine: Callable | None = None  # distributed runs: this rank's dyadic nodes -> all ranks' (engine/distributed.py)
 
 
 def _token_batch(batch: Mapping, where: str) -> torch.Tensor:
@@ -182,7 +185,7 @@ class StatsAccumulator:
     """
 
     def __init__(self, groups: int, dim: int, weight: torch.Tensor | None = None, keep_f: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, first_batch: int = 0):
         z = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.H, self.G = z.clone(), z.clone()
         self.F = z.clone() if keep_f else None
@@ -193,6 +196,9 @@ class StatsAccumulator:
         self.sx = torch.zeros(groups, dim, dtype=torch.float64, device=device)
         self.sxt = torch.zeros(groups, dim, dtype=torch.float64, device=device)
         self.n = 0
+        self.sums = DyadicSum()  # the closed batches' sums as dyadic nodes (engine/treesum.py)
+        self.next_batch = first_batch  # index of the batch being added, in the whole calibration set
+        self.open = False  # add() was called since the last close_batch()
 
     def add(self, X: torch.Tensor, Xt: torch.Tensor) -> None:
         """X, Xt: (g, m, N0) float rows from the float and the quantized model (views of
@@ -217,6 +223,39 @@ class StatsAccumulator:
         self.sx += Xc.sum(2).double()
         self.sxt += Xtc.sum(2).double()
         self.n += Xc.shape[2]
+        self.open = True
+
+    def _parts(self) -> list[torch.Tensor]:
+        """The running sums as one list (the dyadic sum's parts): H, G, [F], [energy], sx, sxt, n."""
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.H.device)
+        return [t for t in (self.H, self.G, self.F, self.energy, self.sx, self.sxt, n) if t is not None]
+
+    def _set_parts(self, parts: list[torch.Tensor]) -> None:
+        it = iter(parts)
+        self.H, self.G = next(it), next(it)
+        self.F = next(it) if self.F is not None else None
+        self.energy = next(it) if self.energy is not None else None
+        self.sx, self.sxt = next(it), next(it)
+        self.n = int(next(it).item())
+
+    def close_batch(self) -> None:
+        """End this calibration batch: its sums become leaf ``next_batch`` of the dyadic sum (the one
+        summation order of every run, single-process or distributed) and the running sums restart."""
+        if not self.open:
+            return
+        self.sums.push(self.next_batch, self._parts())
+        self.next_batch += 1
+        self._set_parts([torch.zeros_like(t) for t in self._parts()])
+        self.open = False
+
+    def finish(self, combine=None) -> None:
+        """Replace the running sums by the total over every closed batch, summed in the dyadic order;
+        ``combine`` (distributed runs, engine/distributed.py) maps this stream's nodes to the nodes of
+        every rank's shard."""
+        self.close_batch()
+        nodes = self.sums.nodes if combine is None else combine(self.sums.nodes)
+        self._set_parts(total(nodes))
+        self.sums = DyadicSum()
 
     def first_nonfinite(self, full: bool = True) -> str | None:
         """The first statistic that is not finite (float32 overflow of the products), else None.
@@ -232,6 +271,9 @@ class StatsAccumulator:
         return next((k for k, t in named if t is not None and not all_finite(t)), None)
 
     def stats(self) -> list[LayerStats]:
+        """The statistics over every batch added (``finish`` first when batches were closed)."""
+        if self.sums.nodes:
+            self.finish()
         n = max(self.n, 1)
         F = self.F if self.F is not None else (self.H if self.same else None)
         return [
@@ -465,10 +507,10 @@ def stream_layer_stats(
     acc = None
     for i, (qa, qk) in enumerate(q_inputs):
         x_raw = f_raw[i]
-        _check_layer_input(x_raw, name, i, False, starts)
+        _check_layer_input(x_raw, name, opts.first_batch + i, False, starts)
         xt_raw = x_raw if same else capture_layer_inputs(qblock, qlayer, [(qa, qk)])[0]
         if not same:
-            _check_layer_input(xt_raw, name, i, True, starts)
+            _check_layer_input(xt_raw, name, opts.first_batch + i, True, starts)
         # Unfold a few samples at a time: patches are ~k²× the activations, keep them small.
         step = opts.chunk if x_raw.dim() > 2 else x_raw.shape[0]
         for j in range(0, x_raw.shape[0], step):
@@ -476,8 +518,10 @@ def stream_layer_stats(
         bad = acc.first_nonfinite(full=False)
         if bad is not None:
             big = f"|x| up to {max(float(x_raw.abs().max()), float(xt_raw.abs().max())):.3g}"
-            _overflow(name, f"at batch {i} ({bad} is not finite; {big})", acc.weight is not None
+            _overflow(name, f"at batch {opts.first_batch + i} ({bad} is not finite; {big})", acc.weight is not None
                       and bad.startswith("the output energies"))
+        acc.close_batch()
+    acc.finish(opts.combine)
     bad = acc.first_nonfinite(full=True)
     if bad is not None:
         _overflow(name, f"({bad} is not finite)", False)
@@ -503,6 +547,6 @@ def _accumulate(acc, layer, x_raw, xt_raw, same, opts, gen, weight=None, keep_f=
         else:
             Xt = X
     if acc is None:
-        acc = StatsAccumulator(X.shape[0], X.shape[2], weight, keep_f, device=X.device)
+        acc = StatsAccumulator(X.shape[0], X.shape[2], weight, keep_f, device=X.device, first_batch=opts.first_batch)
     acc.add(X, Xt)
     return acc

@@ -1,0 +1,165 @@
+"""Data-parallel calibration over ranks of a ``torch.distributed`` process group.
+
+Each rank holds the whole model and the whole calibration set, and streams the statistics of a
+contiguous shard of the calibration batches (``shard_range``) through the same block-by-block walk
+as one process (engine/apply.py).  Per layer:
+
+1. every rank streams its shard's H = X̃ᵀX̃, G = X̃ᵀX, output energies and input sums as the nodes
+   of the dyadic sum over batches (engine/treesum.py), and the nodes are exchanged
+   (``Dist.combine``: each node broadcast from the rank that holds it), so every rank adds the
+   same nodes in the same order and holds the *same* float64 statistics as one process would;
+2. the algorithm runs on the layer's owner only (layers round-robin over ranks) and its
+   ``QuantizedWeight`` (codes, scales, zero points, layout) is broadcast (``owned_method``): every
+   rank installs the very same codes, also where ranks sit on machines whose BLAS or devices would
+   round differently, and continues with its shard of the partly quantized model's inputs;
+3. the error report and bias correction are computed by every rank from the same statistics.
+
+The result equals the single-process result bit for bit for every method whose randomness lives in
+the algorithm (seeded by ``config.seed``; it runs once, on the owner).  Refused with one line under
+more than one rank: activation quantization (``act_bits``: a seeded sample of inputs drawn batch
+by batch), AWQ (a float-model search over all batches before the walk), and conv patch
+subsampling (``patch_fraction`` < 1: one random stream through all batches).
+
+The ranks trust each other: a ``QuantizedWeight`` travels pickled, as in torch.distributed's own
+object collectives; run the rendezvous on a private network only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import pickle
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from specquant.algorithms.base import Method, QuantConfig, QuantContext
+from specquant.engine.treesum import Key, Parts, cover
+
+
+def shard_range(n_batches: int, rank: int, world: int) -> tuple[int, int]:
+    """Batches [start, stop) of ``rank``: contiguous shards whose sizes differ by at most one."""
+    return rank * n_batches // world, (rank + 1) * n_batches // world
+
+
+def check_distributed(config: QuantConfig, patch_fraction: float, n_batches: int, world: int,
+                      batch_size: int = 128) -> None:
+    """One-line refusals of what does not split over ``world`` > 1 ranks exactly."""
+    if world <= 1:
+        return
+    if config.act_bits is not None:
+        raise ValueError(f"activation quantization (act_bits={config.act_bits}) samples inputs batch by batch "
+                         f"and is not supported over {world} ranks; run it with one process")
+    if getattr(config, "awq", False):
+        raise ValueError(f"AWQ searches its scales over all calibration batches at once and is not supported over "
+                         f"{world} ranks; run it with one process")
+    if patch_fraction < 1.0:
+        raise ValueError(f"patch_fraction={patch_fraction} draws one random stream through all batches and is not "
+                         f"supported over {world} ranks; use patch_fraction=1 or one process")
+    if n_batches < world:
+        raise ValueError(f"{world} ranks need at least {world} calibration batches, got {n_batches} (of up to "
+                         f"{batch_size} samples); give more samples or smaller batches (specquant quantize "
+                         "--calib-batch B)")
+
+
+@dataclass
+class Dist:
+    """This process's place in an initialised process group, and what it communicated."""
+
+    rank: int  # this process's rank, 0..world-1
+    world: int  # number of ranks
+    device: torch.device = torch.device("cpu")  # where collective buffers live (a CUDA device under NCCL)
+    sent_bytes: int = 0  # payload bytes this rank broadcast to the others (counted once per receiver)
+    received_bytes: int = 0  # payload bytes this rank received
+    comm_seconds: float = 0.0  # wall time inside broadcasts (transfer and waiting for the sender)
+
+    @classmethod
+    def current(cls) -> Dist:
+        """The initialised default process group (``torch.distributed.init_process_group``)."""
+        if not tdist.is_available() or not tdist.is_initialized():
+            raise ValueError("torch.distributed is not initialised: call init_process_group first")
+        device = torch.device("cpu")
+        if tdist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return cls(tdist.get_rank(), tdist.get_world_size(), device)
+
+    def _broadcast(self, buf: torch.Tensor, src: int) -> torch.Tensor:
+        """Broadcast ``buf`` (filled on ``src``) in place, counting its bytes."""
+        nbytes = buf.numel() * buf.element_size()
+        if self.rank == src:
+            self.sent_bytes += nbytes * (self.world - 1)
+        else:
+            self.received_bytes += nbytes
+        t0 = time.perf_counter()
+        staged = buf.to(self.device)
+        tdist.broadcast(staged, src=src)
+        out = staged.to(buf.device)
+        self.comm_seconds += time.perf_counter() - t0
+        return out
+
+    def broadcast_object(self, obj, src: int):
+        """``obj`` from rank ``src`` on every rank (pickled: the ranks trust each other)."""
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else b""
+        size = self._broadcast(torch.tensor([len(data)], dtype=torch.int64), src)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src else \
+            torch.empty(int(size.item()), dtype=torch.uint8)
+        buf = self._broadcast(buf, src)
+        return obj if self.rank == src else pickle.loads(buf.numpy().tobytes())  # noqa: S301 - peer ranks
+
+    def combine(self, n_batches: int):
+        """The ``StreamOptions.combine`` of a run over ``n_batches`` batches: this rank's dyadic nodes
+        in, every rank's nodes out (each broadcast from its holder, in rank and batch order)."""
+        def gather(nodes: dict[Key, Parts]) -> dict[Key, Parts]:
+            mine = cover(*shard_range(n_batches, self.rank, self.world))
+            if sorted(nodes) != sorted(mine):
+                raise ValueError(f"rank {self.rank}: streamed batches {sorted(nodes)} are not its shard {mine}")
+            like = nodes[mine[0]]  # every node has the same parts, and every rank the same shapes
+            sizes = [t.numel() for t in like]
+            out: dict[Key, Parts] = {}
+            for r in range(self.world):
+                for key in cover(*shard_range(n_batches, r, self.world)):
+                    if r == self.rank:
+                        flat = torch.cat([t.reshape(-1) for t in nodes[key]])
+                    else:
+                        flat = torch.empty(sum(sizes), dtype=like[0].dtype, device=like[0].device)
+                    flat = self._broadcast(flat, r)
+                    out[key] = [p.reshape(t.shape) for p, t in zip(flat.split(sizes), like)]
+            return out
+        return gather
+
+    def sum_int(self, value: int) -> int:
+        """The sum of ``value`` over all ranks (not counted as payload)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        tdist.all_reduce(t)
+        return int(t.item())
+
+
+def owned_method(method: Method, dist: Dist, layer_order: list[str]) -> Method:
+    """``method`` whose ``quantize_weight`` runs on the layer's owner (layer k of ``layer_order`` on
+    rank k mod world) and whose result every rank receives."""
+    index = {name: k for k, name in enumerate(layer_order)}
+    run = method.quantize_weight
+
+    def quantize_weight(W: torch.Tensor, stats, config: QuantConfig, ctx: QuantContext):
+        owner = index.get(ctx.layer, 0) % dist.world
+        result = None
+        error = None
+        if dist.rank == owner:
+            try:
+                result = run(W, stats, config, ctx)
+            except ValueError as e:  # every rank raises the same one line
+                error = str(e)
+        result, error = dist.broadcast_object((result, error), owner)
+        if error is not None:
+            raise ValueError(error)
+        return result
+
+    return dataclasses.replace(method, quantize_weight=quantize_weight)
+
+
+def default_timeout(seconds: float) -> datetime.timedelta:
+    """A collective timeout of ``seconds`` (positive) for ``init_process_group``."""
+    if not seconds > 0:
+        raise ValueError(f"the collective timeout must be positive seconds, got {seconds}")
+    return datetime.timedelta(seconds=seconds)
