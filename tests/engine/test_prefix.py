@@ -66,8 +66,9 @@ def test_a_sequential_prefix_equals_quantizing_only_the_prefix():
         skip = {name: ModuleSettings(skip=True) for name in layers[k:]}
         quantize(only, GPFQConfig(bits=2, seed=3, modules=skip), x, progress=False)
         pk = prefix_model(ref, q, layers, k)
+        a, b = dict(pk.named_modules()), dict(only.named_modules())
         for name in layers:
-            assert torch.equal(dict(pk.named_modules())[name].weight, dict(only.named_modules())[name].weight), (k, name)
+            assert torch.equal(a[name].weight, b[name].weight), (k, name)
 
 
 def test_bad_prefix_arguments_are_one_line_errors():

@@ -22,7 +22,8 @@ def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: in
 
     A class with no sample in ``labels`` is an error (its accuracy would be 0/0)."""
     if pred.shape != labels.shape or pred.dim() != 1:
-        raise ValueError(f"pred and labels must be 1-D of one length, got {tuple(pred.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"pred and labels must be 1-D of one length, got {tuple(pred.shape)} and "
+                         f"{tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes - 1}], got [{int(labels.min())}, {int(labels.max())}]")
     counts = torch.bincount(labels, minlength=num_classes).double()  # (C,)
