@@ -42,7 +42,7 @@ from specquant.algorithms import ModuleSettings
 from specquant.engine.prefix import prefix_model
 from specquant.engine.walk import fold_batchnorm
 from specquant.eval.classify import class_drop, per_class_accuracy
-from specquant.io.files import write_json
+from specquant.io.files import read_json, write_json
 from specquant.models import get_entry
 
 PRIMER_EXPONENT = 1.82  # L_max ∝ N^1.82 (the primer; its examples take the constant as 1)
@@ -255,6 +255,21 @@ def summarize(result: dict, thresholds: list[float]) -> None:
                   f"{dis} |")
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs' JSON files (their models, rows and settings side by side)."""
+    parts = [read_json(p) for p in paths]
+    out = {"seed": [r["seed"] for r in parts], "threads": [r["threads"] for r in parts],
+           "thresholds": parts[0]["thresholds"], "primer_exponent": PRIMER_EXPONENT, "models": {}, "depth": [],
+           "protection": [], "merged_from": [str(p) for p in paths]}
+    for r in parts:
+        if r["thresholds"] != out["thresholds"]:
+            raise ValueError(f"thresholds differ between the files: {r['thresholds']} and {out['thresholds']}")
+        out["models"].update(r["models"])
+        out["depth"] += r["depth"]
+        out["protection"] += r["protection"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20-cifar10", "resnet32-cifar10"])
@@ -270,7 +285,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (rewritten after every row)")
+    p.add_argument("--table", nargs="+", type=Path, default=None,
+                   help="merge these JSON files (e.g. one per model), print the tables and fits, and exit")
     args = p.parse_args()
+    if args.table:
+        merged = merge(args.table)
+        summarize(merged, merged["thresholds"])
+        _save(args, merged)
+        return
     for n in set(args.levels) | set(args.protect_levels):
         grid_for_levels(n)
     torch.manual_seed(args.seed)
