@@ -41,7 +41,7 @@ import specquant as sq
 from specquant.algorithms import ModuleSettings
 from specquant.engine.prefix import prefix_model
 from specquant.engine.walk import fold_batchnorm
-from specquant.eval.classify import class_drop, per_class_accuracy
+from specquant.eval.classify import bootstrap_disparity, class_drop, per_class_accuracy
 from specquant.io.files import read_json, write_json
 from specquant.models import get_entry
 
@@ -130,6 +130,7 @@ class ProtectRow:
     drop: float  # float − accuracy, points
     per_class_accuracy: list
     class_drop: dict  # eval.classify.ClassDrop.to_dict()
+    disparity_interval: list | None  # 90 % stratified bootstrap interval of the disparity (200 resamples, seeded)
 
 
 def run_model(args, model_id: str, result: dict) -> None:
@@ -199,13 +200,19 @@ def run_model(args, model_id: str, result: dict) -> None:
                     acc = 100.0 * float((pred == y_test).double().mean())
                     cd = class_drop(float_pc, pc)
                     kept = [] if not protected else [layers[0], layers[-1]]
+                    ci = bootstrap_disparity(float_pred, pred, y_test, n_cls, reps=200, seed=args.seed)
                     result["protection"].append(asdict(ProtectRow(model_id, method, n, protected, kept, acc,
-                                                                  float_acc - acc, pc.tolist(), cd.to_dict())))
+                                                                  float_acc - acc, pc.tolist(), cd.to_dict(),
+                                                                  None if ci is None else list(ci))))
                     dis = "undefined" if cd.disparity is None else f"{cd.disparity:.2f}"
                     print(f"  protect {method:4s} N={n:2d} {'first+last 8 bit' if protected else 'all 2-bit':16s}: "
                           f"{acc:6.2f} %, mean class drop {cd.mean_drop:5.2f}, worst {cd.worst_drop:5.2f} "
-                          f"(class {cd.worst_class}), disparity {dis}", flush=True)
+                          f"(class {cd.worst_class}), disparity {dis} (90 % interval {_interval(ci)})", flush=True)
                     _save(args, result)
+
+
+def _interval(ci) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
 
 
 def _save(args, result: dict) -> None:
@@ -245,14 +252,14 @@ def summarize(result: dict, thresholds: list[float]) -> None:
             print(f"| {f['model']} | {f['method']} | {f['threshold']} | {f['points_used']} | {e} |")
     if result["protection"]:
         print("\n| model | method | N | first+last at 8 bits | accuracy % | mean class drop | worst class drop "
-              "(class) | disparity |")
+              "(class) | disparity (90 % bootstrap) |")
         print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
         for r in result["protection"]:
             cd = r["class_drop"]
             dis = "undefined" if cd["disparity"] is None else f"{cd['disparity']:.2f}"
             print(f"| {r['model']} | {r['method']} | {r['levels']} | {'yes' if r['protected'] else 'no'} | "
                   f"{r['accuracy']:.2f} | {cd['mean_drop']:.2f} | {cd['worst_drop']:.2f} ({cd['worst_class']}) | "
-                  f"{dis} |")
+                  f"{dis} ({_interval(r.get('disparity_interval'))}) |")
 
 
 def merge(paths: list[Path]) -> dict:

@@ -41,3 +41,20 @@ def test_bad_input_is_one_clear_error():
         per_class_accuracy(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), 3)
     with pytest.raises(ValueError, match="per-class accuracies"):
         class_drop(torch.tensor([1.0, 2.0]), torch.tensor([1.0]))
+
+
+def test_bootstrap_interval_is_seeded_and_holds_the_estimate():
+    from specquant.eval.classify import bootstrap_disparity
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(200)  # (800,) four balanced classes
+    ref = labels.clone()
+    pred = labels.clone()
+    wrong = torch.rand(800, generator=g) < torch.tensor([0.05, 0.05, 0.05, 0.30]).repeat_interleave(200)
+    pred[wrong] = (labels[wrong] + 1) % 4  # class 3 loses ~30 points, the others ~5
+    point = class_drop(per_class_accuracy(ref, labels, 4), per_class_accuracy(pred, labels, 4)).disparity
+    lo, hi = bootstrap_disparity(ref, pred, labels, 4, reps=100, seed=1)
+    assert lo <= point <= hi and 1.0 <= lo
+    assert bootstrap_disparity(ref, pred, labels, 4, reps=100, seed=1) == (lo, hi)
+    # no drop at all: no interval
+    assert bootstrap_disparity(ref, ref, labels, 4, reps=20) is None

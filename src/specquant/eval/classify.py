@@ -59,3 +59,32 @@ def class_drop(reference: torch.Tensor, model: torch.Tensor) -> ClassDrop:
     worst = int(d.argmax())
     return ClassDrop(tuple(float(v) for v in d), mean, float(d[worst]), worst,
                      float(d[worst]) / mean if mean > 0 else None)
+
+
+def bootstrap_disparity(ref_pred: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        reps: int = 200, seed: int = 0, level: float = 0.9) -> tuple[float, float] | None:
+    """A percentile bootstrap interval (``level``, e.g. 0.9 → 5th and 95th percentiles) of the
+    disparity of ``pred`` against ``ref_pred`` (both (n,) predictions on the same images, true
+    ``labels`` (n,)): the test images are resampled with replacement within each class (seeded),
+    both models scored on the same resample.  None when fewer than half the resamples have a
+    positive mean drop.  The worst of several noisy class drops is biased upwards, so with a
+    small mean drop the disparity is large from noise alone: the interval shows how much."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    gen = torch.Generator().manual_seed(seed)
+    by_class = [(labels == c).nonzero().flatten() for c in range(num_classes)]  # indices per class
+    hit_ref, hit = (ref_pred == labels).double(), (pred == labels).double()  # (n,)
+    vals = []
+    for _ in range(reps):
+        d = torch.empty(num_classes, dtype=torch.float64)
+        for c, idx in enumerate(by_class):
+            pick = idx[torch.randint(0, idx.numel(), (idx.numel(),), generator=gen)]
+            d[c] = 100.0 * (hit_ref[pick].mean() - hit[pick].mean())
+        if float(d.mean()) > 0:
+            vals.append(float(d.max() / d.mean()))
+    if 2 * len(vals) < reps:
+        return None
+    v = torch.tensor(vals, dtype=torch.float64)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(v, q).tolist()
+    return lo, hi
