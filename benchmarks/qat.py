@@ -8,6 +8,10 @@ top-1 on the test set before and after.  The same budget (epochs, learning rate,
 GPFQ and the RTN start.  The trained model is saved packed and loaded again: the loaded model's
 outputs must equal the trained model's (checked on 500 test images).
 
+``--distill`` trains against the float model's softened outputs as well (knowledge distillation,
+Hinton et al. 2015; ``finetune(teacher=...)``: (1 − α)·CE + α·T²·KL, ``--distill-alpha``,
+``--distill-temperature``); its rows are marked "+KD".
+
 ``--val N`` holds out N training images (seeded) and reports their accuracy too: use it, not the
 test set, to choose a learning rate.
 
@@ -73,6 +77,7 @@ class Row:
     seed: int
     saved_equals_trained: bool  # the loaded file's outputs equal the trained model's (500 test images)
     bits_per_weight: float  # the saved file's, headers included
+    distill: str | None = None  # "alpha=A,T=T" when trained with the float model as teacher (--distill)
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -113,7 +118,9 @@ def run_case(case: str, args, float_cache: dict) -> Row:
     val_ptq = accuracy(model, x_val, y_val) if x_val is not None else None
     print(f"{case}: float {float_cache[model_id]:.2f} %, PTQ ({method}) {ptq_acc:.2f} %", flush=True)
     cfg = QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, lsq=args.lsq,
-                    augment="crop-flip" if x_train.dim() == 4 else "none")
+                    augment="crop-flip" if x_train.dim() == 4 else "none",
+                    distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
+    teacher = entry.load(args.data_dir).eval() if args.distill else None
     steps = args.epochs * -(-x_train.shape[0] // args.batch_size)
     t_start = time.perf_counter()
 
@@ -124,7 +131,8 @@ def run_case(case: str, args, float_cache: dict) -> Row:
                   flush=True)
 
     lr = args.lr
-    result = finetune(model, (x_train, y_train), cfg, epochs=args.epochs, lr=lr, seed=args.seed, progress=progress)
+    result = finetune(model, (x_train, y_train), cfg, epochs=args.epochs, lr=lr, seed=args.seed, progress=progress,
+                      teacher=teacher)
     assert result.steps == steps
     qat_acc = accuracy(model, x_test, y_test)
     val_qat = accuracy(model, x_val, y_val) if x_val is not None else None
@@ -140,7 +148,8 @@ def run_case(case: str, args, float_cache: dict) -> Row:
               val_ptq_accuracy=val_ptq, val_qat_accuracy=val_qat, epochs=args.epochs, lr=lr, lsq=args.lsq,
               optimizer=args.optimizer, n_train=int(x_train.shape[0]), n_test=int(x_test.shape[0]),
               epoch_loss=result.epoch_loss, ptq_seconds=ptq_s, train_seconds=result.train_seconds,
-              threads=torch.get_num_threads(), seed=args.seed, saved_equals_trained=same, bits_per_weight=bpw)
+              threads=torch.get_num_threads(), seed=args.seed, saved_equals_trained=same, bits_per_weight=bpw,
+              distill=f"alpha={args.distill_alpha},T={args.distill_temperature}" if args.distill else None)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
           f" training, {torch.get_num_threads()} thread(s)); saved file equal: {same}", flush=True)
     return row
@@ -159,7 +168,8 @@ def table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         a = "float" if r["act_bits"] is None else r["act_bits"]
-        lines.append(f"| {r['case']} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
+        kd = f" +KD ({r['distill']})" if r.get("distill") else ""
+        lines.append(f"| {r['case']}{kd} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
                      f"{r['float_accuracy']:.2f} | "
                      f"{r['ptq_accuracy']:.2f} | **{r['qat_accuracy']:.2f}** | {held_out(r)} | {r['n_train']} | "
                      f"{r['epochs']} | {r['lr']} | "
@@ -177,6 +187,9 @@ def main() -> None:
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill", action="store_true", help="distil from the float model (teacher) as well")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the soft (KL) term (default: 0.5)")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default: 4)")
     p.add_argument("--val", type=int, default=0, help="hold out this many training images as validation")
     p.add_argument("--limit", type=int, default=0, help="test images (default: all)")
     p.add_argument("--threads", type=int, default=1)

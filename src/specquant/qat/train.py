@@ -4,7 +4,8 @@ The model comes out of ``specquant.quantize`` (or ``specquant.load``): each quan
 trained as a :class:`~specquant.qat.layers.FakeQuantLayer` (latent float weight initialised from
 the PTQ weight, codes re-rounded every step with the STE of Bengio et al. 2013, scales fixed or
 learned with LSQ, Esser et al., ICLR 2020), optionally with the κ-regularizer of the
-spectral-limits note (``qat.kappa``), and the final codes are written back as ``.qweight`` so that
+spectral-limits note (``qat.kappa``) and distillation from a float teacher (``qat.distill``,
+Hinton et al. 2015), and the final codes are written back as ``.qweight`` so that
 ``specquant.save`` packs them like any PTQ result.
 
 Every random choice (the order of the samples, the crops and flips) is drawn from one generator
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specquant.qat.distill import distill_loss
 from specquant.qat.kappa import KAPPA_KINDS, kappa_penalty
 from specquant.qat.layers import finalize_qat, prepare_qat
 
@@ -40,6 +42,8 @@ class QATConfig:
     kappa_kind: str = "log"  # "log": log κ(W); "ratio": ‖W‖_op/σ_min (qat.kappa)
     augment: str = "none"  # "crop-flip": random 4-pixel-padded crops and horizontal flips (images)
     cosine: bool = True  # cosine learning-rate decay to 0 over all steps (else constant)
+    distill_alpha: float = 0.5  # with a teacher: weight α of the soft (KL) term, 1 − α on the labels' CE
+    distill_temperature: float = 4.0  # with a teacher: temperature T of the softened logits
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -54,6 +58,11 @@ class QATConfig:
             v = getattr(self, what)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+        a, t = self.distill_alpha, self.distill_temperature
+        if isinstance(a, bool) or not (isinstance(a, (int, float)) and 0 <= a <= 1):
+            raise ValueError(f"distill_alpha must be a number in [0, 1], got {a!r}")
+        if isinstance(t, bool) or not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"distill_temperature must be a finite number > 0, got {t!r}")
 
 
 @dataclass
@@ -70,6 +79,7 @@ class QATResult:
     epoch_accuracy: list[float] = field(default_factory=list)  # training top-1 (%) per epoch, augmented batches
     epoch_kappa: list[float] = field(default_factory=list)  # with kappa_reg: mean penalty over the layers per epoch
     layers: list[str] = field(default_factory=list)  # the layers trained and written back
+    distilled: bool = False  # trained against a teacher's softened outputs (qat.distill)
     config: dict = field(default_factory=dict)  # the QATConfig as a dict
 
     def to_dict(self) -> dict:
@@ -106,7 +116,8 @@ def _check_data(train_data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epochs: int = 1, lr: float = 1e-4,
-             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> QATResult:
+             seed: int = 0, progress: Callable[[int, int], None] | None = None,
+             teacher: nn.Module | None = None) -> QATResult:
     """Quantization-aware fine-tuning of a quantized model, in place; returns a :class:`QATResult`.
 
     Args:
@@ -121,6 +132,9 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
             latent weights in a few epochs, Adam at 1e-4 (the default) does.
         seed: seed of the sample order and the augmentation.
         progress: ``progress(done_steps, total_steps)`` after every step (e.g. ``cli.common.EtaProgress``).
+        teacher: a model (e.g. the float model) whose outputs on the same (augmented) batches the
+            student is distilled towards: loss (1 − α)·CE + α·T²·KL (``config.distill_alpha``,
+            ``config.distill_temperature``; ``qat.distill``).  Run in eval mode, never trained.
     After the call each quantized module holds its trained codes as ``.qweight`` (same grid, granularity
     and layout as the PTQ result) and its weight is their dequantized value; ``specquant.save`` packs it.
     """
@@ -132,16 +146,20 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
     x, y = _check_data(train_data)
     if config.augment == "crop-flip" and x.dim() != 4:
         raise ValueError(f"augment 'crop-flip' needs images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise ValueError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    if teacher is not None and teacher is model:
+        raise ValueError("teacher must be another model than the one trained (e.g. a copy of the float model)")
     layers = prepare_qat(model, lsq=config.lsq)
     try:
-        return _train(model, layers, x, y, config, epochs, float(lr), seed, progress)
+        return _train(model, layers, x, y, config, epochs, float(lr), seed, progress, teacher)
     finally:
         finalize_qat(model)  # the trained codes written back (also when training stops early)
         model.eval()
 
 
 def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: QATConfig, epochs: int, lr: float,
-           seed: int, progress) -> QATResult:
+           seed: int, progress, teacher: nn.Module | None = None) -> QATResult:
     device = next(model.parameters()).device
     scales = [p for layer in layers for n, p in layer.named_parameters(recurse=False) if n == "scale"]
     ids = {id(p) for p in scales}
@@ -158,9 +176,12 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
     total = epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed)
     result = QATResult(epochs=epochs, steps=0, lr=lr, seed=seed, n_train=n, train_seconds=0.0,
-                       layers=[layer.name for layer in layers], config=dict(config.__dict__))
+                       layers=[layer.name for layer in layers], config=dict(config.__dict__),
+                       distilled=teacher is not None)
     t0 = time.perf_counter()
     model.train()
+    if teacher is not None:
+        teacher.eval()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)  # (N,)
         loss_sum, correct = 0.0, 0
@@ -176,9 +197,13 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
             out = model(xb)  # (B, classes)
             loss = F.cross_entropy(out, yb)
             total_loss = loss
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(xb)  # (B, classes)
+                total_loss = distill_loss(out, soft, yb, config.distill_alpha, config.distill_temperature)
             if config.kappa_reg > 0:
-                total_loss = loss + config.kappa_reg * sum(kappa_penalty(layer.module.weight, config.kappa_kind)
-                                                           for layer in layers)
+                penalty = sum(kappa_penalty(layer.module.weight, config.kappa_kind) for layer in layers)
+                total_loss = total_loss + config.kappa_reg * penalty
             if not bool(torch.isfinite(total_loss.detach())):
                 raise ValueError(f"QAT diverged at step {result.steps + 1}: the loss is {float(total_loss.detach())}; "
                                  "lower the learning rate")

@@ -1,0 +1,30 @@
+"""Knowledge distillation loss: the quantized student matches the float teacher's softened outputs.
+
+Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", arXiv
+1503.02531 (2015).  With temperature T and weight α, the training loss is
+
+    (1 − α) · CE(student, labels) + α · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+
+The T² keeps the soft term's gradient on the scale of the hard one (its gradient with respect to
+the student logits is T · (softmax(s/T) − softmax(t/T)), Hinton et al. §2).  Pure, on tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), mean over the batch; logits (B, classes)."""
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student and teacher logits must both be (batch, classes), got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    log_p_s = F.log_softmax(student / temperature, dim=1)  # (B, C)
+    log_p_t = F.log_softmax(teacher.detach() / temperature, dim=1)  # (B, C)
+    return temperature ** 2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
+                 temperature: float) -> torch.Tensor:
+    """(1 − α)·CE(student, labels) + α·T²·KL(teacher ‖ student) on logits (B, classes), labels (B,)."""
+    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * distill_kl(student, teacher, temperature)

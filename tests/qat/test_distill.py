@@ -1,0 +1,79 @@
+"""Distillation from a float teacher (qat/distill.py and finetune(teacher=...)): the loss against
+its formula and gradient, the loss decreasing on a tiny model, seeded runs, the teacher untouched."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import specquant as sq
+from specquant.models.mlp import MLP, train_mlp
+from specquant.qat import QATConfig, distill_kl, distill_loss, finetune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_kl_term_is_zero_on_equal_logits_and_its_gradient_is_hintons():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert float(distill_kl(t, t, 3.0)) == pytest.approx(0.0, abs=1e-12)
+    T = 3.0
+    kl = distill_kl(s, t, T)
+    assert float(kl.detach()) > 0
+    kl.backward()
+    # d/ds of T²·KL(p_t ‖ p_s), mean over the batch: T·(softmax(s/T) − softmax(t/T)) / B
+    expect = T * (torch.softmax(s.detach() / T, 1) - torch.softmax(t / T, 1)) / s.shape[0]
+    assert torch.allclose(s.grad, expect, atol=1e-12)
+    # α = 0 is plain cross-entropy; α = 1 the soft term alone
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    ce = nn.functional.cross_entropy(s.detach(), y)
+    assert float(distill_loss(s.detach(), t, y, 0.0, T)) == pytest.approx(float(ce))
+    assert float(distill_loss(s.detach(), t, y, 1.0, T)) == pytest.approx(float(distill_kl(s.detach(), t, T)))
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
+    teacher = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0).eval()
+    student = copy.deepcopy(teacher)
+    sq.quantize(student, sq.RTNConfig(bits=2), calib=x[:128], progress=False)
+    return teacher, student, x, y
+
+
+def _objective(student, teacher, x, y, cfg) -> float:
+    with torch.no_grad():
+        return float(distill_loss(student(x), teacher(x), y, cfg.distill_alpha, cfg.distill_temperature))
+
+
+def test_distilled_qat_lowers_the_loss_is_seeded_and_leaves_the_teacher_alone():
+    teacher, student, x, y = _setup()
+    t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    twin = copy.deepcopy(student)
+    cfg = QATConfig(batch_size=64, distill_alpha=0.7, distill_temperature=2.0)
+    before = _objective(student, teacher, x, y, cfg)
+    ce_before = float(nn.functional.cross_entropy(student(x), y).detach())
+    result = finetune(student, (x, y), cfg, epochs=10, lr=3e-3, seed=5, teacher=teacher)
+    assert result.distilled
+    assert _objective(student, teacher, x, y, cfg) < 0.85 * before
+    assert float(nn.functional.cross_entropy(student(x), y).detach()) < ce_before
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_state.items())
+    finetune(twin, (x, y), cfg, epochs=10, lr=3e-3, seed=5, teacher=teacher)
+    assert torch.equal(twin(x), student(x))  # same seed, same model
+
+
+def test_bad_distillation_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="distill_alpha must be a number in"):
+        QATConfig(distill_alpha=1.5)
+    with pytest.raises(ValueError, match="distill_temperature must be a finite number > 0"):
+        QATConfig(distill_temperature=0)
+    teacher, student, x, y = _setup()
+    with pytest.raises(ValueError, match="teacher must be another model"):
+        finetune(student, (x, y), epochs=1, teacher=student)
+    with pytest.raises(ValueError, match="teacher must be an nn.Module"):
+        finetune(student, (x, y), epochs=1, teacher="float")
+    with pytest.raises(ValueError, match="both be"):
+        distill_kl(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
