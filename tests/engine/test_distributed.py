@@ -1,6 +1,8 @@
 """Data-parallel calibration (engine/distributed.py): two gloo ranks on 127.0.0.1 give the very
 codes, scales, weights and report numbers of one process, for deterministic methods and for SPFQ
 (its random choices run once, on the layer's owner); what does not split is refused with one line."""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +136,32 @@ def test_what_does_not_split_is_refused(config, fraction, batches, match):
     check_distributed(config, fraction, batches, 1)  # one process: everything goes
     with pytest.raises(ValueError, match=match):
         check_distributed(config, fraction, batches, 2)
+
+
+def test_layer_results_travel_without_pickle():
+    """A QuantizedWeight (and the (result, error) pair) survives encode/decode exactly; a class outside
+    the allow-list is refused on both sides (no pickle: a peer cannot make a rank run code)."""
+    from specquant.core.grid import Granularity
+    from specquant.core.layouts import RowsLayout
+    from specquant.core.quantizer import quantize_tensor
+    from specquant.engine.distributed import decode_result, encode_result, tensor_bytes
+
+    W = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    qw = quantize_tensor(W, bits=3, granularity=Granularity("group", group_size=8))
+    per_row = quantize_tensor(W, bits=3, granularity="channel")
+    rows = dataclasses.replace(per_row, layout=RowsLayout([3, 3, 2, 3, 3, 3], per_row.codes.shape))
+    for obj in ((qw, None), (rows, None), (None, "layer 'x': one line")):
+        meta, tensors = encode_result(obj)
+        back = decode_result(json.loads(json.dumps(meta)), tensor_bytes(tensors))
+        assert back[1] == obj[1]
+        if obj[0] is not None:
+            got, want = back[0], obj[0]
+            assert type(got) is type(want) and got.spec == want.spec and got.granularity == want.granularity
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+            assert torch.equal(got.dequantize(), want.dequantize())
+            assert type(got.layout) is type(want.layout) and vars(got.layout).keys() == vars(want.layout).keys()
+    with pytest.raises(ValueError, match="do not exchange"):
+        encode_result((object(), None))
+    bad = {"object": "os.system", "attrs": {}}
+    with pytest.raises(ValueError, match="do not exchange"):
+        decode_result(bad, torch.empty(0, dtype=torch.uint8))

@@ -616,6 +616,11 @@ def layout_class(record: dict, layer: str = "") -> type[Layout]:
     return _LAYOUTS[(kind, packing)]
 
 
+def registered_layouts() -> tuple[type[Layout], ...]:
+    """The registered layout classes."""
+    return tuple(_LAYOUTS.values())
+
+
 def layout_tensor_names() -> tuple[str, ...]:
     """Names of every extra tensor a registered layout may store (``row_bits``, ...)."""
     return tuple(sorted({n for cls in _LAYOUTS.values() for n in cls.tensor_names}))

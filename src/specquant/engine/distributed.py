@@ -20,14 +20,17 @@ more than one rank: activation quantization (``act_bits``: a seeded sample of in
 by batch), AWQ (a float-model search over all batches before the walk), and conv patch
 subsampling (``patch_fraction`` < 1: one random stream through all batches).
 
-The ranks trust each other: a ``QuantizedWeight`` travels pickled, as in torch.distributed's own
-object collectives; run the rendezvous on a private network only.
+A ``QuantizedWeight`` travels as JSON plus raw tensor bytes (``encode_result`` /
+``decode_result``), never pickled: decoding builds only the classes of an allow-list (the weight,
+its grid, granularity and layout classes) from plain data, so a peer cannot make a rank run code.
+The rendezvous itself (gloo/NCCL) is not authenticated: keep it on a private network.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import pickle
+import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -99,13 +102,21 @@ class Dist:
         return out
 
     def broadcast_object(self, obj, src: int):
-        """``obj`` from rank ``src`` on every rank (pickled: the ranks trust each other)."""
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else b""
-        size = self._broadcast(torch.tensor([len(data)], dtype=torch.int64), src)
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src else \
-            torch.empty(int(size.item()), dtype=torch.uint8)
-        buf = self._broadcast(buf, src)
-        return obj if self.rank == src else pickle.loads(buf.numpy().tobytes())  # noqa: S301 - peer ranks
+        """``obj`` (a layer's result: see ``encode_result``) from rank ``src`` on every rank."""
+        if self.rank == src:
+            meta, tensors = encode_result(obj)
+            data = json.dumps(meta).encode()
+            blob = tensor_bytes(tensors)
+        size = self._broadcast(torch.tensor([len(data), blob.numel()] if self.rank == src else [0, 0],
+                                            dtype=torch.int64), src)
+        n_meta, n_blob = (int(v) for v in size.tolist())
+        head = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src else \
+            torch.empty(n_meta, dtype=torch.uint8)
+        head = self._broadcast(head, src)
+        body = self._broadcast(blob if self.rank == src else torch.empty(n_blob, dtype=torch.uint8), src)
+        if self.rank == src:
+            return obj
+        return decode_result(json.loads(head.numpy().tobytes().decode()), body)
 
     def combine(self, n_batches: int):
         """The ``StreamOptions.combine`` of a run over ``n_batches`` batches: this rank's dyadic nodes
@@ -163,3 +174,100 @@ def default_timeout(seconds: float) -> datetime.timedelta:
     if not seconds > 0:
         raise ValueError(f"the collective timeout must be positive seconds, got {seconds}")
     return datetime.timedelta(seconds=seconds)
+
+
+def _allowed_classes() -> dict[str, type]:
+    """The classes a rank may build from a peer's message, by qualified name."""
+    from specquant.core.grid import FP8Format, Granularity, GridSpec
+    from specquant.core.layouts import Layout, registered_layouts
+    from specquant.core.qweight import FrameQuantizedWeight, QuantizedWeight
+
+    classes = {QuantizedWeight, FrameQuantizedWeight, GridSpec, Granularity, FP8Format, Layout,
+               *registered_layouts()}
+    return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+
+
+def encode_result(obj) -> tuple[object, list[torch.Tensor]]:
+    """``obj`` as JSON-able data and a list of tensors: None, bools, numbers, strings, lists, tuples,
+    string-keyed dicts, tensors, dtypes and instances of the allow-listed classes (their
+    attributes); anything else is a ValueError."""
+    allowed = {c: n for n, c in _allowed_classes().items()}
+    tensors: list[torch.Tensor] = []
+
+    def enc(x):
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return {"list" if isinstance(x, list) else "tuple": [enc(v) for v in x]}
+        if isinstance(x, dict):
+            if not all(isinstance(k, str) for k in x):
+                raise ValueError("a layer result holds a dict with non-string keys")
+            return {"dict": {k: enc(v) for k, v in x.items()}}
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            tensors.append(t)
+            return {"tensor": [str(t.dtype).removeprefix("torch."), list(t.shape)]}
+        if isinstance(x, torch.dtype):
+            return {"dtype": str(x).removeprefix("torch.")}
+        name = allowed.get(type(x))
+        if name is None:
+            raise ValueError(f"a layer result holds a {type(x).__name__}, which ranks do not exchange")
+        return {"object": name, "attrs": {k: enc(v) for k, v in vars(x).items()}}
+
+    return enc(obj), tensors
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' bytes, one after another (1-D uint8), as ``decode_result`` reads them."""
+    if not tensors:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def decode_result(meta, blob: torch.Tensor):
+    """Inverse of ``encode_result``: ``meta`` (parsed JSON) and the tensors' bytes back to the object.
+    Only allow-listed classes are built (``__new__`` and their attributes, no code of the message)."""
+    allowed = _allowed_classes()
+    offset = 0
+
+    def dtype_of(name) -> torch.dtype:
+        dt = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"a peer rank sent an unknown dtype {name!r}")
+        return dt
+
+    def dec(x):
+        nonlocal offset
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if not (isinstance(x, dict) and len(x) in (1, 2)):
+            raise ValueError("a peer rank sent a malformed layer result")
+        if "list" in x or "tuple" in x:
+            items = [dec(v) for v in x.get("list", x.get("tuple"))]
+            return items if "list" in x else tuple(items)
+        if "dict" in x:
+            return {str(k): dec(v) for k, v in x["dict"].items()}
+        if "dtype" in x:
+            return dtype_of(x["dtype"])
+        if "tensor" in x:
+            name, shape = x["tensor"]
+            dt = dtype_of(name)
+            n = math.prod(int(d) for d in shape) * torch.empty(0, dtype=dt).element_size()
+            if offset + n > blob.numel():
+                raise ValueError("a peer rank sent fewer tensor bytes than its layer result describes")
+            t = blob[offset:offset + n].clone().view(dt).reshape([int(d) for d in shape])
+            offset += n
+            return t
+        if "object" in x:
+            cls = allowed.get(x["object"])
+            if cls is None:
+                raise ValueError(f"a peer rank sent an object of class {x['object']!r}, which ranks do not exchange")
+            out = cls.__new__(cls)
+            out.__dict__.update({str(k): dec(v) for k, v in x["attrs"].items()})
+            return out
+        raise ValueError("a peer rank sent a malformed layer result")
+
+    obj = dec(meta)
+    if offset != blob.numel():
+        raise ValueError("a peer rank sent more tensor bytes than its layer result describes")
+    return obj
