@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specquant.algorithms.common import target_energy
-from specquant.core.actquant import check_act_calibrator
+from specquant.core.actquant import ACT_GRANULARITIES, check_act_calibrator
 from specquant.core.grid import Granularity, check_bits, scale_dtype_name
 
 if TYPE_CHECKING:
@@ -208,6 +208,11 @@ class QuantConfig(metaclass=_ConfigType):
     act_calibrator: str = "mse"  # its range: mse, minmax, percentile, kl, aciq (= aciq-laplace), aciq-gauss
     act_source: str = "quantized"  # the inputs it is calibrated on: "quantized" (X̃, what the layer will see:
     #                                earlier layers quantized) or "float" (X, the float model's)
+    act_granularity: str = "tensor"  # "tensor": one static calibrated range per layer input; "token": each
+    #                                  token's (row's) own asymmetric range at run time (Linear inputs, LMs;
+    #                                  nothing calibrated, act_calibrator and act_source unused)
+    smoothquant: float | None = None  # SmoothQuant α in [0, 1] (engine/smoothquant.py): per-input-channel scales
+    #                                   max|X_j|^α / max|W_j|^(1−α) folded in before rounding; None: off; needs data
 
     method = "base"  # the method's name (class attribute, not a field; the registry checks it)
     needs_data = False  # whether the engine must stream calibration statistics
@@ -236,6 +241,15 @@ class QuantConfig(metaclass=_ConfigType):
             raise ValueError(f"config.act_calibrator: {e}") from None
         if self.act_source not in ACT_SOURCES:
             raise ValueError(f"config.act_source must be one of {', '.join(ACT_SOURCES)}, got {self.act_source!r}")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"config.act_granularity must be one of {', '.join(ACT_GRANULARITIES)}, "
+                             f"got {self.act_granularity!r}")
+        if self.smoothquant is not None:
+            a = self.smoothquant
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+                raise ValueError(f"config.smoothquant (SmoothQuant α) must be a number in [0, 1], got {a!r}")
+            self.smoothquant = float(a)
+            self.needs_data = True  # the migration reads max |x| per channel on the calibration data
 
     def settings_for(self, name: str) -> ResolvedSettings:
         """The settings of module ``name`` (see the class docstring for which entry applies)."""
@@ -253,14 +267,16 @@ class QuantConfig(metaclass=_ConfigType):
     def to_dict(self) -> dict:
         """Every field plus ``method``, strict-JSON-safe (granularities as their labels).
 
-        ``awq`` and ``awq_grid`` appear only when AWQ is on, and ``act_*`` only with activation
-        quantization (``act_bits``), so the dicts of configs without them (in reports and run
+        ``awq`` and ``awq_grid`` appear only when AWQ is on, ``act_*`` only with activation
+        quantization (``act_bits``) and ``smoothquant`` only when set, so the dicts of configs without them (in reports and run
         folders) are what they were before AWQ and activation quantization existed."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.awq:
             del d["awq"], d["awq_grid"]
         if self.act_bits is None:
-            del d["act_bits"], d["act_calibrator"], d["act_source"]
+            del d["act_bits"], d["act_calibrator"], d["act_source"], d["act_granularity"]
+        if self.smoothquant is None:
+            del d["smoothquant"]
         d["granularity"] = self.granularity.label()
         d["modules"] = {k: s.to_dict() for k, s in self.modules.items()}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

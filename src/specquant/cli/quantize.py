@@ -90,20 +90,31 @@ def quantize_config(args):
 
 
 def _act_config(args, config):
-    """``--act-bits A [--act-calibrator C]``: the config with input quantizers on every quantized layer."""
+    """``--act-bits A [--act-calibrator C] [--act-granularity G]`` and ``--smoothquant ALPHA``: the config
+    with input quantizers on every quantized layer and the SmoothQuant pre-step."""
+    alpha = getattr(args, "smoothquant", None)
+    if alpha is not None:
+        config = dataclasses.replace(config, smoothquant=alpha)
     act_bits, calibrator = getattr(args, "act_bits", None), getattr(args, "act_calibrator", None)
+    granularity = getattr(args, "act_granularity", None)
     if act_bits is None:
         if calibrator is not None:
             raise CLIError("quantize: --act-calibrator needs --act-bits A")
+        if granularity is not None:
+            raise CLIError("quantize: --act-granularity needs --act-bits A")
         return config
-    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse")
+    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse",
+                               act_granularity=granularity or "tensor")
 
 
 def act_fields(config) -> dict:
-    """{"act_bits", "act_calibrator"} of a run with activation quantization, else {} (older JSON unchanged)."""
+    """{"act_bits", "act_calibrator", "act_granularity"} of a run with activation quantization and
+    {"smoothquant": α} of a run with SmoothQuant, else {} (older JSON unchanged)."""
+    d = {} if getattr(config, "smoothquant", None) is None else {"smoothquant": config.smoothquant}
     if getattr(config, "act_bits", None) is None:
-        return {}
-    return {"act_bits": config.act_bits, "act_calibrator": config.act_calibrator}
+        return d
+    return {"act_bits": config.act_bits, "act_calibrator": config.act_calibrator,
+            "act_granularity": config.act_granularity, **d}
 
 
 def _gguf_args(args) -> None:
@@ -263,6 +274,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         "skipped": [dataclasses.asdict(s) for s in report.skipped],
         "folded_bn": [dataclasses.asdict(f) for f in report.folded_bn],
         **({"awq": [dataclasses.asdict(r) for r in report.awq]} if report.awq else {}),  # --method awq / awq+NAME
+        **({"smoothquant_groups": [dataclasses.asdict(r) for r in report.smoothquant]}
+           if report.smoothquant else {}),  # --smoothquant ALPHA
         "layers": layers,
     })
 

@@ -15,11 +15,13 @@ from tqdm import tqdm
 
 from specquant.algorithms.base import LayerStats, Method, QuantConfig, QuantContext, ResolvedSettings, get_method
 from specquant.algorithms.common import row_output_error
+from specquant.core.actquant import TokenActQuantizer
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite, scale_dtype
 from specquant.core.layouts import RowsLayout
 from specquant.core.qweight import QuantizedWeight
 from specquant.engine.actquant import calibrate_input_quantizer, install_input_quantizer, layer_input_sample
 from specquant.engine.awq import AWQRecord, apply_awq
+from specquant.engine.smoothquant import SmoothQuantRecord, apply_smoothquant
 from specquant.engine.calibrate import (
     StreamOptions,
     all_finite,
@@ -77,6 +79,7 @@ class QuantReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     folded_bn: list[FoldedBN] = field(default_factory=list)
     awq: list[AWQRecord] = field(default_factory=list)  # the AWQ pre-step, one record per input group (config.awq)
+    smoothquant: list[SmoothQuantRecord] = field(default_factory=list)  # SmoothQuant, per input group (config.smoothquant)
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
     peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)
@@ -134,6 +137,7 @@ class QuantReport:
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
             **({"awq": [dataclasses.asdict(r) for r in self.awq]} if self.awq else {}),
+            **({"smoothquant": [dataclasses.asdict(r) for r in self.smoothquant]} if self.smoothquant else {}),
         }
 
 
@@ -333,6 +337,8 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     folded: list[FoldedBN] = []
     if fold_bn and example is not None:
         folded = fold_batchnorm(model, example)
+    # SmoothQuant pre-step (engine/smoothquant.py): activation outliers migrated into the weights, function kept
+    sq_records = apply_smoothquant(model, config, batches, example) if config.smoothquant is not None else []
     # AWQ pre-step (engine/awq.py): scales searched on the float model and folded into it
     # (function unchanged) before any layer is quantized; the method then rounds the scaled weights.
     awq_records = apply_awq(model, config, batches, example) if config.awq else []
@@ -347,7 +353,7 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     holders = parameter_holders(model)
     mods = dict(model.named_modules())
     report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded, awq=awq_records,
-                         n_calib=sum(b.shape[0] for b in batches) if batches else 0)
+                         smoothquant=sq_records, n_calib=sum(b.shape[0] for b in batches) if batches else 0)
     starts = batch_starts(batches) if batches else None
 
     use_data = batches is not None
@@ -429,6 +435,11 @@ def _input_quantizer(name: str, config: QuantConfig, f_raw: list, qblock: nn.Mod
     """Layer ``name``'s input quantizer, calibrated on a sample of its inputs in the partly quantized
     model (``config.act_source="quantized"``; the float inputs while nothing is quantized yet) or in
     the float model (``"float"``)."""
+    if config.act_granularity == "token":  # a range per token at run time: nothing to calibrate
+        if type(mod) is not nn.Linear:
+            raise ValueError(f"layer '{name}': per-token activation quantization (act_granularity='token') is for "
+                             f"Linear inputs, this layer is a {type(mod).__name__}; use act_granularity='tensor'")
+        return TokenActQuantizer(bits=config.act_bits)
     on_q = config.act_source == "quantized" and any_quantized
     values = layer_input_sample(f_raw, qblock if on_q else None, mod if on_q else None, q_in, config.seed)
     return calibrate_input_quantizer(name, values, config.act_bits, config.act_calibrator)
