@@ -136,3 +136,23 @@ def test_activation_quantization_is_recorded_and_the_saved_file_evaluates_the_sa
                                                                 "4", "--act-calibrator", "kl"])
     assert "invalid choice: 'l2'" in error_line(["quantize", "digits-mlp", "--method", "rtn", "--bits", "4",
                                                  "--act-bits", "4", "--act-calibrator", "l2"])
+
+
+def test_smoothquant_and_per_token_flags_are_recorded(tmp_path, capsys, error_line):
+    out = tmp_path / "sq"
+    assert main(["quantize", "digits-mlp", "--method", "rtn", "--bits", "8", "--act-bits", "8", "--act-granularity",
+                 "token", "--smoothquant", "0.5", "--calib", "64", "--out", str(out), "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["act_bits"] == 8 and m["act_granularity"] == "token" and m["smoothquant"] == 0.5
+    assert all(r["act"] == {"bits": 8, "granularity": "token"} for r in m["layers"])
+    # an MLP's hidden inputs come out of a ReLU: no module can take the scales, each group says so
+    assert m["smoothquant_groups"] and all(not g["folded"] and g["reason"] for g in m["smoothquant_groups"])
+    q = json.loads((out / "config.json").read_text())["quant_config"]
+    assert q["smoothquant"] == 0.5 and q["act_granularity"] == "token"
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0  # the file holds the per-token quantizers
+    assert json.loads(capsys.readouterr().out)["accuracy"] == m["accuracy"]
+    base = ["quantize", "digits-mlp", "--method", "rtn", "--bits", "8"]
+    for bad in ("1.5", "-0.1", "half"):
+        assert f"SmoothQuant alpha must be a number in [0, 1], got '{bad}'" in error_line(base + ["--smoothquant", bad])
+    assert "--act-granularity needs --act-bits A" in error_line(base + ["--act-granularity", "token"])
+    assert "invalid choice: 'row'" in error_line(base + ["--act-bits", "8", "--act-granularity", "row"])

@@ -268,8 +268,8 @@ class QuantConfig(metaclass=_ConfigType):
         """Every field plus ``method``, strict-JSON-safe (granularities as their labels).
 
         ``awq`` and ``awq_grid`` appear only when AWQ is on, ``act_*`` only with activation
-        quantization (``act_bits``) and ``smoothquant`` only when set, so the dicts of configs without them (in reports and run
-        folders) are what they were before AWQ and activation quantization existed."""
+        quantization (``act_bits``) and ``smoothquant`` only when set, so the dicts of configs
+        without them (in reports and run folders) are what they were before AWQ and activation quantization existed."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.awq:
             del d["awq"], d["awq_grid"]

@@ -21,7 +21,6 @@ from specquant.core.layouts import RowsLayout
 from specquant.core.qweight import QuantizedWeight
 from specquant.engine.actquant import calibrate_input_quantizer, install_input_quantizer, layer_input_sample
 from specquant.engine.awq import AWQRecord, apply_awq
-from specquant.engine.smoothquant import SmoothQuantRecord, apply_smoothquant
 from specquant.engine.calibrate import (
     StreamOptions,
     all_finite,
@@ -35,6 +34,7 @@ from specquant.engine.calibrate import (
     run_block,
     stream_layer_stats,
 )
+from specquant.engine.smoothquant import SmoothQuantRecord, apply_smoothquant
 from specquant.engine.walk import (
     FoldedBN,
     SkippedModule,
@@ -79,7 +79,7 @@ class QuantReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     folded_bn: list[FoldedBN] = field(default_factory=list)
     awq: list[AWQRecord] = field(default_factory=list)  # the AWQ pre-step, one record per input group (config.awq)
-    smoothquant: list[SmoothQuantRecord] = field(default_factory=list)  # SmoothQuant, per input group (config.smoothquant)
+    smoothquant: list[SmoothQuantRecord] = field(default_factory=list)  # per input group (config.smoothquant)
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
     peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)

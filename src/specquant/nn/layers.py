@@ -28,9 +28,10 @@ coefficients (``FrameLayout``, ``core.qweight.FrameQuantizedWeight``) by rebuild
 each call unless ``cache_dequantized`` (weight-only path only).
 
 A layer may also quantize its input (``input_quant``, a ``core.actquant.ActQuantizer``: static,
-per tensor, asymmetric; or a ``TokenActQuantizer``: each row's range at run time; set by ``convert`` from the module's ``.act_quant`` and by ``load`` from
-the file's "act" record): both paths below then see ``input_quant.fake_quantize(x)``, the same
-float operations as the engine's fake-quant model, so outputs stay bit-identical with it.
+per tensor, asymmetric; or a ``TokenActQuantizer``: each row's range at run time; set by
+``convert`` from the module's ``.act_quant`` and by ``load`` from the file's "act" record): both
+paths below then see ``input_quant.fake_quantize(x)``, the same float operations as the engine's
+fake-quant model, so outputs stay bit-identical with it.
 
 Two forward paths:
 
