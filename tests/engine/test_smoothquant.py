@@ -125,6 +125,7 @@ def test_a_cnn_keeps_its_function_and_says_why_groups_are_skipped():
     reasons = {tuple(r.layers): r.reason for r in report.smoothquant}
     assert all(not r.folded for r in report.smoothquant)
     assert "input is the output of" in reasons[("5",)] or "no module" in reasons[("5",)]
+    assert "a convolution's input is not smoothed" in reasons[("0",)]
     with torch.no_grad():
         assert float((net(x) - y0).abs().max() / y0.abs().max()) < 0.05  # 8-bit weights only
 

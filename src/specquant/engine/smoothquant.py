@@ -15,8 +15,10 @@ scales:
    (stacked), folded (W[:, j]·s_j, the producer's channel j / s_j) and checked on the probe
    batch's output (a fold that moves it beyond rounding is undone, with the reason).
 
-Convolutions are not grouped (a CNN's Linear head reads a pooled tensor, which has no producer to
-fold into: it is skipped with that reason); language models are the target.
+Convolutions are not smoothed (each gets a record with that reason; a conv → ReLU → conv fold,
+possible since ReLU commutes with positive scales, is not implemented), and a CNN's Linear head
+reads a pooled tensor with no producer to fold into (skipped with that reason): language models
+are the target.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ from torch import nn
 from specquant.algorithms.base import QuantConfig
 from specquant.algorithms.smoothquant import smoothquant_scales
 from specquant.engine.awq import capture_group_inputs, find_awq_groups, fold_checked, probe_output
+from specquant.engine.walk import quantizable_layers
+
+CONV_REASON = ("a convolution's input is not smoothed: only groups of Linear layers are folded "
+               "(a conv → ReLU → conv fold is not implemented)")
 
 
 @dataclass
@@ -63,7 +69,8 @@ class _AbsMax:
 
 def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=None) -> list[SmoothQuantRecord]:
     """Fold SmoothQuant scales with α = ``config.smoothquant`` into ``model`` in place (float
-    function unchanged); one record per group of Linear layers sharing an input, in forward order.
+    function unchanged); one record per group of Linear layers sharing an input, in forward order,
+    then one per convolution (skipped, ``CONV_REASON``).
 
     Args:
         model: the float model, in eval mode (BatchNorm folded, nothing quantized yet).
@@ -91,6 +98,8 @@ def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=No
                                          reason=reason))
         if reason is None:
             todo.append(len(records) - 1)
+    records += [SmoothQuantRecord([n], None, None, None, None, None, None, None, reason=CONV_REASON)
+                for n, m in quantizable_layers(model) if type(m) is not nn.Linear and not config.settings_for(n).skip]
     if not todo:
         return records
     stats = capture_group_inputs(model, [groups[i] for i in todo], batches, _AbsMax.empty)
