@@ -135,3 +135,42 @@ def test_per_token_granularity_refuses_convolutions():
     with pytest.raises(ValueError, match=r"layer '0': per-token activation quantization .* is for Linear inputs"):
         sq.quantize(net, RTNConfig(bits=8, act_bits=8, act_granularity="token"), calib=torch.randn(4, 3, 6, 6),
                     progress=False)
+
+
+class OffsetRMSNorm(nn.Module):
+    """Looks like a norm by its name, but scales by (1 + weight): a fold into it changes the function."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d) * 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class TwoNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.fc1 = nn.RMSNorm(32), nn.Linear(32, 32)
+        self.norm2, self.fc2 = OffsetRMSNorm(32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.norm2(self.fc1(self.norm1(x))))
+
+
+def test_a_fold_that_changes_the_function_is_found_and_only_it_is_undone():
+    torch.manual_seed(0)
+    net = TwoNorms().eval()
+    with torch.no_grad():
+        net.norm1.weight.mul_(torch.linspace(0.1, 20, 32))  # outlier channels to migrate
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y0 = net(x)
+    ref = copy.deepcopy(net)
+    good, bad = apply_smoothquant(net, RTNConfig(bits=8, smoothquant=0.5), [x])
+    assert good.folded and good.layers == ["fc1"] and good.predecessor == "norm1"
+    assert not bad.folded and "moved the model's output" in bad.reason and bad.act_max_after is None
+    assert torch.equal(net.norm2.weight, ref.norm2.weight) and torch.equal(net.fc2.weight, ref.fc2.weight)
+    assert not torch.equal(net.fc1.weight, ref.fc1.weight)
+    with torch.no_grad():
+        assert float((net(x) - y0).abs().max() / y0.abs().max()) < 1e-5

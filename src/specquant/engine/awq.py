@@ -357,6 +357,13 @@ def _moved(y0: torch.Tensor | None, y1: torch.Tensor | None, dtype: torch.dtype)
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
+def output_moved(y0: torch.Tensor | None, y1: torch.Tensor | None, dtype: torch.dtype) -> float | None:
+    """How far (relative) the probe output moved from ``y0`` to ``y1`` when that is more than float
+    rounding (a changed function); None when it is within rounding."""
+    moved = _moved(y0, y1, dtype)
+    return moved if moved > _tolerance(dtype) else None
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """How far one fold may move the probe output, relative: rounding, not a changed function."""
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
@@ -452,8 +459,8 @@ def fold_checked(model: nn.Module, g: AWQGroup, scale: torch.Tensor, example, y_
     saved = [t.detach().clone() for t in touched]
     fold_awq(model, g.layers, scale, g.predecessor)
     y = probe_output(model, example)
-    moved = _moved(y_prev, y, dtype)
-    if moved > _tolerance(dtype):
+    moved = output_moved(y_prev, y, dtype)
+    if moved is not None:
         with torch.no_grad():
             for t, old in zip(touched, saved):  # undo, exactly
                 t.copy_(old)

@@ -12,8 +12,10 @@ scales:
    batches (one pass, stopped after the last group; each fold keeps the function, so the inputs
    of one group do not depend on the folds of the others).
 3. per group, in forward order: s = max|X_j|^α / max|W_j|^(1−α) over the group's current weights
-   (stacked), folded (W[:, j]·s_j, the producer's channel j / s_j) and checked on the probe
-   batch's output (a fold that moves it beyond rounding is undone, with the reason).
+   (stacked), folded (W[:, j]·s_j, the producer's channel j / s_j); then one check that the probe
+   batch's output did not move beyond rounding.  When it did, every fold is undone and the groups
+   are folded again one at a time, each checked on the probe output (a fold that moves it is
+   undone, with the reason): one probe pass in the usual case instead of one per group.
 
 Convolutions are not smoothed (each gets a record with that reason; a conv → ReLU → conv fold,
 possible since ReLU commutes with positive scales, is not implemented), and a CNN's Linear head
@@ -29,7 +31,14 @@ from torch import nn
 
 from specquant.algorithms.base import QuantConfig
 from specquant.algorithms.smoothquant import smoothquant_scales
-from specquant.engine.awq import capture_group_inputs, find_awq_groups, fold_checked, probe_output
+from specquant.engine.awq import (
+    capture_group_inputs,
+    find_awq_groups,
+    fold_awq,
+    fold_checked,
+    output_moved,
+    probe_output,
+)
 from specquant.engine.walk import quantizable_layers
 
 CONV_REASON = ("a convolution's input is not smoothed: only groups of Linear layers are folded "
@@ -103,27 +112,61 @@ def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=No
     if not todo:
         return records
     stats = capture_group_inputs(model, [groups[i] for i in todo], batches, _AbsMax.empty)
-    y_prev = probe_output(model, example)
+    todo = [(i, acc) for i, acc in zip(todo, stats) if _finite(records[i], acc)]
+    y0 = probe_output(model, example)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    for i, acc in zip(todo, stats):
+    touched = [t for i, _ in todo for t in _touched(mods, groups[i])]
+    saved = [t.detach().clone() for t in touched]
+    # Every fold at once, one probe: each keeps the function, so the output must not move.
+    _smooth(mods, groups, records, todo, alpha, lambda g, s: fold_awq(model, g.layers, s, g.predecessor))
+    if output_moved(y0, probe_output(model, example), dtype) is None:
+        return records
+    # Some fold changed the function: undo them all, then fold group by group, each checked (and undone).
+    with torch.no_grad():
+        for t, old in zip(touched, saved):
+            t.copy_(old)
+    state = {"y": y0}
+
+    def checked(g, s):
+        why, state["y"] = fold_checked(model, g, s, example, state["y"], dtype)
+        return why
+
+    _smooth(mods, groups, records, todo, alpha, checked)
+    return records
+
+
+def _finite(rec: SmoothQuantRecord, acc: _AbsMax) -> bool:
+    """Whether the group's input statistics are finite; if not, the record says why it is skipped."""
+    if bool(torch.isfinite(acc.amax).all()):
+        return True
+    rec.predecessor = rec.kind = None
+    rec.reason = "its input holds NaN/inf on the calibration data"
+    return False
+
+
+def _touched(mods: dict, g) -> list[torch.Tensor]:
+    """The tensors a fold into group ``g`` changes: its layers' weights, its producer's weight and bias."""
+    pred = mods[g.predecessor]
+    return [mods[n].weight for n in g.layers] + [t for t in (pred.weight, getattr(pred, "bias", None))
+                                                 if isinstance(t, torch.Tensor)]
+
+
+def _smooth(mods: dict, groups: list, records: list[SmoothQuantRecord], todo: list, alpha: float, fold) -> None:
+    """Each group of ``todo`` (index, statistics) in forward order: its scales from its weights as they
+    are now (an earlier fold may have scaled them), filled into its record, and ``fold(group, s)``
+    (None when folded, else why not)."""
+    for i, acc in todo:
         g, rec = groups[i], records[i]
-        if not bool(torch.isfinite(acc.amax).all()):
-            rec.predecessor = rec.kind = None
-            rec.reason = "its input holds NaN/inf on the calibration data"
-            continue
         Ws = [mods[n].weight.detach() for n in g.layers]  # (out_i, N0) each, as they are now
         try:
             s = smoothquant_scales(acc.amax, Ws, alpha)  # (N0,)
         except ValueError as e:
             raise ValueError(f"SmoothQuant on {', '.join(repr(n) for n in g.layers)}: {e}") from None
-        w_max = max(float(W.abs().max()) for W in Ws)
-        w_after = max(float((W.float() * s.to(W.device)[None, :]).abs().max()) for W in Ws)
-        rec.alpha, rec.act_max, rec.weight_max, rec.weight_max_after = alpha, float(acc.amax.max()), w_max, w_after
+        rec.alpha, rec.act_max = alpha, float(acc.amax.max())
+        rec.weight_max = max(float(W.abs().max()) for W in Ws)
+        rec.weight_max_after = max(float((W.float() * s.to(W.device)[None, :]).abs().max()) for W in Ws)
         rec.act_max_after = float((acc.amax / s.double().to(acc.amax.device)).max())
-        why, y_prev_new = fold_checked(model, g, s, example, y_prev, dtype)
+        why = fold(g, s)
+        rec.folded, rec.reason = why is None, why
         if why is not None:
-            rec.reason, rec.act_max_after, rec.weight_max_after = why, None, None
-            continue
-        y_prev = y_prev_new
-        rec.folded = True
-    return records
+            rec.act_max_after = rec.weight_max_after = None
