@@ -164,3 +164,23 @@ def test_fp8_grids_are_recorded_evaluate_the_same_and_bad_combinations_are_refus
     err = capsys.readouterr().err.strip()
     assert "its codes are fp8-e4m3 floats; onnxruntime's MatMulNBits holds integer codes only" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+def test_smoothquant_and_per_token_flags_are_recorded(tmp_path, capsys, error_line):
+    out = tmp_path / "sq"
+    assert main(["quantize", "digits-mlp", "--method", "rtn", "--bits", "8", "--act-bits", "8", "--act-granularity",
+                 "token", "--smoothquant", "0.5", "--calib", "64", "--out", str(out), "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["act_bits"] == 8 and m["act_granularity"] == "token" and m["smoothquant"] == 0.5
+    assert all(r["act"] == {"bits": 8, "granularity": "token"} for r in m["layers"])
+    # an MLP's hidden inputs come out of a ReLU: no module can take the scales, each group says so
+    assert m["smoothquant_groups"] and all(not g["folded"] and g["reason"] for g in m["smoothquant_groups"])
+    q = json.loads((out / "config.json").read_text())["quant_config"]
+    assert q["smoothquant"] == 0.5 and q["act_granularity"] == "token"
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0  # the file holds the per-token quantizers
+    assert json.loads(capsys.readouterr().out)["accuracy"] == m["accuracy"]
+    base = ["quantize", "digits-mlp", "--method", "rtn", "--bits", "8"]
+    for bad in ("1.5", "-0.1", "half"):
+        assert f"SmoothQuant alpha must be a number in [0, 1], got '{bad}'" in error_line(base + ["--smoothquant", bad])
+    assert "--act-granularity needs --act-bits A" in error_line(base + ["--act-granularity", "token"])
+    assert "invalid choice: 'row'" in error_line(base + ["--act-bits", "8", "--act-granularity", "row"])

@@ -110,3 +110,53 @@ def test_fp8_activation_quantizer(grid):
         calibrate_activation(v, 4, "mse", grid=grid)
     with pytest.raises(ValueError, match="unknown activation grid 'fp4'"):
         calibrate_activation(v, 8, "mse", grid="fp4")
+
+
+# --------------------------------------------------------------------------- per-token quantizers
+
+
+def test_per_token_quantizer_gives_each_row_its_own_grid():
+    from specquant.core.actquant import TokenActQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=g) * torch.tensor([0.01, 1.0, 100.0]).reshape(3, 1, 1)  # rows of any size
+    for bits in (8, 4):
+        y = TokenActQuantizer(bits).fake_quantize(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        rows, yr = x.reshape(-1, 64), y.reshape(-1, 64)
+        lo, hi = rows.amin(1).clamp_max(0), rows.amax(1).clamp_min(0)
+        step = (hi - lo) / (2 ** bits - 1)  # (rows,) the asymmetric min-max step of each row
+        assert bool(((yr - rows).abs() <= step[:, None] / 2 * (1 + 1e-5) + 1e-12).all())  # round to nearest
+        assert len(torch.unique(yr[0])) <= 2 ** bits
+    # the quantized values are on their own grid: quantizing again changes nothing (up to rounding)
+    y8 = TokenActQuantizer(8).fake_quantize(x)
+    torch.testing.assert_close(TokenActQuantizer(8).fake_quantize(y8), y8, rtol=0, atol=1e-5 * float(x.abs().max()))
+
+
+def test_per_token_beats_per_tensor_on_rows_of_different_scale():
+    from specquant.core.actquant import TokenActQuantizer
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 32, generator=g) * torch.logspace(-2, 2, 16).reshape(16, 1)  # (tokens, channels)
+    per_tensor = calibrate_activation(x.reshape(-1), 8, "minmax")
+    err_t = ((per_tensor.fake_quantize(x) - x).norm(dim=1) / x.norm(dim=1)).max()
+    err_k = ((TokenActQuantizer(8).fake_quantize(x) - x).norm(dim=1) / x.norm(dim=1)).max()
+    assert err_k < 0.1 * err_t
+
+
+def test_per_token_records_round_trip_and_bad_ones_are_one_line():
+    from specquant.core.actquant import TokenActQuantizer, act_quantizer_from_record
+
+    aq = TokenActQuantizer(6)
+    assert aq.to_record() == {"bits": 6, "granularity": "token"}
+    assert act_quantizer_from_record(aq.to_record()) == aq
+    static = ActQuantizer(bits=8, scale=0.5, zero_point=3)
+    assert act_quantizer_from_record(static.to_record()) == static  # records without granularity: per tensor
+    for bad, match in (({"bits": 8, "granularity": "channel"}, "activation granularity 'channel' is not 'token'"),
+                       ({"bits": 8, "granularity": "tensor"}, "activation granularity 'tensor' is not 'token'"),
+                       ({"bits": 9, "granularity": "token"}, "activation bits"),
+                       ({"bits": "8", "granularity": "token"}, "activation bits '8'|activation bits 8 is not"),
+                       ({"bits": 8, "granularity": "token", "scale": 1.0}, "per-token activation record must have")):
+        with pytest.raises(ValueError, match=match) as e:
+            act_quantizer_from_record(bad)
+        assert "\n" not in str(e.value)

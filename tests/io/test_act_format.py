@@ -124,3 +124,70 @@ def test_fp8_weights_and_activations_round_trip(tmp_path, grid):
     assert {r["act"]["grid"] for r in recs.values()} == {grid}
     assert loaded[0].packed.codes.numel() == 8 * 3 * 3 * 3  # one byte per weight
     assert loaded[0].input_quant == model[0].act_quant
+
+
+# --------------------------------------------------------------------------- per-token input quantizers
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 5)).eval()
+
+
+@pytest.fixture
+def saved_token(tmp_path):
+    model = mlp()
+    x = torch.randn(4, 7, 12, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 10, 12)  # (B, T, C)
+    quantize(model, GPFQConfig(bits=4, act_bits=8, act_granularity="token"), calib=x, progress=False)
+    path = save(model, tmp_path / "k.sq", arch=mlp)
+    return model, x, path
+
+
+def test_per_token_packed_equals_fake_quant_and_round_trips(saved_token):
+    from specquant.core.actquant import TokenActQuantizer
+    from specquant.nn import convert
+
+    model, x, path = saved_token
+    assert model[0].act_quant == TokenActQuantizer(8) and model[2].act_quant == TokenActQuantizer(8)
+    packed = convert(copy.deepcopy(model), kernel="torch")
+    loaded = load(path, build=mlp, kernel="torch")
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(packed(x), y) and torch.equal(loaded(x), y)
+    assert isinstance(loaded[0].input_quant, TokenActQuantizer) and loaded[2].input_quant.bits == 8
+    again = save(loaded, path.with_name("again.sq"), arch=mlp)
+    assert expand_layers(read_header(again)) == expand_layers(read_header(path))
+    assert {r["name"]: r["act"] for r in expand_layers(read_header(path))} == \
+        {"0": {"bits": 8, "granularity": "token"}, "2": {"bits": 8, "granularity": "token"}}
+
+
+def test_per_token_layers_refuse_the_static_integer_mode(saved_token):
+    from specquant.nn.layers import set_int8_static
+
+    model, _, path = saved_token
+    loaded = load(path, build=mlp, kernel="torch")
+    assert set_int8_static(loaded) == []
+    with pytest.raises(ValueError, match="int8_static mode needs a static per-tensor input quantizer") as e:
+        loaded[0].set_mode("int8_static")
+    assert "\n" not in str(e.value)
+
+
+def _set_token_act(**kw):
+    def edit(h):
+        for r in h["layers"]:
+            if r["name"] == "2":
+                r["act"] = {**(r.get("act") or h["layer_defaults"]["act"]), **kw}
+    return edit
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set_token_act(granularity="channel"), "layer '2': activation granularity 'channel' is not 'token'"),
+    (_set_token_act(bits=0), "layer '2': activation bits"),
+    (_set_token_act(scale=0.5), "layer '2': per-token activation record must have bits, granularity"),
+])
+def test_bad_per_token_records_are_refused_with_one_line(saved_token, edit, match):
+    _, _, path = saved_token
+    _rewrite(path, edit)
+    with pytest.raises(SQFormatError, match=match) as e:
+        load(path, build=mlp)
+    assert "\n" not in str(e.value)

@@ -101,3 +101,14 @@ def test_activation_ste_matches_the_static_quantizer():
     assert inside.any() and outside.any()
     assert torch.equal(x.grad[inside], torch.ones(int(inside.sum())))
     assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum())))
+
+
+def test_per_token_input_quantizer_passes_the_gradient_straight_through():
+    from specquant.core.actquant import TokenActQuantizer
+
+    aq = TokenActQuantizer(4)
+    x = torch.randn(3, 6, 10, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = act_fake_quant_ste(x, aq)
+    assert torch.equal(y.detach(), aq.fake_quantize(x.detach()))
+    (y * torch.arange(10.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(10.0).expand(3, 6, 10))

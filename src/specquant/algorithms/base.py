@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specquant.algorithms.common import target_energy
-from specquant.core.actquant import check_act_calibrator, check_act_grid
+from specquant.core.actquant import ACT_GRANULARITIES, check_act_calibrator, check_act_grid
 from specquant.core.grid import FP8_FORMATS, Granularity, GridSpec, check_bits, scale_dtype_name
 
 if TYPE_CHECKING:
@@ -212,6 +212,11 @@ class QuantConfig(metaclass=_ConfigType):
     grid: str = "int"  # weight grid: "int" (narrow symmetric / asymmetric by `symmetric`) or "fp8-e4m3" /
     #                    "fp8-e5m2" (8-bit float codes scaled per block; bits must be 8, symmetric True)
     act_grid: str = "int"  # input quantizers' grid: "int" (asymmetric uniform) or "fp8-e4m3" / "fp8-e5m2"
+    act_granularity: str = "tensor"  # "tensor": one static calibrated range per layer input; "token": each
+    #                                  token's (row's) own asymmetric range at run time (Linear inputs, LMs;
+    #                                  nothing calibrated, act_calibrator and act_source unused)
+    smoothquant: float | None = None  # SmoothQuant α in [0, 1] (engine/smoothquant.py): per-input-channel scales
+    #                                   max|X_j|^α / max|W_j|^(1−α) folded in before rounding; None: off; needs data
 
     method = "base"  # the method's name (class attribute, not a field; the registry checks it)
     needs_data = False  # whether the engine must stream calibration statistics
@@ -251,6 +256,18 @@ class QuantConfig(metaclass=_ConfigType):
             check_act_grid(self.act_grid, self.act_bits)
         except ValueError as e:
             raise ValueError(f"config.act_grid: {e}") from None
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"config.act_granularity must be one of {', '.join(ACT_GRANULARITIES)}, "
+                             f"got {self.act_granularity!r}")
+        if self.smoothquant is not None:
+            a = self.smoothquant
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+                raise ValueError(f"config.smoothquant (SmoothQuant α) must be a number in [0, 1], got {a!r}")
+            self.smoothquant = float(a)
+            self.needs_data = True  # the migration reads max |x| per channel on the calibration data
+        if self.act_granularity == "token" and self.act_grid != "int":
+            raise ValueError(f"config.act_grid {self.act_grid} is a per-tensor calibrated grid; per-token "
+                             "activations (act_granularity='token') are integer")
 
     def grid_spec(self, bits: int | None = None) -> GridSpec:
         """The weight grid of a layer with ``bits`` (default ``self.bits``): ``GridSpec.default(bits,
@@ -278,18 +295,20 @@ class QuantConfig(metaclass=_ConfigType):
     def to_dict(self) -> dict:
         """Every field plus ``method``, strict-JSON-safe (granularities as their labels).
 
-        ``awq`` and ``awq_grid`` appear only when AWQ is on, and ``act_*`` only with activation
-        quantization (``act_bits``), so the dicts of configs without them (in reports and run
-        folders) are what they were before AWQ and activation quantization existed."""
+        ``awq`` and ``awq_grid`` appear only when AWQ is on, ``act_*`` only with activation
+        quantization (``act_bits``) and ``smoothquant`` only when set, so the dicts of configs
+        without them (in reports and run folders) are what they were before AWQ and activation quantization existed."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if not self.awq:
             del d["awq"], d["awq_grid"]
         if self.act_bits is None:
-            del d["act_bits"], d["act_calibrator"], d["act_source"]
+            del d["act_bits"], d["act_calibrator"], d["act_source"], d["act_granularity"]
         if d.get("act_grid") == "int" or self.act_bits is None:
             del d["act_grid"]
         if self.grid == "int":
             del d["grid"]
+        if self.smoothquant is None:
+            del d["smoothquant"]
         d["granularity"] = self.granularity.label()
         d["modules"] = {k: s.to_dict() for k, s in self.modules.items()}
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

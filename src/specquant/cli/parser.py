@@ -17,7 +17,7 @@ from specquant.cli.export import FORMATS as EXPORT_FORMATS
 from specquant.cli.export import cmd_export
 from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
 from specquant.cli.train import cmd_train
-from specquant.core.actquant import ACT_CALIBRATORS, ACT_GRIDS
+from specquant.core.actquant import ACT_CALIBRATORS, ACT_GRANULARITIES, ACT_GRIDS
 from specquant.core.grid import Granularity
 from specquant.models import list_models
 from specquant.models.user import DATA_FORMAT_HELP
@@ -113,6 +113,17 @@ def _positive_float(text: str) -> float:
     v = _nonnegative_float(text)
     if v == 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _alpha(text: str) -> float:
+    """SmoothQuant's α: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"SmoothQuant alpha must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"SmoothQuant alpha must be a number in [0, 1], got {text!r}")
     return v
 
 
@@ -323,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-grid", metavar="KIND", choices=ACT_GRIDS, default="int",
                    help="grid of the --act-bits input quantizers: int (asymmetric uniform) or fp8-e4m3 / fp8-e5m2 "
                         "(per-tensor scale, zero point 0); an FP8 grid implies --act-bits 8 (default: int)")
+    p.add_argument("--act-granularity", metavar="G", choices=ACT_GRANULARITIES, default=None,
+                   help="with --act-bits: 'tensor' (one static range per layer input, calibrated) or 'token' "
+                        "(each token's own asymmetric range at run time; Linear inputs, language models) "
+                        "(default: tensor)")
+    p.add_argument("--smoothquant", metavar="ALPHA", type=_alpha, default=None,
+                   help="SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights with "
+                        "strength ALPHA in [0, 1] (0.5 is the paper's default) before quantizing; the float "
+                        "function is unchanged; language models (default: off)")
     p.add_argument("--calib", metavar="N", type=_positive_int, default=DEFAULT_CALIB,
                    help="calibration samples drawn from the training split with --seed "
                         f"(default: {DEFAULT_CALIB})")

@@ -99,28 +99,39 @@ def quantize_config(args):
 
 
 def _act_config(args, config):
-    """``--act-bits A [--act-calibrator C]``: the config with input quantizers on every quantized layer."""
+    """``--act-bits A [--act-calibrator C] [--act-granularity G]`` and ``--smoothquant ALPHA``: the config
+    with input quantizers on every quantized layer and the SmoothQuant pre-step."""
+    alpha = getattr(args, "smoothquant", None)
+    if alpha is not None:
+        config = dataclasses.replace(config, smoothquant=alpha)
     act_bits, calibrator = getattr(args, "act_bits", None), getattr(args, "act_calibrator", None)
     act_grid = getattr(args, "act_grid", "int") or "int"
     if act_grid != "int":
         if act_bits not in (None, 8):
             raise CLIError(f"quantize: --act-grid {act_grid} is 8-bit; --act-bits {act_bits} contradicts it")
         act_bits = 8
+    granularity = getattr(args, "act_granularity", None)
     if act_bits is None:
         if calibrator is not None:
             raise CLIError("quantize: --act-calibrator needs --act-bits A")
+        if granularity is not None:
+            raise CLIError("quantize: --act-granularity needs --act-bits A")
         return config
-    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse", act_grid=act_grid)
+    return dataclasses.replace(config, act_bits=act_bits, act_calibrator=calibrator or "mse", act_grid=act_grid,
+                               act_granularity=granularity or "tensor")
 
 
 def act_fields(config) -> dict:
-    """{"act_bits", "act_calibrator"} of a run with activation quantization, else {}, plus "grid" / "act_grid"
-    when FP8 (older JSON unchanged)."""
-    grid = {"grid": config.grid} if getattr(config, "grid", "int") != "int" else {}
+    """{"act_bits", "act_calibrator", "act_granularity"} of a run with activation quantization, plus
+    "grid" / "act_grid" when FP8 and {"smoothquant": α} with SmoothQuant, else {} (older JSON unchanged)."""
+    d = {"grid": config.grid} if getattr(config, "grid", "int") != "int" else {}
+    if getattr(config, "smoothquant", None) is not None:
+        d["smoothquant"] = config.smoothquant
     if getattr(config, "act_bits", None) is None:
-        return grid
+        return d
     act_grid = {"act_grid": config.act_grid} if getattr(config, "act_grid", "int") != "int" else {}
-    return {**grid, "act_bits": config.act_bits, "act_calibrator": config.act_calibrator, **act_grid}
+    return {**d, "act_bits": config.act_bits, "act_calibrator": config.act_calibrator,
+            "act_granularity": config.act_granularity, **act_grid}
 
 
 def _fp8_args(args) -> None:
@@ -305,6 +316,8 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         "skipped": [dataclasses.asdict(s) for s in report.skipped],
         "folded_bn": [dataclasses.asdict(f) for f in report.folded_bn],
         **({"awq": [dataclasses.asdict(r) for r in report.awq]} if report.awq else {}),  # --method awq / awq+NAME
+        **({"smoothquant_groups": [dataclasses.asdict(r) for r in report.smoothquant]}
+           if report.smoothquant else {}),  # --smoothquant ALPHA
         "layers": layers,
     })
 

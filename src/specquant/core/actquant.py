@@ -28,11 +28,13 @@ import torch
 
 from specquant.core.clipping import CLIPPING_METHODS, calibrate
 from specquant.core.grid import FP8_FORMATS, GridSpec, check_bits, fp8_codes, fp8_round
+from specquant.core.intmatmul import quantize_activations_dynamic
 
 ACT_CALIBRATORS = ("mse", "minmax", "percentile", "kl", "aciq", "aciq-gauss", "aciq-laplace")
 ACIQ_DEFAULT = "aciq-laplace"  # "aciq" means ACIQ's Laplace prior (Banner et al.'s model for activations)
 ACT_GRIDS = ("int", "fp8-e4m3", "fp8-e5m2")  # integer (asymmetric uniform) or an 8-bit float grid
 ACT_SAMPLE = 1 << 18  # values drawn per layer for calibration (memory and time stay bounded)
+ACT_GRANULARITIES = ("tensor", "token")  # one static range per tensor, or one range per token (row) at run time
 
 
 def check_act_calibrator(name: str) -> str:
@@ -73,6 +75,8 @@ class ActQuantizer:
         if isinstance(self.zero_point, bool) or not isinstance(self.zero_point, int) \
                 or not 0 <= self.zero_point <= self.qmax:
             raise ValueError(f"activation zero point must be an integer in 0..{self.qmax}, got {self.zero_point!r}")
+
+    granularity = "tensor"  # one static range for the whole tensor (class attribute, not a field)
 
     @property
     def qmax(self) -> int:
@@ -125,6 +129,57 @@ class ActQuantizer:
             scale = float(scale)
         return cls(bits=rec["bits"], scale=scale, zero_point=rec["zero_point"], calibrator=rec["calibrator"],
                    grid=grid)
+
+
+@dataclass(frozen=True)
+class TokenActQuantizer:
+    """A per-token dynamic activation quantizer: each token (each row: every index of the leading
+    dimensions, the last dimension being the channels) gets its own asymmetric ``bits``-bit range
+    at run time, its min and max widened to contain 0 (codes 0..2^b − 1, integer zero point, as
+    ``core.intmatmul.quantize_activations_dynamic`` with ``granularity="row"``, the row quantizer of
+    the int8 dynamic path).  Nothing is calibrated: the record holds only the width.  Asymmetric
+    rather than symmetric so that post-activation rows (mostly one sign) keep every level; at 8 bits
+    the two differ little.  Used on Linear inputs of language models (Xiao et al. 2023 pair it with
+    SmoothQuant); a token's outlier then costs only that token's resolution."""
+
+    bits: int  # code width, 1..8
+
+    granularity = "token"  # one range per token (row), computed at run time (class attribute, not a field)
+    calibrator = "dynamic"  # nothing calibrated (informational, as ActQuantizer.calibrator)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ValueError(f"activation bits {str(self.bits)[:20]} is not an integer")
+        check_bits(self.bits, "activation bits")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row of ``x`` (…, K) on its own min–max grid, dequantized, in ``x``'s dtype."""
+        xa = quantize_activations_dynamic(x, self.bits, symmetric=False)  # q (…, K), scale/zp (…, 1)
+        return ((xa.q.float() - xa.zero_point) * xa.scale).to(x.dtype)
+
+    def to_record(self) -> dict:
+        """The header record (JSON): bits and granularity "token"."""
+        return {"bits": self.bits, "granularity": "token"}
+
+
+def act_quantizer_from_record(rec) -> "ActQuantizer | TokenActQuantizer":
+    """An input quantizer from its header record: a per-token one when the record says
+    ``"granularity": "token"`` (keys bits, granularity), else a per-tensor :class:`ActQuantizer`
+    (no granularity key, as files written before per-token quantizers existed).  Every value is
+    checked; anything else is one ValueError line."""
+    if isinstance(rec, dict) and "granularity" in rec:
+        g = rec["granularity"]
+        if not isinstance(g, str) or g not in ACT_GRANULARITIES or g == "tensor":
+            raise ValueError(f"activation granularity {str(g)[:30]!r} is not 'token' (a per-tensor record has no "
+                             "granularity key)")
+        if set(rec) != {"bits", "granularity"}:
+            raise ValueError(f"per-token activation record must have bits, granularity; got {str(rec)[:80]}")
+        return TokenActQuantizer(bits=rec["bits"])
+    return ActQuantizer.from_record(rec)
 
 
 def sample_values(xs: list[torch.Tensor], k: int = ACT_SAMPLE, seed: int = 0) -> torch.Tensor:

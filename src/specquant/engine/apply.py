@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from specquant.algorithms.base import LayerStats, Method, QuantConfig, QuantContext, ResolvedSettings, get_method
 from specquant.algorithms.common import row_output_error
+from specquant.core.actquant import TokenActQuantizer
 from specquant.core.grid import Granularity, GridSpec, check_bits, check_finite, scale_dtype
 from specquant.core.layouts import RowsLayout
 from specquant.core.qweight import QuantizedWeight
@@ -34,6 +35,7 @@ from specquant.engine.calibrate import (
     stream_layer_stats,
 )
 from specquant.engine.distributed import Dist, check_distributed, owned_method, shard_range
+from specquant.engine.smoothquant import SmoothQuantRecord, apply_smoothquant
 from specquant.engine.walk import (
     FoldedBN,
     SkippedModule,
@@ -80,6 +82,7 @@ class QuantReport:
     folded_bn: list[FoldedBN] = field(default_factory=list)
     awq: list[AWQRecord] = field(default_factory=list)  # the AWQ pre-step, one record per input group (config.awq)
     linearized: list[str] = field(default_factory=list)  # transformers Conv1D layers turned into nn.Linear first
+    smoothquant: list[SmoothQuantRecord] = field(default_factory=list)  # per input group (config.smoothquant)
     seconds: float = 0.0  # total wall time
     n_calib: int = 0  # calibration samples used
     peak_rss_mb: float = 0.0  # the process's peak resident memory when quantize returned (MiB; 0 where unknown)
@@ -138,6 +141,7 @@ class QuantReport:
             "folded_bn": [dataclasses.asdict(f) for f in self.folded_bn],
             **({"awq": [dataclasses.asdict(r) for r in self.awq]} if self.awq else {}),
             **({"linearized": list(self.linearized)} if self.linearized else {}),
+            **({"smoothquant": [dataclasses.asdict(r) for r in self.smoothquant]} if self.smoothquant else {}),
         }
 
 
@@ -346,6 +350,8 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     folded: list[FoldedBN] = []
     if fold_bn and example is not None:
         folded = fold_batchnorm(model, example)
+    # SmoothQuant pre-step (engine/smoothquant.py): activation outliers migrated into the weights, function kept
+    sq_records = apply_smoothquant(model, config, batches, example) if config.smoothquant is not None else []
     # AWQ pre-step (engine/awq.py): scales searched on the float model and folded into it
     # (function unchanged) before any layer is quantized; the method then rounds the scaled weights.
     awq_records = apply_awq(model, config, batches, example) if config.awq else []
@@ -360,7 +366,7 @@ def _walk(model: nn.Module, config: QuantConfig, method: Method, batches, exampl
     holders = parameter_holders(model)
     mods = dict(model.named_modules())
     report = QuantReport(method=config.method, config=config.to_dict(), folded_bn=folded, awq=awq_records,
-                         n_calib=sum(b.shape[0] for b in batches) if batches else 0)
+                         smoothquant=sq_records, n_calib=sum(b.shape[0] for b in batches) if batches else 0)
     starts = batch_starts(batches) if batches else None
     opts = StreamOptions(batch_size=batch_size, patch_fraction=patch_fraction, seed=config.seed)
     if dist is not None and dist.world > 1:  # this rank's shard of the batches; results from the layers' owners
@@ -482,6 +488,11 @@ def _input_quantizer(name: str, config: QuantConfig, f_raw: list, qblock: nn.Mod
     """Layer ``name``'s input quantizer, calibrated on a sample of its inputs in the partly quantized
     model (``config.act_source="quantized"``; the float inputs while nothing is quantized yet) or in
     the float model (``"float"``)."""
+    if config.act_granularity == "token":  # a range per token at run time: nothing to calibrate
+        if type(mod) is not nn.Linear:
+            raise ValueError(f"layer '{name}': per-token activation quantization (act_granularity='token') is for "
+                             f"Linear inputs, this layer is a {type(mod).__name__}; use act_granularity='tensor'")
+        return TokenActQuantizer(bits=config.act_bits)
     on_q = config.act_source == "quantized" and any_quantized
     values = layer_input_sample(f_raw, qblock if on_q else None, mod if on_q else None, q_in, config.seed)
     return calibrate_input_quantizer(name, values, config.act_bits, config.act_calibrator, config.act_grid)

@@ -289,20 +289,26 @@ class _Acc:
         self.sum += X.sum(0).double()
         self.n += X.shape[0]
 
+    @classmethod
+    def empty(cls, x: torch.Tensor) -> "_Acc":
+        """Zero statistics for inputs shaped like ``x`` (…, N0)."""
+        n0 = x.shape[-1]
+        z = torch.zeros(n0, dtype=torch.float64, device=x.device)
+        return cls(F=torch.zeros(n0, n0, dtype=torch.float64, device=x.device), abs_sum=z, sum=z.clone())
 
-def _capture(model: nn.Module, groups: list[AWQGroup], batches) -> list[_Acc]:
+
+def capture_group_inputs(model: nn.Module, groups: list[AWQGroup], batches, new_acc=_Acc.empty) -> list:
     """One pass over ``batches``, stopped after the last of ``groups`` (in forward order): the
-    statistics of each group's input."""
+    statistics of each group's input, accumulated by ``new_acc(first input)`` (an object with
+    ``add(x)``; default: AWQ's F = XᵀX, Σ|x| and Σx)."""
     mods = dict(model.named_modules())
-    accs: list[_Acc | None] = [None] * len(groups)
+    accs: list = [None] * len(groups)
     handles = []
     for k, g in enumerate(groups):
         def pre(_m, args, k=k):
             x = args[0]
             if accs[k] is None:
-                n0 = x.shape[-1]
-                z = torch.zeros(n0, dtype=torch.float64, device=x.device)
-                accs[k] = _Acc(F=torch.zeros(n0, n0, dtype=torch.float64, device=x.device), abs_sum=z, sum=z.clone())
+                accs[k] = new_acc(x)
             accs[k].add(x)
             if k == len(groups) - 1:
                 raise _Stop
@@ -334,7 +340,7 @@ def _chunks(groups: list[AWQGroup], mods: dict, budget: int) -> list[list[AWQGro
     return out + ([cur] if cur else [])
 
 
-def _output(model: nn.Module, example) -> torch.Tensor | None:
+def probe_output(model: nn.Module, example) -> torch.Tensor | None:
     with torch.inference_mode():
         y = model_output(model(example))
     return None if y is None else y.detach().double().clone()
@@ -349,6 +355,13 @@ def _moved(y0: torch.Tensor | None, y1: torch.Tensor | None, dtype: torch.dtype)
     if not math.isfinite(num):
         return math.inf
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def output_moved(y0: torch.Tensor | None, y1: torch.Tensor | None, dtype: torch.dtype) -> float | None:
+    """How far (relative) the probe output moved from ``y0`` to ``y1`` when that is more than float
+    rounding (a changed function); None when it is within rounding."""
+    moved = _moved(y0, y1, dtype)
+    return moved if moved > _tolerance(dtype) else None
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -390,12 +403,12 @@ def apply_awq(model: nn.Module, config: QuantConfig, batches, example=None, *,
             records[i] = AWQRecord(g.layers, None, None, None, None, None, None, None, reason=reason)
         else:
             todo.append(i)
-    y_prev = _output(model, example) if todo else None
+    y_prev = probe_output(model, example) if todo else None
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     for chunk in _chunks([groups[i] for i in todo], mods, max_stat_bytes):
         ids = todo[:len(chunk)]
         todo = todo[len(chunk):]
-        for i, g, acc in zip(ids, chunk, _capture(model, chunk, batches)):
+        for i, g, acc in zip(ids, chunk, capture_group_inputs(model, chunk, batches)):
             records[i], y_prev = _search_and_fold(model, mods, config, g, acc, example, y_prev, dtype)
     return [records[i] for i in range(len(groups))]
 
@@ -427,20 +440,30 @@ def _search_and_fold(model, mods, config, g: AWQGroup, acc: _Acc, example, y_pre
                     rel(res.loss))
     if res.alpha == 0.0:
         return rec, y_prev
+    why, y = fold_checked(model, g, res.scale, example, y_prev, dtype)
+    if why is not None:
+        rec.alpha = rec.loss = rec.rel_error = None
+        rec.reason = why
+        return rec, y_prev
+    rec.folded = True
+    return rec, y
+
+
+def fold_checked(model: nn.Module, g: AWQGroup, scale: torch.Tensor, example, y_prev, dtype):
+    """Fold ``scale`` into group ``g`` (``fold_awq``) and check the probe output ``y_prev`` did not
+    move beyond rounding; (None, new output), or (why, y_prev) with the fold undone exactly."""
+    mods = dict(model.named_modules())
     pred = mods[g.predecessor]
     touched = [mods[n].weight for n in g.layers] + [t for t in (pred.weight, getattr(pred, "bias", None))
                                                      if isinstance(t, torch.Tensor)]
     saved = [t.detach().clone() for t in touched]
-    fold_awq(model, g.layers, res.scale, g.predecessor)
-    y = _output(model, example)
-    moved = _moved(y_prev, y, dtype)
-    if moved > _tolerance(dtype):
+    fold_awq(model, g.layers, scale, g.predecessor)
+    y = probe_output(model, example)
+    moved = output_moved(y_prev, y, dtype)
+    if moved is not None:
         with torch.no_grad():
             for t, old in zip(touched, saved):  # undo, exactly
                 t.copy_(old)
-        rec.alpha = rec.loss = rec.rel_error = None
-        rec.reason = (f"folding into '{g.predecessor}' moved the model's output by {moved:.2g} (relative): "
-                      "it does not scale its output channel by channel; undone")
-        return rec, y_prev
-    rec.folded = True
-    return rec, y
+        return (f"folding into '{g.predecessor}' moved the model's output by {moved:.2g} (relative): "
+                "it does not scale its output channel by channel; undone"), y_prev
+    return None, y

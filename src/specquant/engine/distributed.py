@@ -17,7 +17,7 @@ as one process (engine/apply.py).  Per layer:
 The result equals the single-process result bit for bit for every method whose randomness lives in
 the algorithm (seeded by ``config.seed``; it runs once, on the owner).  Refused with one line under
 more than one rank: activation quantization (``act_bits``: a seeded sample of inputs drawn batch
-by batch), AWQ (a float-model search over all batches before the walk), and conv patch
+by batch), AWQ and SmoothQuant (float-model pre-steps over all batches before the walk), and conv patch
 subsampling (``patch_fraction`` < 1: one random stream through all batches).
 
 A ``QuantizedWeight`` travels as JSON plus raw tensor bytes (``encode_result`` /
@@ -57,6 +57,9 @@ def check_distributed(config: QuantConfig, patch_fraction: float, n_batches: int
     if getattr(config, "awq", False):
         raise ValueError(f"AWQ searches its scales over all calibration batches at once and is not supported over "
                          f"{world} ranks; run it with one process")
+    if getattr(config, "smoothquant", None) is not None:
+        raise ValueError(f"SmoothQuant reads its ranges over all calibration batches before the walk and is not "
+                         f"supported over {world} ranks; run it with one process")
     if patch_fraction < 1.0:
         raise ValueError(f"patch_fraction={patch_fraction} draws one random stream through all batches and is not "
                          f"supported over {world} ranks; use patch_fraction=1 or one process")

@@ -107,7 +107,7 @@ import torch
 from torch import nn
 
 from specquant._version import __version__
-from specquant.core.actquant import ActQuantizer
+from specquant.core.actquant import ActQuantizer, TokenActQuantizer, act_quantizer_from_record
 from specquant.core.grid import SCALE_DTYPES, Granularity, GridSpec
 from specquant.core.layouts import Layout, layout_tensor_names
 from specquant.core.qweight import integer_zero_points
@@ -881,12 +881,12 @@ def _check_bias(path: Path, name: str, has_bias: bool, bias: torch.Tensor | None
         _need(bias is None, path, f"'{name}.bias' present but the header says the layer has no bias")
 
 
-def _check_act(path: Path, name: str, rec: dict) -> ActQuantizer | None:
+def _check_act(path: Path, name: str, rec: dict) -> ActQuantizer | TokenActQuantizer | None:
     """The layer's input quantizer from its record's "act" (absent: None), every value checked."""
     if "act" not in rec:
         return None
     try:
-        return ActQuantizer.from_record(rec["act"])
+        return act_quantizer_from_record(rec["act"])
     except ValueError as e:
         raise _bad(path, f"layer '{name}': {str(e)[:160]}") from None
 

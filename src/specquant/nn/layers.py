@@ -28,9 +28,10 @@ coefficients (``FrameLayout``, ``core.qweight.FrameQuantizedWeight``) by rebuild
 each call unless ``cache_dequantized`` (weight-only path only).
 
 A layer may also quantize its input (``input_quant``, a ``core.actquant.ActQuantizer``: static,
-per tensor, asymmetric; set by ``convert`` from the module's ``.act_quant`` and by ``load`` from
-the file's "act" record): both paths below then see ``input_quant.fake_quantize(x)``, the same
-float operations as the engine's fake-quant model, so outputs stay bit-identical with it.
+per tensor, asymmetric; or a ``TokenActQuantizer``: each row's range at run time; set by
+``convert`` from the module's ``.act_quant`` and by ``load`` from the file's "act" record): both
+paths below then see ``input_quant.fake_quantize(x)``, the same float operations as the engine's
+fake-quant model, so outputs stay bit-identical with it.
 
 Two forward paths:
 
@@ -67,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.core.actquant import ActQuantizer
+from specquant.core.actquant import ActQuantizer, TokenActQuantizer
 from specquant.core.grid import Granularity, GridSpec, dequantize_codes
 from specquant.core.intmatmul import integer_product, quantize_activations_dynamic
 from specquant.core.layouts import Layout
@@ -276,7 +277,7 @@ class _QuantLayer(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = bool(cache_dequantized)
-        self.input_quant: ActQuantizer | None = None  # static input quantizer (config.act_bits), applied first
+        self.input_quant: ActQuantizer | TokenActQuantizer | None = None  # input quantizer (config.act_bits), first
         self.register_buffer("_wcache", None, persistent=False)
         self.register_buffer("_colsum", None, persistent=False)
         self.mode = "weight_only"
@@ -297,12 +298,13 @@ class _QuantLayer(nn.Module):
         computed from the packed codes on each access (kept with ``cache_dequantized``)."""
         return self.dequantized_weight()
 
-    def set_input_quant(self, aq: ActQuantizer | None) -> None:
+    def set_input_quant(self, aq: ActQuantizer | TokenActQuantizer | None) -> None:
         """Quantize this layer's input with ``aq`` (None: float input) before every product."""
-        if aq is not None and not isinstance(aq, ActQuantizer):
-            raise ValueError(f"input_quant must be a core.actquant.ActQuantizer, got {type(aq).__name__}")
-        if aq is None and getattr(self, "mode", None) == "int8_static":
-            raise ValueError("an int8_static layer needs its input quantizer; set_mode('weight_only') first")
+        if aq is not None and not isinstance(aq, (ActQuantizer, TokenActQuantizer)):
+            raise ValueError(f"input_quant must be a core.actquant.ActQuantizer or TokenActQuantizer, "
+                             f"got {type(aq).__name__}")
+        if getattr(self, "mode", None) == "int8_static" and not isinstance(aq, ActQuantizer):
+            raise ValueError("an int8_static layer needs its per-tensor input quantizer; set_mode('weight_only') first")
         self.input_quant = aq
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,6 +352,9 @@ class _QuantLayer(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
         if mode == "int8_static" and self.input_quant is None:
             raise ValueError("int8_static mode needs an input quantizer (quantize with act_bits)")
+        if mode == "int8_static" and not isinstance(self.input_quant, ActQuantizer):
+            raise ValueError("int8_static mode needs a static per-tensor input quantizer; this layer's is per-token "
+                             "(int8_dynamic quantizes each row at run time)")
         if mode == "int8_static" and self.input_quant.grid != "int":
             raise ValueError(f"int8_static mode needs an integer input quantizer, this one is {self.input_quant.grid}")
         if mode in ("int8_dynamic", "int8_static"):
@@ -739,7 +744,7 @@ def set_int8_static(model: nn.Module) -> list[str]:
     mode; returns their names (the others keep their mode)."""
     done = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _QuantLayer) and mod.input_quant is not None and mod.input_quant.grid == "int" \
+        if isinstance(mod, _QuantLayer) and isinstance(mod.input_quant, ActQuantizer) and mod.input_quant.grid == "int" \
                 and mod.int8_eligible() is None:
             mod.set_mode("int8_static")
             done.append(name)

@@ -63,6 +63,8 @@ def lsq_grad_factor(block_size: int, q_positive: float) -> float:
 def act_fake_quant_ste(x: torch.Tensor, aq: ActQuantizer) -> torch.Tensor:
     """``aq.fake_quantize(x)`` (a static per-tensor asymmetric activation quantizer) with the clipped STE:
     the same forward values, gradient 1 inside the quantizer's range and 0 outside."""
+    if aq.granularity == "token":  # a per-token range follows each row's min and max: plain STE, gradient 1
+        return x + (aq.fake_quantize(x) - x).detach()
     s = torch.tensor(aq.scale, dtype=torch.float32, device=x.device)
     z = float(aq.zero_point)
     v = (x.float() / s).clamp(-z, aq.qmax - z)  # (…) clamped before rounding: gradient 0 outside the range
