@@ -744,7 +744,8 @@ def set_int8_static(model: nn.Module) -> list[str]:
     mode; returns their names (the others keep their mode)."""
     done = []
     for name, mod in model.named_modules():
-        if isinstance(mod, _QuantLayer) and isinstance(mod.input_quant, ActQuantizer) and mod.input_quant.grid == "int" \
+        aq = getattr(mod, "input_quant", None)
+        if isinstance(mod, _QuantLayer) and isinstance(aq, ActQuantizer) and aq.grid == "int" \
                 and mod.int8_eligible() is None:
             mod.set_mode("int8_static")
             done.append(name)
