@@ -52,6 +52,7 @@ def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, capsys):
     (["--nproc", "two"], "--nproc: expected a positive integer, got 'two'"),
     (["--nproc", "2", "--dist-timeout", "0"], "--dist-timeout: expected a number > 0"),
     (["--nproc", "2", "--act-bits", "8"], "--act-bits is not supported with 2 ranks"),
+    (["--nproc", "2", "--smoothquant", "0.5"], "--smoothquant is not supported with 2 ranks"),
     (["--nproc", "2", "--avg-bits", "3", "--policy", "sensitivity"], "--avg-bits (mixed precision) is not supported"),
 ])
 def test_bad_nproc_uses_are_one_line(error_line, extra, match):

@@ -64,6 +64,9 @@ def wants_ranks(args) -> bool:
     if getattr(args, "act_bits", None) is not None:
         raise CLIError(f"quantize: --act-bits is not supported with {world} ranks (its input samples are drawn "
                        "batch by batch); run it with one process")
+    if getattr(args, "smoothquant", None) is not None:
+        raise CLIError(f"quantize: --smoothquant is not supported with {world} ranks (it reads its ranges over all "
+                       "calibration batches before the walk); run it with one process")
     if args.method.startswith("awq"):
         raise CLIError(f"quantize: --method {args.method} is not supported with {world} ranks (AWQ searches its "
                        "scales over all calibration batches at once); run it with one process")
