@@ -369,6 +369,17 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
+def groups_on_data(model: nn.Module, batches, example, what: str) -> tuple[torch.Tensor, dict, list]:
+    """The start of a fold pre-step (AWQ, SmoothQuant): calibration data required (one line naming
+    ``what`` otherwise), the probe batch (default: the first two samples), the model's modules by
+    name and its groups of Linear layers sharing an input (``find_awq_groups``)."""
+    if batches is None or len(batches) == 0:
+        raise ValueError(f"{what} needs calibration data (calib=...), got none")
+    if example is None:
+        example = batches[0][:2]
+    return example, dict(model.named_modules()), find_awq_groups(model, example)
+
+
 def apply_awq(model: nn.Module, config: QuantConfig, batches, example=None, *,
               max_stat_bytes: int = DEFAULT_STAT_BYTES) -> list[AWQRecord]:
     """Search and fold AWQ scales into ``model`` in place (float function unchanged); one record
@@ -386,12 +397,7 @@ def apply_awq(model: nn.Module, config: QuantConfig, batches, example=None, *,
             undone (the group is then skipped with the reason).
         max_stat_bytes: memory for the N0×N0 statistics held at once (more groups: more passes).
     """
-    if batches is None or len(batches) == 0:
-        raise ValueError("AWQ (config.awq) needs calibration data (calib=...), got none")
-    if example is None:
-        example = batches[0][:2]
-    mods = dict(model.named_modules())
-    groups = find_awq_groups(model, example)
+    example, mods, groups = groups_on_data(model, batches, example, "AWQ (config.awq)")
     records: dict[int, AWQRecord] = {}
     todo = []
     for i, g in enumerate(groups):

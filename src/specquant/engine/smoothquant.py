@@ -33,9 +33,9 @@ from specquant.algorithms.base import QuantConfig
 from specquant.algorithms.smoothquant import smoothquant_scales
 from specquant.engine.awq import (
     capture_group_inputs,
-    find_awq_groups,
     fold_awq,
     fold_checked,
+    groups_on_data,
     output_moved,
     probe_output,
 )
@@ -90,12 +90,7 @@ def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=No
     alpha = config.smoothquant
     if alpha is None:
         return []
-    if batches is None or len(batches) == 0:
-        raise ValueError("SmoothQuant (config.smoothquant) needs calibration data (calib=...), got none")
-    if example is None:
-        example = batches[0][:2]
-    mods = dict(model.named_modules())
-    groups = find_awq_groups(model, example)
+    example, mods, groups = groups_on_data(model, batches, example, "SmoothQuant (config.smoothquant)")
     records: list[SmoothQuantRecord] = []
     todo = []
     for g in groups:
