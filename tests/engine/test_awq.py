@@ -218,6 +218,62 @@ def test_folds_that_would_change_another_consumer_are_skipped_with_a_reason():
     assert torch.equal(net.norm.weight, ref.norm.weight) and torch.equal(net.fc.weight, ref.fc.weight)  # undone
 
 
+class GoodAndOffsetNet(nn.Module):
+    """Two branches: one behind a plain LayerNorm (its fold keeps the function), one behind a
+    Gemma-style norm (its fold changes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(32)
+        self.a = nn.Linear(32, 8)
+        self.norm = OffsetRMSNorm(32)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.a(self.ln(x)) + self.fc(self.norm(x))
+
+
+def test_a_batch_with_one_bad_fold_keeps_the_good_one_and_undoes_the_bad(monkeypatch):
+    torch.manual_seed(0)
+    net = GoodAndOffsetNet().eval()
+    with torch.no_grad():
+        net.norm.weight.normal_(0, 0.5)
+        net.ln.weight[:3] *= 20
+    ref = copy.deepcopy(net)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    x[:, :3] *= 30
+    records = {tuple(r.layers): r for r in apply_awq(net, RTNConfig(bits=3, awq=True, scale_rule="minmax"), [x])}
+    good, bad = records[("a",)], records[("fc",)]
+    assert good.folded and 0 < good.alpha
+    assert not bad.folded and bad.alpha is None and "moved the model's output" in bad.reason
+    assert not torch.equal(net.ln.weight, ref.ln.weight)
+    assert torch.equal(net.norm.weight, ref.norm.weight) and torch.equal(net.fc.weight, ref.fc.weight)  # undone
+    with torch.no_grad():
+        assert _rel(net.a(net.ln(x)), ref.a(ref.ln(x))) < 1e-5  # the good fold kept the function
+
+
+def test_folds_are_checked_with_one_probe_per_batch_and_equal_group_by_group(monkeypatch):
+    import specquant.engine.awq as awq_mod
+
+    cfg = RTNConfig(bits=3, granularity="group:32", symmetric=False, awq=True, awq_grid=10, scale_rule="minmax")
+    batches = list(_ids().split(8))
+    calls = []
+    real_probe = awq_mod.probe_output
+    monkeypatch.setattr(awq_mod, "probe_output", lambda m, e: calls.append(1) or real_probe(m, e))
+    model = _llama()
+    apply_awq(model, cfg, batches)
+    assert len(calls) == 2  # the float output once, then one check for all six folds
+    # With a budget that holds one group's copies at a time, every fold gets its own probe:
+    # the same weights, bit for bit.
+    calls.clear()
+    one_by_one = _llama()
+    budget = max(sum(p.numel() * 4 for p in m.parameters()) for m in one_by_one.model.layers[0].mlp.children())
+    apply_awq(one_by_one, cfg, batches, fold_batch_bytes=2 * budget)
+    assert len(calls) > 2
+    for (n, a), (_, b) in zip(model.state_dict().items(), one_by_one.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 def test_layers_left_in_float_are_scaled_but_not_scored_and_no_data_is_an_error():
     net = _lnnet()
     x = torch.randn(128, 16, generator=torch.Generator().manual_seed(4))

@@ -38,6 +38,7 @@ from specquant.engine.awq import (
     groups_on_data,
     output_moved,
     probe_output,
+    touched_by_fold,
 )
 from specquant.engine.walk import quantizable_layers
 
@@ -110,7 +111,7 @@ def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=No
     todo = [(i, acc) for i, acc in zip(todo, stats) if _finite(records[i], acc)]
     y0 = probe_output(model, example)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    touched = [t for i, _ in todo for t in _touched(mods, groups[i])]
+    touched = [t for i, _ in todo for t in touched_by_fold(mods, groups[i])]
     saved = [t.detach().clone() for t in touched]
     # Every fold at once, one probe: each keeps the function, so the output must not move.
     _smooth(mods, groups, records, todo, alpha, lambda g, s: fold_awq(model, g.layers, s, g.predecessor))
@@ -137,13 +138,6 @@ def _finite(rec: SmoothQuantRecord, acc: _AbsMax) -> bool:
     rec.predecessor = rec.kind = None
     rec.reason = "its input holds NaN/inf on the calibration data"
     return False
-
-
-def _touched(mods: dict, g) -> list[torch.Tensor]:
-    """The tensors a fold into group ``g`` changes: its layers' weights, its producer's weight and bias."""
-    pred = mods[g.predecessor]
-    return [mods[n].weight for n in g.layers] + [t for t in (pred.weight, getattr(pred, "bias", None))
-                                                 if isinstance(t, torch.Tensor)]
 
 
 def _smooth(mods: dict, groups: list, records: list[SmoothQuantRecord], todo: list, alpha: float, fold) -> None:
