@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 import specquant as sq
+from specquant.algorithms import ModuleSettings
+from specquant.engine.walk import quantizable_layers
 from specquant.io.files import read_json, write_json
 from specquant.models import get_entry
 from specquant.qat import QATConfig, finetune
@@ -43,6 +45,8 @@ CASES = {
     "r20-w4a4-rtn": ("resnet20-cifar10", "rtn", 4, 4),
     "r20-w2a2-gpfq": ("resnet20-cifar10", "gpfq", 2, 2),
     "r20-w2a2-rtn": ("resnet20-cifar10", "rtn", 2, 2),
+    "r32-ternary-gpfq": ("resnet32-cifar10", "gpfq", 2, None),
+    "r32-ternary-rtn": ("resnet32-cifar10", "rtn", 2, None),
     "mnist-binary-gpfq": ("mnist-mlp", "gpfq", 1, None),
     "mnist-binary-rtn": ("mnist-mlp", "rtn", 1, None),
 }
@@ -78,6 +82,9 @@ class Row:
     saved_equals_trained: bool  # the loaded file's outputs equal the trained model's (500 test images)
     bits_per_weight: float  # the saved file's, headers included
     distill: str | None = None  # "alpha=A,T=T" when trained with the float model as teacher (--distill)
+    protected: list | None = None  # layers kept at 8 bits (--protect-first-last), else None
+    prefix: int | None = None  # only the first k quantizable layers quantized, the rest float (--prefix)
+    n_layers: int | None = None  # quantizable layers of the model
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -89,10 +96,26 @@ def accuracy(model, x, y, batch: int = 500) -> float:
     return 100.0 * correct / x.shape[0]
 
 
-def ptq_config(method: str, bits: int, act_bits: int | None, seed: int):
+def ptq_config(method: str, bits: int, act_bits: int | None, seed: int, modules: dict | None = None):
     act = {} if act_bits is None else {"act_bits": act_bits, "act_calibrator": "mse"}
     cls = sq.GPFQConfig if method == "gpfq" else sq.RTNConfig
-    return cls(bits=bits, seed=seed, **act)
+    return cls(bits=bits, seed=seed, modules=modules or {}, **act)
+
+
+def layer_settings(model, protect: bool, prefix: int | None) -> tuple[dict, list, int]:
+    """Per-layer settings for --protect-first-last (first and last quantizable layer at 8 bits) and
+    --prefix K (layers K+1… left in float, as ``benchmarks/depth_protection.py``'s prefix models);
+    (settings, protected layer names, number of quantizable layers)."""
+    names = [n for n, _ in quantizable_layers(model)]  # forward order
+    modules, kept = {}, []
+    if prefix is not None:
+        if not 0 < prefix <= len(names):
+            raise SystemExit(f"--prefix must be in 1..{len(names)} for this model, got {prefix}")
+        modules.update({n: ModuleSettings(skip=True) for n in names[prefix:]})
+    if protect:
+        kept = [n for n in (names[0], names[-1]) if n not in modules]
+        modules.update({n: ModuleSettings(bits=8) for n in kept})
+    return modules, kept, len(names)
 
 
 def run_case(case: str, args, float_cache: dict) -> Row:
@@ -112,7 +135,8 @@ def run_case(case: str, args, float_cache: dict) -> Row:
         float_cache[model_id] = accuracy(model, x_test, y_test)
     calib = entry.calib(N_CALIB, args.seed, args.data_dir)
     t0 = time.perf_counter()
-    sq.quantize(model, ptq_config(method, bits, act_bits, args.seed), calib=calib, progress=False)
+    modules, kept, n_layers = layer_settings(model, args.protect_first_last, args.prefix)
+    sq.quantize(model, ptq_config(method, bits, act_bits, args.seed, modules), calib=calib, progress=False)
     ptq_s = time.perf_counter() - t0
     ptq_acc = accuracy(model, x_test, y_test)
     val_ptq = accuracy(model, x_val, y_val) if x_val is not None else None
@@ -142,14 +166,15 @@ def run_case(case: str, args, float_cache: dict) -> Row:
         with torch.inference_mode():
             same = torch.equal(loaded(x_test[:500]), model(x_test[:500]))
         bpw = sq.io.storage_breakdown(path)["bits_per_weight"]
-    levels = next(m.qweight.levels for m in model.modules() if hasattr(m, "qweight"))
+    levels = min(m.qweight.levels for m in model.modules() if hasattr(m, "qweight"))  # the low-bit grid
     row = Row(case=case, model=model_id, start=method, w_bits=bits, act_bits=act_bits, levels=levels,
               float_accuracy=float_cache[model_id], ptq_accuracy=ptq_acc, qat_accuracy=qat_acc,
               val_ptq_accuracy=val_ptq, val_qat_accuracy=val_qat, epochs=args.epochs, lr=lr, lsq=args.lsq,
               optimizer=args.optimizer, n_train=int(x_train.shape[0]), n_test=int(x_test.shape[0]),
               epoch_loss=result.epoch_loss, ptq_seconds=ptq_s, train_seconds=result.train_seconds,
               threads=torch.get_num_threads(), seed=args.seed, saved_equals_trained=same, bits_per_weight=bpw,
-              distill=f"alpha={args.distill_alpha},T={args.distill_temperature}" if args.distill else None)
+              distill=f"alpha={args.distill_alpha},T={args.distill_temperature}" if args.distill else None,
+              protected=kept if args.protect_first_last else None, prefix=args.prefix, n_layers=n_layers)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
           f" training, {torch.get_num_threads()} thread(s)); saved file equal: {same}", flush=True)
     return row
@@ -169,6 +194,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         a = "float" if r["act_bits"] is None else r["act_bits"]
         kd = f" +KD ({r['distill']})" if r.get("distill") else ""
+        if r.get("protected"):
+            kd += f" +{'/'.join(r['protected'])} at 8 bits"
+        if r.get("prefix") is not None:
+            kd += f" (first {r['prefix']} of {r['n_layers']} layers quantized)"
         lines.append(f"| {r['case']}{kd} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
                      f"{r['float_accuracy']:.2f} | "
                      f"{r['ptq_accuracy']:.2f} | **{r['qat_accuracy']:.2f}** | {held_out(r)} | {r['n_train']} | "
@@ -190,6 +219,10 @@ def main() -> None:
     p.add_argument("--distill", action="store_true", help="distil from the float model (teacher) as well")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the soft (KL) term (default: 0.5)")
     p.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default: 4)")
+    p.add_argument("--protect-first-last", action="store_true",
+                   help="keep the first and the last quantizable layer at 8 bits (as ternary papers do)")
+    p.add_argument("--prefix", type=int, default=None,
+                   help="quantize only the first K quantizable layers (the rest float): a QAT depth point")
     p.add_argument("--val", type=int, default=0, help="hold out this many training images as validation")
     p.add_argument("--limit", type=int, default=0, help="test images (default: all)")
     p.add_argument("--threads", type=int, default=1)
