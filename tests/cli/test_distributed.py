@@ -53,13 +53,28 @@ def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, capsys):
     (["--nproc", "2", "--dist-timeout", "0"], "--dist-timeout: expected a number > 0"),
     (["--nproc", "2", "--act-bits", "8"], "--act-bits is not supported with 2 ranks"),
     (["--nproc", "2", "--smoothquant", "0.5"], "--smoothquant is not supported with 2 ranks"),
-    (["--nproc", "2", "--avg-bits", "3", "--policy", "sensitivity"], "--avg-bits (mixed precision) is not supported"),
 ])
 def test_bad_nproc_uses_are_one_line(error_line, extra, match):
     base = ["quantize", "digits-mlp", "--method", "rtn", "--calib", "64"]
     if "--avg-bits" not in extra:
         base += ["--bits", "4"]
     assert match in error_line([*base, *extra])
+
+
+def test_two_ranks_share_the_sensitivity_pass_of_mixed_precision(tmp_path, capsys):
+    """--avg-bits with --policy sensitivity over 2 ranks: the layers' sensitivities are measured on
+    their ranks and summed, so the allocation, the JSON and the saved file are those of one process."""
+    argv = ["quantize", "digits-mlp", "--method", "gptq", "--avg-bits", "2.5", "--policy", "sensitivity",
+            "--calib", "384", "--limit", "60", "--json", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--out", str(tmp_path / "two"), "--nproc", "2", "--dist-timeout", "120"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two.pop("nproc") == 2 and two.pop("comm_bytes") > 0
+    _same(one, two)
+    assert len({layer["bits"] for layer in one["allocation"]["layers"]}) > 1  # really mixed
+    one_file, two_file = tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
+    assert one_file.read_bytes() == two_file.read_bytes()
 
 
 def test_awq_and_a_contradicting_world_size_are_refused(error_line, monkeypatch):

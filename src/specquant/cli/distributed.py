@@ -58,9 +58,6 @@ def wants_ranks(args) -> bool:
     world = ranks[1] if ranks is not None else nproc
     if world <= 1:
         return False
-    if args.avg_bits is not None:
-        raise CLIError(f"quantize: --avg-bits (mixed precision) is not supported with {world} ranks; run it with "
-                       "one process")
     if getattr(args, "act_bits", None) is not None:
         raise CLIError(f"quantize: --act-bits is not supported with {world} ranks (its input samples are drawn "
                        "batch by batch); run it with one process")

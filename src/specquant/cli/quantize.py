@@ -244,7 +244,7 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
         ui.say(f"allocating bits per {per} ({args.policy} policy, {args.avg_bits} bits on average) ...")
         with EtaProgress(ui, "sensitivity pass", "quantization") as progress:
             allocation = allocate(model, calib, args.avg_bits, policy=args.policy, method_config=config,
-                                  granularity=per, progress=progress)
+                                  granularity=per, progress=progress, dist=dist)
         config = allocation.apply(config)
     if getattr(args, "gguf", None) is not None:
         from specquant.export.gguf import gguf_float_layers

@@ -142,6 +142,18 @@ class Dist:
             return out
         return gather
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``t`` over all ranks (a new tensor; its bytes counted as received
+        once per other rank).  Exact where at most one rank holds a nonzero entry."""
+        nbytes = t.numel() * t.element_size()
+        self.sent_bytes += nbytes * (self.world - 1)
+        self.received_bytes += nbytes * (self.world - 1)
+        t0 = time.perf_counter()
+        staged = t.detach().clone().to(self.device)
+        tdist.all_reduce(staged)
+        self.comm_seconds += time.perf_counter() - t0
+        return staged.to(t.device)
+
     def sum_int(self, value: int) -> int:
         """The sum of ``value`` over all ranks (not counted as payload)."""
         t = torch.tensor([value], dtype=torch.int64, device=self.device)

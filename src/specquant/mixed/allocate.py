@@ -21,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ from specquant.mixed.policies import (
 )
 from specquant.mixed.sensitivity import SensitivityReport, measure_sensitivity
 from specquant.mixed.solver import solve_bits
+
+if TYPE_CHECKING:
+    from specquant.engine.distributed import Dist
 
 POLICIES = ("sensitivity", "spectral", "spectral-knapsack")
 GRANULARITIES = ("layer", "channel")
@@ -153,6 +157,7 @@ def allocate(
     batch_size: int = 128,
     granularity: str = "layer",
     progress: Callable[[int, int], None] | None = None,
+    dist: Dist | None = None,
 ) -> Allocation:
     """Choose a width per layer so that Σ_l M_l·b_l ≤ avg_bits·Σ_l M_l.
 
@@ -177,6 +182,8 @@ def allocate(
         granularity: "layer" (one width per layer) or "channel" (one width per output row;
             policy "sensitivity" only, with the report's per-row costs).
         progress: ``progress(done, total)`` over the sensitivity pass (see :func:`measure_sensitivity`).
+        dist: ranks of an initialised process group share the sensitivity pass, layer by layer
+            (:func:`measure_sensitivity`); every rank gets the allocation of one process.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown allocation policy {policy!r}; allowed: {', '.join(POLICIES)}")
@@ -225,7 +232,8 @@ def allocate(
                 if labels is not None:
                     labels = torch.as_tensor(labels)[:sensitivity_samples]
             sensitivity = measure_sensitivity(base, sens_data, cands, cfg, metric=metric, labels=labels,
-                                              layers=free, fold_bn=False, batch_size=batch_size, progress=progress)
+                                              layers=free, fold_bn=False, batch_size=batch_size, progress=progress,
+                                              dist=dist)
         table = {s.name: s.costs for s in sensitivity.layers}
         costs = []
         for i, n in enumerate(names):

@@ -22,6 +22,13 @@ ResNet-20; BENCHMARKS.md, "Mixed precision").
 Cost: one forward pass of the whole network over the calibration inputs per (layer, width),
 plus the method's own cost for one layer (data-driven methods stream that layer's statistics);
 per-row costs add one forward pass per layer, up to that layer, to capture its inputs.
+
+Over several ranks (``dist``, an ``engine.distributed.Dist`` of an initialised process group)
+the layers are dealt out: layer k of the measured list on rank k mod world, each measured whole
+(every width, its per-row split) by that rank alone, on the same calibration inputs as one
+process.  The costs then travel as one float64 vector that is summed over the ranks, every entry
+written by exactly one rank (x + 0 = x in floating point), so every rank ends with the report of
+one process, number for number.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +49,9 @@ from specquant.engine.apply import quantize
 from specquant.engine.calibrate import as_batches, capture_layer_inputs
 from specquant.engine.walk import fold_batchnorm, forward_order, model_output, quantizable_layers, resolve_ties
 from specquant.mixed.policies import DEFAULT_CANDIDATES, check_candidates
+
+if TYPE_CHECKING:
+    from specquant.engine.distributed import Dist
 
 SENSITIVITY_METRICS = ("output", "loss")
 
@@ -132,6 +143,7 @@ def measure_sensitivity(
     batch_size: int = 128,
     row_costs: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    dist: Dist | None = None,
 ) -> SensitivityReport:
     """Quantize each layer alone at each candidate width and measure the damage.
 
@@ -148,7 +160,10 @@ def measure_sensitivity(
             config does not skip).
         row_costs: also split each cost over the layer's output rows (see the module docstring).
         progress: called as ``progress(done, total)`` after each (layer, width) measured, for a
-            progress bar with an ETA (the pass is len(layers) × len(candidates) quantizations).
+            progress bar with an ETA (the pass is len(layers) × len(candidates) quantizations; over
+            ranks, this rank's share).
+        dist: several ranks share the pass (see the module docstring); every rank must call with the
+            same model, data and arguments, and every rank returns the whole report.
     """
     t0 = time.perf_counter()
     if metric not in SENSITIVITY_METRICS:
@@ -190,10 +205,13 @@ def measure_sensitivity(
         labels=label_kind, baseline=base_loss, folded_bn=folded,
     )
     mods = dict(base.named_modules())
-    total, done = len(layers) * len(cands), 0
+    world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
+    mine = [name for k, name in enumerate(layers) if k % world == rank]
+    total, done = len(mine) * len(cands), 0
     if progress is not None:
         progress(0, total)
-    for name in layers:
+    measured: dict[str, LayerSensitivity] = {}
+    for name in mine:
         alone = {m: ModuleSettings(skip=True) for m in all_names if m != name}
         alone[name] = ModuleSettings(granularity=cfg0.settings_for(name).granularity)
         costs, rows = {}, {}
@@ -217,11 +235,46 @@ def measure_sensitivity(
             if progress is not None:
                 progress(done, total)
         w = fmod.weight
-        report.layers.append(LayerSensitivity(name=name, params=w.numel(), costs=costs,
-                                              row_costs=rows if row_costs else None,
-                                              row_len=w.numel() // w.shape[0]))
+        measured[name] = LayerSensitivity(name=name, params=w.numel(), costs=costs,
+                                          row_costs=rows if row_costs else None, row_len=w.numel() // w.shape[0])
+    if dist is not None and world > 1:
+        measured = _share(measured, layers, cands, mods, row_costs, dist)
+    report.layers = [measured[name] for name in layers]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _share(measured: dict[str, LayerSensitivity], layers: list[str], cands: list[int], mods: dict,
+           row_costs: bool, dist: Dist) -> dict[str, LayerSensitivity]:
+    """Every rank's measured layers on every rank: one float64 vector (per layer: its cost at each
+    width, then its per-row costs at each width), each entry filled by the layer's rank, zero
+    elsewhere, summed over the ranks."""
+    rows_of = {name: mods[name].weight.shape[0] for name in layers}
+    sizes = [len(cands) * (1 + (rows_of[name] if row_costs else 0)) for name in layers]
+    flat = torch.zeros(sum(sizes), dtype=torch.float64)  # (Σ sizes,)
+    offset = 0
+    for name, size in zip(layers, sizes):
+        if name in measured:
+            m = measured[name]
+            vals = [m.costs[b] for b in cands]
+            if row_costs:
+                vals += [v for b in cands for v in m.row_costs[b]]
+            flat[offset:offset + size] = torch.tensor(vals, dtype=torch.float64)
+        offset += size
+    flat = dist.sum_tensor(flat)
+    out, offset = {}, 0
+    for name, size in zip(layers, sizes):
+        part = flat[offset:offset + size].tolist()
+        offset += size
+        costs = dict(zip(cands, part[:len(cands)]))
+        rows = None
+        if row_costs:
+            r = rows_of[name]
+            rows = {b: part[len(cands) + i * r:len(cands) + (i + 1) * r] for i, b in enumerate(cands)}
+        w = mods[name].weight
+        out[name] = LayerSensitivity(name=name, params=w.numel(), costs=costs, row_costs=rows,
+                                     row_len=w.numel() // w.shape[0])
+    return out
 
 
 def _row_errors(mod: nn.Module, delta: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
