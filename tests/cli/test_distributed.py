@@ -33,9 +33,9 @@ def _same(a, b, path="") -> None:
         assert a == b, path
 
 
-def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, capsys):
-    argv = ["quantize", "digits-mlp", "--method", "gptq", "--bits", "3", "--calib", "384", "--limit", "60",
-            "--json", "--quiet"]
+def _one_and_two_ranks(argv, tmp_path, capsys) -> dict:
+    """Run ``argv`` in one process and over 2 ranks; assert the same JSON (timings aside, plus nproc
+    and comm_bytes) and the same saved file; the one-process JSON."""
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out)
     assert main([*argv, "--out", str(tmp_path / "two"), "--nproc", "2", "--dist-timeout", "120"]) == 0
@@ -44,6 +44,13 @@ def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, capsys):
     _same(one, two)
     one_file, two_file = tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
     assert one_file.read_bytes() == two_file.read_bytes()
+    return one
+
+
+def test_two_ranks_write_the_run_folder_of_one_process(tmp_path, capsys):
+    argv = ["quantize", "digits-mlp", "--method", "gptq", "--bits", "3", "--calib", "384", "--limit", "60",
+            "--json", "--quiet"]
+    _one_and_two_ranks(argv, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
@@ -66,15 +73,8 @@ def test_two_ranks_share_the_sensitivity_pass_of_mixed_precision(tmp_path, capsy
     their ranks and summed, so the allocation, the JSON and the saved file are those of one process."""
     argv = ["quantize", "digits-mlp", "--method", "gptq", "--avg-bits", "2.5", "--policy", "sensitivity",
             "--calib", "384", "--limit", "60", "--json", "--quiet"]
-    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    one = json.loads(capsys.readouterr().out)
-    assert main([*argv, "--out", str(tmp_path / "two"), "--nproc", "2", "--dist-timeout", "120"]) == 0
-    two = json.loads(capsys.readouterr().out)
-    assert two.pop("nproc") == 2 and two.pop("comm_bytes") > 0
-    _same(one, two)
+    one = _one_and_two_ranks(argv, tmp_path, capsys)
     assert len({layer["bits"] for layer in one["allocation"]["layers"]}) > 1  # really mixed
-    one_file, two_file = tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
-    assert one_file.read_bytes() == two_file.read_bytes()
 
 
 def test_awq_and_a_contradicting_world_size_are_refused(error_line, monkeypatch):
