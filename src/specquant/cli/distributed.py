@@ -48,14 +48,20 @@ def env_ranks() -> tuple[int, int] | None:
     return (r, w) if w > 1 else None
 
 
-def wants_ranks(args) -> bool:
-    """Whether this ``quantize`` runs over several ranks (``--nproc N`` > 1, or started as a rank);
-    refuses, with one line, what does not split over ranks."""
+def world_size(args, command: str = "quantize") -> int:
+    """The number of ranks this run has: ``--nproc``, or ``WORLD_SIZE`` when started as a rank (a
+    contradiction between them is one line)."""
     ranks = env_ranks()
     nproc = getattr(args, "nproc", 1)
     if ranks is not None and nproc not in (1, ranks[1]):
-        raise CLIError(f"quantize: --nproc {nproc} contradicts WORLD_SIZE={ranks[1]} of this rank's launcher")
-    world = ranks[1] if ranks is not None else nproc
+        raise CLIError(f"{command}: --nproc {nproc} contradicts WORLD_SIZE={ranks[1]} of this rank's launcher")
+    return ranks[1] if ranks is not None else nproc
+
+
+def wants_ranks(args) -> bool:
+    """Whether this ``quantize`` runs over several ranks (``--nproc N`` > 1, or started as a rank);
+    refuses, with one line, what does not split over ranks."""
+    world = world_size(args)
     if world <= 1:
         return False
     if getattr(args, "act_bits", None) is not None:

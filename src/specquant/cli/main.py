@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get(DEBUG_ENV))
     try:
-        args = build_parser().parse_args(argv)
+        head, tail = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
+        args = build_parser().parse_args(head)
+        if tail is not None:  # options handed on to another command (specquant sweep ... -- QUANTIZE OPTIONS)
+            if not hasattr(args, "passthrough"):
+                raise CLIError(f"{args.command}: unexpected '--' (only sweep passes options on to quantize)")
+            args.passthrough = tail
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                             format="%(message)s")
         return args.func(args, argv)

@@ -16,6 +16,7 @@ from specquant.cli.eval import cmd_eval
 from specquant.cli.export import FORMATS as EXPORT_FORMATS
 from specquant.cli.export import cmd_export
 from specquant.cli.quantize import GGUF_GRIDS, POLICIES, cmd_quantize
+from specquant.cli.sweep import cmd_sweep
 from specquant.cli.train import cmd_train
 from specquant.core.actquant import ACT_CALIBRATORS, ACT_GRANULARITIES, ACT_GRIDS
 from specquant.core.grid import Granularity
@@ -219,8 +220,9 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", metavar="N", type=_positive_int, default=1,
                    help="run N ranks on this machine (torch.distributed, gloo over 127.0.0.1; OMP_NUM_THREADS "
                         "threads each, 1 unless set): each streams a contiguous share of the calibration batches, "
-                        "the statistics are exchanged, same codes and run folder as one process; not with "
-                        "--avg-bits, --act-bits or awq methods. Several machines: torchrun, see the README "
+                        "the statistics are exchanged, same codes and run folder as one process (with --avg-bits the "
+                        "sensitivity pass is shared layer by layer); not with --act-bits, --smoothquant or awq "
+                        "methods. Several machines: torchrun, see the README "
                         "(default: 1)")
     p.add_argument("--calib-batch", metavar="B", type=_positive_int, default=128,
                    help="calibration samples (windows) per forward pass of the statistics; N ranks need at least "
@@ -501,4 +503,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_common(p, json_help="print the metrics as one JSON object on stdout.")
     p.set_defaults(func=cmd_train)
+
+    # sweep -----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "sweep", formatter_class=_Formatter, help="quantize with several methods, widths and seeds; one table",
+        description=_wrap("Run 'specquant quantize MODEL --method M --bits B --seed S OPTIONS' for every M, B and "
+                          "S (OPTIONS: quantize's own options, after '--'), with no run folder, and print one table "
+                          "(score, float score, true bits per weight, size against float, seconds) with the Pareto "
+                          "front and the recommended run. With --nproc N the runs are dealt out over N ranks (run k "
+                          "on rank k mod N, each whole); the scores are those of one process. JSON keys: command, "
+                          "model, options, score, runs, recommended, total_seconds (and nproc, comm_bytes)."),
+        epilog="example: specquant sweep resnet20-cifar10 --methods rtn gptq gpfq --bits 2 3 4 --nproc 2 --json "
+               "-- --calib 512 --limit 2000")
+    p.add_argument("model", metavar="MODEL", help=f"as for quantize: a zoo id ({models}), a Hugging Face causal-LM "
+                                                  "folder, or MODULE:FUNCTION with its options after '--'")
+    p.add_argument("--methods", nargs="+", required=True, choices=method_choices(), metavar="METHOD",
+                   help="methods to run, as quantize's --method (required)")
+    p.add_argument("--bits", nargs="+", required=True, type=_bits, metavar="B", help="widths, 1..8 (required)")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="S",
+                   help="seeds of the calibration draw and random choices (default: 0)")
+    p.add_argument("--nproc", metavar="N", type=_positive_int, default=1,
+                   help="deal the runs out over N ranks on this machine (torch.distributed, gloo over 127.0.0.1; "
+                        "OMP_NUM_THREADS threads each, 1 unless set); several machines: torchrun (default: 1)")
+    p.add_argument("--dist-timeout", metavar="SECONDS", type=_positive_float, default=86400.0,
+                   help="with several ranks: how long a rank waits for the others' runs before the sweep fails "
+                        "(default: 86400)")
+    _add_common(p, json_help="print the runs, the Pareto front and the recommendation as one JSON object on stdout.")
+    p.set_defaults(func=cmd_sweep, passthrough=[])
     return parser

@@ -216,9 +216,11 @@ def _score_keys(float_score: dict, quant_score: dict) -> dict:
 
 
 def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None = None, entry=None,
-                 dist: Dist | None = None) -> dict:
+                 dist: Dist | None = None, float_cache: dict | None = None) -> dict:
     """The work of ``specquant quantize`` with the checked ``config`` (see :func:`quantize_config`);
-    returns the metrics. With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
+    returns the metrics. ``float_cache`` (a dict kept across runs of one model, as ``specquant sweep``
+    does): the float model's score by seed, measured once (the seed draws a --limit test subset).
+    With a ``folder`` (:func:`staged_run_folder`), writes every file of the run
     folder into its staging folder, ``config.json`` and ``metrics.json`` stamped with its
     ``run_id`` and the model's SHA-256.  With ``dist`` (a rank of several, cli/distributed.py) every
     rank quantizes its shard of the calibration batches; only rank 0 scores and writes (others
@@ -233,7 +235,14 @@ def run_quantize(args, argv: list[str], ui: UI, config, folder: RunFolder | None
     calib = calib.to(device)
     helper = dist is not None and dist.rank != 0  # a rank that only quantizes its shard
     t0 = time.perf_counter()
-    float_score = score(model, "float eval") if not helper else {}
+    if helper:
+        float_score = {}
+    elif float_cache is not None and args.seed in float_cache:
+        float_score = float_cache[args.seed]
+    else:
+        float_score = score(model, "float eval")
+        if float_cache is not None:
+            float_cache[args.seed] = float_score
     float_eval_s = time.perf_counter() - t0
     if not helper:
         ui.say(f"float model: {float_score['summary']}")
