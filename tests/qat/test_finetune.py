@@ -111,6 +111,24 @@ def test_activation_quantizers_train_through_the_ste_and_are_saved(tmp_path):
     assert torch.equal(loaded(x), model(x))
 
 
+def test_lsq_learns_the_activation_step_and_saves_it(tmp_path):
+    x, y = _data()
+    model = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0)
+    cfg = sq.RTNConfig(bits=4)
+    cfg.act_bits = 3
+    sq.quantize(model, cfg, calib=x[:128], progress=False)
+    aq = model.fc2.act_quant
+    before = _loss(model, x, y)
+    finetune(model, (x, y), QATConfig(batch_size=64, optimizer="adam", lsq=True), epochs=5, lr=3e-3)
+    new = model.fc2.act_quant
+    assert new.scale != aq.scale and (new.bits, new.zero_point) == (aq.bits, aq.zero_point)
+    assert _loss(model, x, y) < before
+    path = sq.save(model, tmp_path / "w4a3.safetensors", arch=lambda: MLP((16, 32, 4)))
+    loaded = sq.load(path, build=lambda: MLP((16, 32, 4)), kernel="torch")
+    assert loaded.fc2.input_quant == new
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_kappa_penalty_lowers_kappa():
     model, x, y = _ptq(4)
     ref = copy.deepcopy(model)

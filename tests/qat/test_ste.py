@@ -112,3 +112,20 @@ def test_per_token_input_quantizer_passes_the_gradient_straight_through():
     assert torch.equal(y.detach(), aq.fake_quantize(x.detach()))
     (y * torch.arange(10.0)).sum().backward()
     assert torch.equal(x.grad, torch.arange(10.0).expand(3, 6, 10))
+
+
+def test_learned_activation_step_gradient_is_lsq_formula():
+    """With a learned step S the forward values are those of the quantizer with scale S and
+    ∂y/∂S = round(x/S) − x/S inside the range, −z below and qmax − z above (Esser et al. 2020)."""
+    aq = ActQuantizer(bits=3, scale=0.5, zero_point=2)
+    x = torch.linspace(-2.5, 3.5, 97, dtype=torch.float32)
+    up = torch.randn(97, generator=torch.Generator().manual_seed(4))
+    step = torch.tensor(0.375, requires_grad=True)
+    g = lsq_grad_factor(97, 7 - 2)
+    y = act_fake_quant_ste(x, aq, grad_scale(step, g))
+    assert torch.equal(y.detach(), ActQuantizer(bits=3, scale=0.375, zero_point=2).fake_quantize(x))
+    (y * up).sum().backward()
+    v = x / 0.375
+    per = torch.where(v < -2, torch.tensor(-2.0), torch.where(v > 5, torch.tensor(5.0), torch.round(v) - v))
+    assert bool((v < -2).any()) and bool((v > 5).any())
+    torch.testing.assert_close(step.grad, (per * up).sum() * g, rtol=1e-5, atol=1e-6)

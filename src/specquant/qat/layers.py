@@ -8,7 +8,8 @@
   exactly where PTQ ended (the first forward pass gives the PTQ model's outputs);
 * the layer's grid: kind, bits, granularity, zero points (fixed), and its scales, fixed or
   learned (LSQ, Esser et al., ICLR 2020);
-* its static input quantizer (``.act_quant``, activation PTQ), applied with the STE.
+* its static input quantizer (``.act_quant``, activation PTQ), applied with the STE; with LSQ its
+  step is learned as well (zero point held) and written back into ``.act_quant`` at the end.
 
 In the forward pass the codes are re-rounded from the latent weight at every step
 (``ste.fake_quant_ste``: the STE of Bengio et al. 2013).  ``finalize_qat(model)`` puts the
@@ -86,6 +87,26 @@ class FakeQuantLayer(nn.Module):
         q_pos = spec.qmax - spec.symmetric_zero_point if spec.symmetric else float(spec.qmax)
         self.g_factor = lsq_grad_factor(block, q_pos)
         self.act_quant = getattr(module, "act_quant", None)
+        # LSQ learns the step of a static input quantizer too (its zero point held): Esser et al. learn both
+        self.learn_act = self.lsq and self.act_quant is not None and self.act_quant.granularity == "tensor"
+        if self.learn_act:
+            self.act_scale = nn.Parameter(torch.tensor(float(self.act_quant.scale), dtype=torch.float32))
+
+    def act_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The learned input step (LSQ, gradient scaled by 1/sqrt(features·Q_P)), or None when fixed."""
+        if not self.learn_act:
+            return None
+        features = x[0].numel() if x.dim() > 1 else x.numel()  # one sample's inputs
+        q_pos = max(self.act_quant.qmax - self.act_quant.zero_point, 1)
+        return grad_scale(self.act_scale, lsq_grad_factor(features, q_pos)).clamp_min(torch.finfo(torch.float32).tiny)
+
+    @torch.no_grad()
+    def final_act_quant(self):
+        """The input quantizer to keep: the PTQ one, or, with LSQ, the same with the learned step (float32)."""
+        if not self.learn_act:
+            return self.act_quant
+        step = float(self.act_scale.detach().float().clamp_min(torch.finfo(torch.float32).tiny))
+        return dataclasses.replace(self.act_quant, scale=step)
 
     def step(self) -> torch.Tensor:
         """The scales used in the forward pass (LSQ: positive, gradient scaled by g)."""
@@ -104,7 +125,7 @@ class FakeQuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
-            x = act_fake_quant_ste(x, self.act_quant)  # the static input quantizer, STE inside its range
+            x = act_fake_quant_ste(x, self.act_quant, self.act_step(x))  # STE inside its range
         w = self.quantized_weight()
         m = self.module
         if isinstance(m, nn.Linear):
@@ -166,7 +187,7 @@ def finalize_qat(model: nn.Module) -> list[str]:
             mod.weight.copy_(qw.dequantize().to(mod.weight.dtype))
         mod.qweight = qw
         if layer.act_quant is not None:
-            install_input_quantizer(mod, layer.act_quant)
+            install_input_quantizer(mod, layer.final_act_quant())
         _set_module(model, name, mod)
         names.append(name)
     return names

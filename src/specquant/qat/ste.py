@@ -60,12 +60,17 @@ def lsq_grad_factor(block_size: int, q_positive: float) -> float:
     return 1.0 / math.sqrt(max(1, block_size) * max(q_positive, 0.5))
 
 
-def act_fake_quant_ste(x: torch.Tensor, aq: ActQuantizer) -> torch.Tensor:
+def act_fake_quant_ste(x: torch.Tensor, aq: ActQuantizer, step: torch.Tensor | None = None) -> torch.Tensor:
     """``aq.fake_quantize(x)`` (a static per-tensor asymmetric activation quantizer) with the clipped STE:
-    the same forward values, gradient 1 inside the quantizer's range and 0 outside."""
+    the same forward values, gradient 1 inside the quantizer's range and 0 outside.
+
+    ``step``: a learned step S (a 0-d tensor, LSQ: pass it through ``grad_scale`` with
+    ``lsq_grad_factor(features, qmax − z)``) in place of ``aq.scale``; its gradient is LSQ's,
+    round(x/S) − x/S inside the range and −z or qmax − z outside (Esser et al. 2020, eq. 3),
+    with the zero point held."""
     if aq.granularity == "token":  # a per-token range follows each row's min and max: plain STE, gradient 1
         return x + (aq.fake_quantize(x) - x).detach()
-    s = torch.tensor(aq.scale, dtype=torch.float32, device=x.device)
+    s = torch.tensor(aq.scale, dtype=torch.float32, device=x.device) if step is None else step
     z = float(aq.zero_point)
     v = (x.float() / s).clamp(-z, aq.qmax - z)  # (…) clamped before rounding: gradient 0 outside the range
     u = round_ste(v) + z  # the codes: clamp(round(x/S) + Z, 0, qmax), the same values as aq.codes(x)

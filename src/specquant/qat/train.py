@@ -161,7 +161,8 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
 def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: QATConfig, epochs: int, lr: float,
            seed: int, progress, teacher: nn.Module | None = None) -> QATResult:
     device = next(model.parameters()).device
-    scales = [p for layer in layers for n, p in layer.named_parameters(recurse=False) if n == "scale"]
+    scales = [p for layer in layers for n, p in layer.named_parameters(recurse=False)
+              if n in ("scale", "act_scale")]  # LSQ steps of the weights and of the inputs: no weight decay
     ids = {id(p) for p in scales}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": params, "weight_decay": config.weight_decay}]
