@@ -177,3 +177,17 @@ def test_search_quantizer_follows_the_config():
     gptq = GPTQConfig(bits=3)  # "output-mse" needs H: the search rounds min-max
     want = rtn_quantize_weight(W, None, RTNConfig(bits=3, scale_rule="minmax")).dequantize().double()
     assert torch.equal(search_quantizer(gptq, 3, gptq.granularity)(W), want)
+
+
+def test_float_input_shortcut_equals_the_general_loss():
+    """One matrix as H, G and F (the engine's float inputs) takes the one-product loss (ŵ−w)ᵀF(ŵ−w);
+    the same statistics as three separate tensors take the general form: same α, same losses."""
+    X, Ws = _outlier_data(magnitude=3.0, seed=2)
+    shared_stats = _stats(X)  # H is G is F
+    F, m, mean = shared_stats.F, shared_stats.n_rows, shared_stats.mean_x
+    q = rtn_fake_quant(3, "group:64", False, "minmax")
+    shared = awq_scales(Ws, shared_stats, q, n_grid=10)
+    apart = awq_scales(Ws, LayerStats(H=F.clone(), G=F.clone(), F=F.clone(), n_rows=m, mean_x=mean, mean_xt=mean),
+                       q, n_grid=10)
+    assert shared.alpha == apart.alpha
+    torch.testing.assert_close(shared.losses, apart.losses, rtol=1e-9, atol=0)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from specquant.algorithms.base import LayerStats, QuantConfig, register_method
-from specquant.algorithms.common import row_output_error
+from specquant.algorithms.common import row_output_error, target_energy
 from specquant.algorithms.rtn import RTNConfig
 from specquant.algorithms.rtn import quantize_weight as rtn_quantize_weight
 from specquant.core.grid import Granularity
@@ -136,15 +136,23 @@ def awq_scales(Ws: Sequence[torch.Tensor], stats: LayerStats, quantize: FakeQuan
         raise ValueError(f"AWQ: the activation scale must be {n0} finite non-negative values")
     H, G = stats.H.double(), stats.G.double()  # (N0, N0)
     F = None if stats.F is None else stats.F.double()
+    # Float inputs (X̃ = X: the engine passes one matrix as H, G and F): the loss of a row is
+    # (ŵ − w)ᵀF(ŵ − w), one product per α instead of three (the same value, without cancellation).
+    float_inputs = F is not None and stats.H is stats.G and stats.G is stats.F
+    Wds = [W.double() for W in Ws]  # (out_i, N0)
+    energies = [None if F is None or float_inputs else target_energy(Wd, F) for Wd in Wds]  # (out_i,): fixed
     alphas = alpha_grid(n_grid)
     losses = torch.empty(n_grid, dtype=torch.float64)
     for k, alpha in enumerate(alphas.tolist()):
         s = scales_for(s_x, alpha)  # (N0,)
         total = 0.0
-        for W, q in zip(Ws, quants):
-            Wd = W.double()  # (out_i, N0)
+        for Wd, q, energy in zip(Wds, quants, energies):
             W_hat = q(Wd * s).double() / s  # (out_i, N0): Q(w·s)/s
-            total += float(row_output_error(Wd, W_hat, H, G, F).sum())
+            if float_inputs:
+                D = W_hat - Wd  # (out_i, N0)
+                total += float((D @ F * D).sum(1).clamp_min(0).sum())
+            else:
+                total += float(row_output_error(Wd, W_hat, H, G, energy).sum())
         losses[k] = total
     best = int(torch.argmin(losses))  # first minimum: the smallest α among ties
     alpha = float(alphas[best])

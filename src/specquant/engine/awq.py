@@ -371,14 +371,37 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
+PROBE_TOKENS = 32  # tokens of the probe sequence for token-id inputs (the groups do not depend on length)
+
+
+def probe_example(model: nn.Module, example):
+    """A small stand-in for ``example`` with the same graph: for token ids (an integer (B, T) tensor)
+    the first ``PROBE_TOKENS`` tokens of the first sequence, when the model runs on them; anything
+    else unchanged.  The group probe keeps every intermediate tensor of its pass alive (so that no
+    id is reused), and the fold checks run the model once per batch of folds: on smollm2-135m with
+    2 × 512 tokens that pass held several GB, with 32 tokens a few MB."""
+    if not (isinstance(example, torch.Tensor) and example.dim() == 2 and not example.is_floating_point()
+            and not example.is_complex() and example.shape[1] > PROBE_TOKENS):
+        return example
+    short = example[:1, :PROBE_TOKENS]
+    try:
+        with torch.inference_mode():
+            model(short)
+    except Exception:  # noqa: BLE001 - a model that needs its full length keeps it
+        return example
+    return short
+
+
 def groups_on_data(model: nn.Module, batches, example, what: str) -> tuple[torch.Tensor, dict, list]:
     """The start of a fold pre-step (AWQ, SmoothQuant): calibration data required (one line naming
-    ``what`` otherwise), the probe batch (default: the first two samples), the model's modules by
-    name and its groups of Linear layers sharing an input (``find_awq_groups``)."""
+    ``what`` otherwise), the probe batch (default: the first two samples; for token ids a short
+    prefix of the first, ``probe_example``), the model's modules by name and its groups of Linear
+    layers sharing an input (``find_awq_groups``)."""
     if batches is None or len(batches) == 0:
         raise ValueError(f"{what} needs calibration data (calib=...), got none")
     if example is None:
         example = batches[0][:2]
+    example = probe_example(model, example)
     return example, dict(model.named_modules()), find_awq_groups(model, example)
 
 
