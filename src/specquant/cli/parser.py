@@ -481,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the latent weights (default: 0, off)")
     p.add_argument("--kappa-kind", choices=KAPPA_KINDS, default="log",
                    help="the penalty: log (log kappa(W)) or ratio (||W||_op / sigma_min) (default: log)")
-    p.add_argument("--lsq", action="store_true", help="learn the scales with LSQ (Esser et al. 2020) (default: the "
-                                                      "run's scales, fixed)")
+    p.add_argument("--lsq", action="store_true",
+                   help="learn the weight scales and the steps of static input quantizers (--act-bits runs) with "
+                        "LSQ (Esser et al. 2020) (default: the run's scales and steps, fixed)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="adam, or sgd (momentum 0.9, Nesterov) (default: adam)")
     p.add_argument("--weight-decay", metavar="WD", type=_nonnegative_float, default=0.0,

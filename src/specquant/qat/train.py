@@ -37,7 +37,7 @@ class QATConfig:
     batch_size: int = 128  # samples per step
     optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9, Nesterov)
     weight_decay: float = 0.0  # on the latent weights and biases (not on LSQ scales)
-    lsq: bool = False  # learn the scales (LSQ); False: keep the PTQ scales
+    lsq: bool = False  # learn the weight scales and static input steps (LSQ); False: keep the PTQ ones
     kappa_reg: float = 0.0  # λ of the κ-regularizer, summed over the quantized layers (0: off)
     kappa_kind: str = "log"  # "log": log κ(W); "ratio": ‖W‖_op/σ_min (qat.kappa)
     augment: str = "none"  # "crop-flip": random 4-pixel-padded crops and horizontal flips (images)
