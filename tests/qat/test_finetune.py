@@ -82,6 +82,15 @@ def test_fixed_scales_stay_and_lsq_scales_move():
     model, x, y = _ptq(2)
     finetune(model, (x, y), QATConfig(batch_size=64, lsq=True), epochs=2, lr=0.02)
     assert not torch.equal(model.fc1.qweight.scale, s0)
+    moved = float((model.fc1.qweight.scale - s0).abs().max())
+    # Adam moves a parameter by at most about its lr per step: a 1000× smaller lr for the steps
+    # (16 steps here) keeps them within 16 × 2e-5 of where PTQ left them
+    model, x, y = _ptq(2)
+    finetune(model, (x, y), QATConfig(batch_size=64, lsq=True, scale_lr_factor=1e-3), epochs=2, lr=0.02)
+    slow = float((model.fc1.qweight.scale - s0).abs().max())
+    assert 0 < slow <= 16 * 2e-5 * 1.01 + 1e-6 and slow < moved
+    with pytest.raises(ValueError, match="scale_lr_factor must be a finite number > 0"):
+        QATConfig(scale_lr_factor=0)
 
 
 def test_same_seed_same_codes_and_a_loaded_file_trains(tmp_path):

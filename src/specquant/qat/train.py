@@ -44,6 +44,8 @@ class QATConfig:
     cosine: bool = True  # cosine learning-rate decay to 0 over all steps (else constant)
     distill_alpha: float = 0.5  # with a teacher: weight α of the soft (KL) term, 1 − α on the labels' CE
     distill_temperature: float = 4.0  # with a teacher: temperature T of the softened logits
+    scale_lr_factor: float = 1.0  # LSQ: the steps' learning rate is lr × this (Adam moves every parameter by
+    #                               about lr per step, a large relative change for steps of 0.01–0.1)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -58,6 +60,9 @@ class QATConfig:
             v = getattr(self, what)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+        v = self.scale_lr_factor
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"scale_lr_factor must be a finite number > 0, got {v!r}")
         a, t = self.distill_alpha, self.distill_temperature
         if isinstance(a, bool) or not (isinstance(a, (int, float)) and 0 <= a <= 1):
             raise ValueError(f"distill_alpha must be a number in [0, 1], got {a!r}")
@@ -167,7 +172,7 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": params, "weight_decay": config.weight_decay}]
     if scales:
-        groups.append({"params": scales, "weight_decay": 0.0})
+        groups.append({"params": scales, "weight_decay": 0.0, "lr_factor": config.scale_lr_factor})
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     else:
@@ -192,9 +197,9 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
             if config.augment == "crop-flip":
                 xb = crop_flip(xb, gen)
             xb, yb = xb.to(device), y[idx].to(device)
-            if config.cosine:
-                for g in opt.param_groups:
-                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * result.steps / total))
+            for g in opt.param_groups:
+                peak = lr * g.get("lr_factor", 1.0)
+                g["lr"] = 0.5 * peak * (1 + math.cos(math.pi * result.steps / total)) if config.cosine else peak
             out = model(xb)  # (B, classes)
             loss = F.cross_entropy(out, yb)
             total_loss = loss
