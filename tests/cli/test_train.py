@@ -53,6 +53,13 @@ def test_kappa_reg_is_recorded(ptq_run, capsys):
     assert m["kappa_reg"] == 0.01 and len(m["epoch_kappa"]) == 1 and m["epoch_kappa"][0] > 0
 
 
+def test_scale_lr_factor_is_taken_and_recorded(ptq_run, capsys):
+    assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--lsq", "--scale-lr-factor", "0.1",
+                 "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["scale_lr_factor"] == 0.1 and m["lsq"] is True
+
+
 def test_errors_are_one_line(ptq_run, tmp_path, error_line):
     assert "is a run of 'digits-mlp', not 'mnist-mlp'" in error_line(
         ["train", "mnist-mlp", "--from", str(ptq_run), "--epochs", "1"])
@@ -60,6 +67,8 @@ def test_errors_are_one_line(ptq_run, tmp_path, error_line):
                                                 "--epochs", "1"])
     assert "--epochs" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "0"])
     assert "--lr" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--lr", "-1"])
+    assert "--scale-lr-factor" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
+                                              "--scale-lr-factor", "0"])
     assert "--from" in error_line(["train", "digits-mlp", "--epochs", "1"])
     assert "needs images" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
                                          "--augment", "crop-flip"])

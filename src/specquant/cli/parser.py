@@ -484,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lsq", action="store_true",
                    help="learn the weight scales and the steps of static input quantizers (--act-bits runs) with "
                         "LSQ (Esser et al. 2020) (default: the run's scales and steps, fixed)")
+    p.add_argument("--scale-lr-factor", metavar="F", type=_positive_float, default=1.0,
+                   help="with --lsq: the learned steps' learning rate is --lr times F (default: 1)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="adam, or sgd (momentum 0.9, Nesterov) (default: adam)")
     p.add_argument("--weight-decay", metavar="WD", type=_nonnegative_float, default=0.0,

@@ -63,7 +63,8 @@ def train_config(args) -> QATConfig:
     try:
         return QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
                          lsq=args.lsq, kappa_reg=args.kappa_reg, kappa_kind=args.kappa_kind,
-                         augment="none" if args.augment == "auto" else args.augment)
+                         augment="none" if args.augment == "auto" else args.augment,
+                         scale_lr_factor=args.scale_lr_factor)
     except ValueError as e:
         raise CLIError(f"train: {e}") from None
 
@@ -125,7 +126,8 @@ def cmd_train(args, argv: list[str]) -> int:
             "from": str(run), "accuracy": acc, "ptq_accuracy": ptq_acc,
             "float_accuracy": run_metrics.get("float_accuracy"), "accuracy_change_vs_ptq": acc - ptq_acc,
             "n_test": int(x_test.shape[0]), "n_train": result.n_train, "epochs": result.epochs, "steps": result.steps,
-            "lr": args.lr, "seed": args.seed, "lsq": config.lsq, "kappa_reg": config.kappa_reg,
+            "lr": args.lr, "seed": args.seed, "lsq": config.lsq, "scale_lr_factor": config.scale_lr_factor,
+            "kappa_reg": config.kappa_reg,
             "kappa_kind": config.kappa_kind, "augment": config.augment, "optimizer": config.optimizer,
             "batch_size": config.batch_size, "train_seconds": result.train_seconds, "threads": torch.get_num_threads(),
             "epoch_loss": result.epoch_loss, "epoch_train_accuracy": result.epoch_accuracy,
