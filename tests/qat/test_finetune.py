@@ -104,36 +104,34 @@ def test_same_seed_same_codes_and_a_loaded_file_trains(tmp_path):
     assert torch.equal(a.fc2.qweight.codes, b.fc2.qweight.codes)
 
 
-def test_activation_quantizers_train_through_the_ste_and_are_saved(tmp_path):
+def _act_qat(tmp_path, act_bits: int, lsq: bool):
+    """W4 RTN with static act_bits inputs, 5 epochs of QAT, saved and loaded: (PTQ input quantizer
+    of fc2, trained model, loaded model, loss before, inputs, labels)."""
     x, y = _data()
     model = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0)
     cfg = sq.RTNConfig(bits=4)
-    cfg.act_bits = 4
+    cfg.act_bits = act_bits
     sq.quantize(model, cfg, calib=x[:128], progress=False)
     aq = model.fc2.act_quant
     before = _loss(model, x, y)
-    finetune(model, (x, y), QATConfig(batch_size=64, optimizer="adam"), epochs=5, lr=3e-3)
-    assert model.fc2.act_quant == aq and _loss(model, x, y) < before
-    path = sq.save(model, tmp_path / "w4a4.safetensors", arch=lambda: MLP((16, 32, 4)))
+    finetune(model, (x, y), QATConfig(batch_size=64, optimizer="adam", lsq=lsq), epochs=5, lr=3e-3)
+    path = sq.save(model, tmp_path / f"w4a{act_bits}.safetensors", arch=lambda: MLP((16, 32, 4)))
     loaded = sq.load(path, build=lambda: MLP((16, 32, 4)), kernel="torch")
+    return aq, model, loaded, before, x, y
+
+
+def test_activation_quantizers_train_through_the_ste_and_are_saved(tmp_path):
+    aq, model, loaded, before, x, y = _act_qat(tmp_path, 4, lsq=False)
+    assert model.fc2.act_quant == aq and _loss(model, x, y) < before
     assert loaded.fc2.input_quant == aq
     assert torch.equal(loaded(x), model(x))
 
 
 def test_lsq_learns_the_activation_step_and_saves_it(tmp_path):
-    x, y = _data()
-    model = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0)
-    cfg = sq.RTNConfig(bits=4)
-    cfg.act_bits = 3
-    sq.quantize(model, cfg, calib=x[:128], progress=False)
-    aq = model.fc2.act_quant
-    before = _loss(model, x, y)
-    finetune(model, (x, y), QATConfig(batch_size=64, optimizer="adam", lsq=True), epochs=5, lr=3e-3)
+    aq, model, loaded, before, x, y = _act_qat(tmp_path, 3, lsq=True)
     new = model.fc2.act_quant
     assert new.scale != aq.scale and (new.bits, new.zero_point) == (aq.bits, aq.zero_point)
     assert _loss(model, x, y) < before
-    path = sq.save(model, tmp_path / "w4a3.safetensors", arch=lambda: MLP((16, 32, 4)))
-    loaded = sq.load(path, build=lambda: MLP((16, 32, 4)), kernel="torch")
     assert loaded.fc2.input_quant == new
     assert torch.equal(loaded(x), model(x))
 

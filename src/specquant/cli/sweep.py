@@ -89,8 +89,8 @@ def cmd_sweep(args, argv: list[str]) -> int:
         _parse_job(args, job)
     args.device, args.out = qargs.device, None  # what the rank launcher reads
     if world_size(args, "sweep") > 1:  # --nproc N, or a rank started by it or by torchrun
-        return run_ranks(args, argv, lambda dist: _sweep(args, jobs, entry, dist))
-    return _sweep(args, jobs, entry)
+        return run_ranks(args, argv, lambda dist: _sweep(args, jobs, _score_kind(entry, qargs), dist))
+    return _sweep(args, jobs, _score_kind(entry, qargs))
 
 
 def _score_kind(entry, qargs) -> tuple[str, bool | None]:
@@ -102,7 +102,9 @@ def _score_kind(entry, qargs) -> tuple[str, bool | None]:
     return "accuracy", False
 
 
-def _sweep(args, jobs: list[SweepJob], entry, dist: Dist | None = None) -> int:
+def _sweep(args, jobs: list[SweepJob], kind: tuple[str, bool | None], dist: Dist | None = None) -> int:
+    """Run this rank's jobs; on rank 0 print the table and JSON.  ``kind``: (score key, lower is
+    better), the same for every job of one model."""
     from specquant.cli.quantize import run_quantize
 
     world, rank = (1, 0) if dist is None else (dist.world, dist.rank)
@@ -111,13 +113,12 @@ def _sweep(args, jobs: list[SweepJob], entry, dist: Dist | None = None) -> int:
     mine = [k for k in range(len(jobs)) if k % world == rank]
     figures = torch.zeros(len(jobs), len(FIGURES), dtype=torch.float64)  # (jobs, figures)
     float_cache: dict = {}
-    key = None
+    key, lower = kind
     t0 = time.perf_counter()
     ui.say(f"sweep: {len(jobs)} runs of {args.model}" + (f" over {world} ranks" if world > 1 else ""))
     for done, k in enumerate(mine, 1):
         job = jobs[k]
         qargs, config, entry = _parse_job(args, job)
-        key, _ = _score_kind(entry, qargs)
         m = run_quantize(qargs, job_argv(args, job), UI(True), config, None, entry, float_cache=float_cache)
         float_key = "float_" + key
         row = {"score": m[key], "float_score": m[float_key], "bits_per_weight": m["bits_per_weight"],
@@ -133,8 +134,6 @@ def _sweep(args, jobs: list[SweepJob], entry, dist: Dist | None = None) -> int:
         comm = dist.sum_int(dist.received_bytes)
     if helper:
         return 0
-    qargs, _, entry = _parse_job(args, jobs[0])
-    key, lower = _score_kind(entry, qargs)
     rows = []
     for job, vals in zip(jobs, figures.tolist()):
         f = dict(zip(FIGURES, vals))
