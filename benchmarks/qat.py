@@ -86,6 +86,7 @@ class Row:
     prefix: int | None = None  # only the first k quantizable layers quantized, the rest float (--prefix)
     n_layers: int | None = None  # quantizable layers of the model
     scale_lr_factor: float = 1.0  # LSQ steps' lr = lr × this (--scale-lr-factor)
+    mixup: float = 0.0  # Beta parameter of mixup (--mixup; 0: off)
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -145,7 +146,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
     cfg = QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, lsq=args.lsq,
                     augment="crop-flip" if x_train.dim() == 4 else "none",
                     distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-                    scale_lr_factor=args.scale_lr_factor)
+                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
     teacher = entry.load(args.data_dir).eval() if args.distill else None
     steps = args.epochs * -(-x_train.shape[0] // args.batch_size)
     t_start = time.perf_counter()
@@ -177,7 +178,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
               threads=torch.get_num_threads(), seed=args.seed, saved_equals_trained=same, bits_per_weight=bpw,
               distill=f"alpha={args.distill_alpha},T={args.distill_temperature}" if args.distill else None,
               protected=kept if args.protect_first_last else None, prefix=args.prefix, n_layers=n_layers,
-              scale_lr_factor=args.scale_lr_factor)
+              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
           f" training, {torch.get_num_threads()} thread(s)); saved file equal: {same}", flush=True)
     return row
@@ -201,6 +202,8 @@ def table(rows: list[dict]) -> str:
             kd += f" +{'/'.join(r['protected'])} at 8 bits"
         if r.get("lsq") and r.get("scale_lr_factor", 1.0) != 1.0:
             kd += f" (steps' lr × {r['scale_lr_factor']:g})"
+        if r.get("mixup"):
+            kd += f" +mixup {r['mixup']:g}"
         if r.get("prefix") is not None:
             kd += f" (first {r['prefix']} of {r['n_layers']} layers quantized)"
         lines.append(f"| {r['case']}{kd} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
@@ -223,6 +226,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale-lr-factor", type=float, default=1.0,
                    help="with --lsq: the steps' learning rate is --lr times this (default: 1)")
+    p.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup with λ ~ Beta(M, M) on every batch (with --distill the teacher scores the blended "
+                        "images) (default: 0, off)")
     p.add_argument("--distill", action="store_true", help="distil from the float model (teacher) as well")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the soft (KL) term (default: 0.5)")
     p.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default: 4)")

@@ -60,6 +60,13 @@ def test_scale_lr_factor_is_taken_and_recorded(ptq_run, capsys):
     assert m["scale_lr_factor"] == 0.1 and m["lsq"] is True
 
 
+def test_mixup_is_taken_and_recorded(ptq_run, capsys):
+    assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--mixup", "0.4",
+                 "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["mixup"] == 0.4
+
+
 def test_errors_are_one_line(ptq_run, tmp_path, error_line):
     assert "is a run of 'digits-mlp', not 'mnist-mlp'" in error_line(
         ["train", "mnist-mlp", "--from", str(ptq_run), "--epochs", "1"])
@@ -69,6 +76,7 @@ def test_errors_are_one_line(ptq_run, tmp_path, error_line):
     assert "--lr" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--lr", "-1"])
     assert "--scale-lr-factor" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
                                               "--scale-lr-factor", "0"])
+    assert "--mixup" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--mixup", "-1"])
     assert "--from" in error_line(["train", "digits-mlp", "--epochs", "1"])
     assert "needs images" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
                                          "--augment", "crop-flip"])

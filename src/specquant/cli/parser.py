@@ -494,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("auto",) + AUGMENTS, default="auto",
                    help="crop-flip: random crops of the 4-pixel-padded images and horizontal flips; auto: crop-flip "
                         "for image inputs, none otherwise (default: auto)")
+    p.add_argument("--mixup", metavar="M", type=_nonnegative_float, default=0.0,
+                   help="mixup: every batch blended with a shuffled copy of itself by a weight drawn from Beta(M, M), "
+                        "the label loss mixed alike (default: 0, off)")
     p.add_argument("--seed", metavar="S", type=_seed, default=0,
                    help="seed of the sample order and the augmentation (default: 0)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,

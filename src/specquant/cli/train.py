@@ -64,7 +64,7 @@ def train_config(args) -> QATConfig:
         return QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
                          lsq=args.lsq, kappa_reg=args.kappa_reg, kappa_kind=args.kappa_kind,
                          augment="none" if args.augment == "auto" else args.augment,
-                         scale_lr_factor=args.scale_lr_factor)
+                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
     except ValueError as e:
         raise CLIError(f"train: {e}") from None
 
@@ -127,8 +127,8 @@ def cmd_train(args, argv: list[str]) -> int:
             "float_accuracy": run_metrics.get("float_accuracy"), "accuracy_change_vs_ptq": acc - ptq_acc,
             "n_test": int(x_test.shape[0]), "n_train": result.n_train, "epochs": result.epochs, "steps": result.steps,
             "lr": args.lr, "seed": args.seed, "lsq": config.lsq, "scale_lr_factor": config.scale_lr_factor,
-            "kappa_reg": config.kappa_reg,
-            "kappa_kind": config.kappa_kind, "augment": config.augment, "optimizer": config.optimizer,
+            "kappa_reg": config.kappa_reg, "kappa_kind": config.kappa_kind, "augment": config.augment,
+            "mixup": config.mixup, "optimizer": config.optimizer,
             "batch_size": config.batch_size, "train_seconds": result.train_seconds, "threads": torch.get_num_threads(),
             "epoch_loss": result.epoch_loss, "epoch_train_accuracy": result.epoch_accuracy,
             "epoch_kappa": result.epoch_kappa, "bits_per_weight": storage["bits_per_weight"], "storage": storage,

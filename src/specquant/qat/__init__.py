@@ -7,11 +7,11 @@ from specquant.qat.distill import distill_kl, distill_loss
 from specquant.qat.kappa import KAPPA_KINDS, kappa_penalty
 from specquant.qat.layers import FakeQuantLayer, finalize_qat, prepare_qat, qat_layers, unpack_model
 from specquant.qat.ste import act_fake_quant_ste, fake_quant_ste, grad_scale, lsq_grad_factor, round_ste
-from specquant.qat.train import AUGMENTS, OPTIMIZERS, QATConfig, QATResult, crop_flip, finetune
+from specquant.qat.train import AUGMENTS, OPTIMIZERS, QATConfig, QATResult, crop_flip, finetune, mix_batch
 
 __all__ = [
     "distill_kl", "distill_loss",
     "KAPPA_KINDS", "kappa_penalty", "FakeQuantLayer", "finalize_qat", "prepare_qat", "qat_layers", "unpack_model",
     "act_fake_quant_ste", "fake_quant_ste", "grad_scale", "lsq_grad_factor", "round_ste", "AUGMENTS", "OPTIMIZERS",
-    "QATConfig", "QATResult", "crop_flip", "finetune",
+    "QATConfig", "QATResult", "crop_flip", "finetune", "mix_batch",
 ]

@@ -8,8 +8,9 @@ spectral-limits note (``qat.kappa``) and distillation from a float teacher (``qa
 Hinton et al. 2015), and the final codes are written back as ``.qweight`` so that
 ``specquant.save`` packs them like any PTQ result.
 
-Every random choice (the order of the samples, the crops and flips) is drawn from one generator
-seeded by ``seed``: the same seed on the same machine and thread count gives the same model.
+Every random choice (the order of the samples, the crops and flips, mixup's pairs and weights) is
+drawn from one generator seeded by ``seed``: the same seed on the same machine and thread count
+gives the same model.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.qat.distill import distill_loss
+from specquant.qat.distill import distill_kl
 from specquant.qat.kappa import KAPPA_KINDS, kappa_penalty
 from specquant.qat.layers import finalize_qat, prepare_qat
 
@@ -46,6 +47,9 @@ class QATConfig:
     distill_temperature: float = 4.0  # with a teacher: temperature T of the softened logits
     scale_lr_factor: float = 1.0  # LSQ: the steps' learning rate is lr × this (Adam moves every parameter by
     #                               about lr per step, a large relative change for steps of 0.01–0.1)
+    mixup: float = 0.0  # mixup (Zhang et al., ICLR 2018): each batch blended with a shuffled copy of itself by
+    #                     λ ~ Beta(mixup, mixup), the label loss mixed by λ; with a teacher the soft targets are
+    #                     the teacher's outputs on the blended inputs (0: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -63,6 +67,9 @@ class QATConfig:
         v = self.scale_lr_factor
         if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"scale_lr_factor must be a finite number > 0, got {v!r}")
+        m = self.mixup
+        if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
+            raise ValueError(f"mixup must be a finite number >= 0 (the Beta parameter; 0: off), got {m!r}")
         a, t = self.distill_alpha, self.distill_temperature
         if isinstance(a, bool) or not (isinstance(a, (int, float)) and 0 <= a <= 1):
             raise ValueError(f"distill_alpha must be a number in [0, 1], got {a!r}")
@@ -104,6 +111,21 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tens
     idx_b = torch.arange(b, device=x.device)[:, None, None]  # (B, 1, 1)
     out = xp.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+
+
+def mix_batch(x: torch.Tensor, gen: torch.Generator, concentration: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang, Cisse, Dauphin & Lopez-Paz, "mixup: Beyond Empirical Risk Minimization", ICLR 2018).
+
+    Returns (λ·x + (1 − λ)·x[perm], perm, λ) with λ ~ Beta(c, c) and a random permutation of the
+    batch, both drawn from ``gen`` (λ through Gamma variates: Beta(c, c) = G₁ / (G₁ + G₂)).
+    """
+    b = x.shape[0]
+    perm = torch.randperm(b, generator=gen)  # (B,)
+    # torch's Gamma sampler takes no generator: seed a private one from ``gen`` so the run stays reproducible.
+    sub = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    g = torch._standard_gamma(torch.full((2,), float(concentration), dtype=torch.float64), generator=sub)  # (2,)
+    lam = float(g[0] / (g[0] + g[1])) if float(g.sum()) > 0 else 0.5
+    return lam * x + (1 - lam) * x[perm.to(x.device)], perm, lam
 
 
 def _check_data(train_data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,16 +219,22 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
             if config.augment == "crop-flip":
                 xb = crop_flip(xb, gen)
             xb, yb = xb.to(device), y[idx].to(device)
+            lam, perm = 1.0, None
+            if config.mixup > 0:
+                xb, perm, lam = mix_batch(xb, gen, config.mixup)
             for g in opt.param_groups:
                 peak = lr * g.get("lr_factor", 1.0)
                 g["lr"] = 0.5 * peak * (1 + math.cos(math.pi * result.steps / total)) if config.cosine else peak
             out = model(xb)  # (B, classes)
             loss = F.cross_entropy(out, yb)
+            if perm is not None:  # mixed inputs: the label loss is mixed by the same λ
+                loss = lam * loss + (1 - lam) * F.cross_entropy(out, yb[perm.to(device)])
             total_loss = loss
             if teacher is not None:
                 with torch.no_grad():
                     soft = teacher(xb)  # (B, classes)
-                total_loss = distill_loss(out, soft, yb, config.distill_alpha, config.distill_temperature)
+                total_loss = ((1 - config.distill_alpha) * loss
+                              + config.distill_alpha * distill_kl(out, soft, config.distill_temperature))
             if config.kappa_reg > 0:
                 penalty = sum(kappa_penalty(layer.module.weight, config.kappa_kind) for layer in layers)
                 total_loss = total_loss + config.kappa_reg * penalty
