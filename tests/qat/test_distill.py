@@ -8,8 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import specquant as sq
-from specquant.models.mlp import MLP, train_mlp
 from specquant.qat import QATConfig, distill_kl, distill_loss, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,23 +32,13 @@ def test_kl_term_is_zero_on_equal_logits_and_its_gradient_is_hintons():
     assert float(distill_loss(s.detach(), t, y, 1.0, T)) == pytest.approx(float(distill_kl(s.detach(), t, T)))
 
 
-def _setup():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 16, generator=g)
-    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
-    teacher = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0).eval()
-    student = copy.deepcopy(teacher)
-    sq.quantize(student, sq.RTNConfig(bits=2), calib=x[:128], progress=False)
-    return teacher, student, x, y
-
-
 def _objective(student, teacher, x, y, cfg) -> float:
     with torch.no_grad():
         return float(distill_loss(student(x), teacher(x), y, cfg.distill_alpha, cfg.distill_temperature))
 
 
-def test_distilled_qat_lowers_the_loss_is_seeded_and_leaves_the_teacher_alone():
-    teacher, student, x, y = _setup()
+def test_distilled_qat_lowers_the_loss_is_seeded_and_leaves_the_teacher_alone(teacher_student):
+    teacher, student, x, y = teacher_student
     t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     twin = copy.deepcopy(student)
     cfg = QATConfig(batch_size=64, distill_alpha=0.7, distill_temperature=2.0)
@@ -65,12 +53,12 @@ def test_distilled_qat_lowers_the_loss_is_seeded_and_leaves_the_teacher_alone():
     assert torch.equal(twin(x), student(x))  # same seed, same model
 
 
-def test_bad_distillation_settings_are_one_line_errors():
+def test_bad_distillation_settings_are_one_line_errors(teacher_student):
     with pytest.raises(ValueError, match="distill_alpha must be a number in"):
         QATConfig(distill_alpha=1.5)
     with pytest.raises(ValueError, match="distill_temperature must be a finite number > 0"):
         QATConfig(distill_temperature=0)
-    teacher, student, x, y = _setup()
+    teacher, student, x, y = teacher_student
     with pytest.raises(ValueError, match="teacher must be another model"):
         finetune(student, (x, y), epochs=1, teacher=student)
     with pytest.raises(ValueError, match="teacher must be an nn.Module"):

@@ -7,8 +7,6 @@ import copy
 import pytest
 import torch
 
-import specquant as sq
-from specquant.models.mlp import MLP, train_mlp
 from specquant.qat import QATConfig, finetune
 from specquant.qat.train import mix_batch
 
@@ -36,20 +34,10 @@ def test_lambda_has_the_mean_and_variance_of_beta_c_c(c):
     assert float(lams.var()) == pytest.approx(var, rel=0.12)
 
 
-def _setup():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 16, generator=g)
-    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)
-    teacher = train_mlp(MLP((16, 32, 4)), x, y, epochs=20, lr=3e-3, batch_size=64, seed=0).eval()
-    student = copy.deepcopy(teacher)
-    sq.quantize(student, sq.RTNConfig(bits=2), calib=x[:128], progress=False)
-    return teacher, student, x, y
-
-
 @pytest.mark.parametrize("with_teacher", [False, True])
-def test_mixup_training_lowers_the_loss_and_is_seeded(with_teacher):
-    teacher, student, x, y = _setup()
-    twin = copy.deepcopy(student)
+def test_mixup_training_lowers_the_loss_and_is_seeded(with_teacher, teacher_student):
+    teacher, student, x, y = teacher_student
+    twin, plain = copy.deepcopy(student), copy.deepcopy(student)
     cfg = QATConfig(batch_size=64, mixup=0.4)
     with torch.no_grad():
         before = float(torch.nn.functional.cross_entropy(student(x), y))
@@ -61,7 +49,6 @@ def test_mixup_training_lowers_the_loss_and_is_seeded(with_teacher):
         assert torch.equal(student(x), twin(x))  # same seed, same model
     assert after < before
     # mixup draws from the run's generator: the result differs from a run without it
-    plain = copy.deepcopy(_setup()[1])
     finetune(plain, (x, y), QATConfig(batch_size=64), epochs=8, lr=3e-3, seed=3, **kw)
     with torch.no_grad():
         assert not torch.equal(plain(x), student(x))
