@@ -94,6 +94,11 @@ Perplexity is deterministic at a fixed thread count; times and RSS are medians o
 runs, interleaved across tools (A B A B ...).  The JSON holds the protocol, the thread counts
 (``--threads``, ``OMP_NUM_THREADS``, torch's count inside each job), the float perplexity, one
 record per run and the skipped runs with their reasons.
+
+Long protocols (one Brevitas GPTQ run at 64 windows takes hours on one core): with ``--repeats 1``
+every finished run is written to the JSON at once, and ``--resume`` keeps the finished runs of an
+earlier JSON made with the same protocol, library versions and float perplexity, running only the
+missing (grid, tool, method) jobs; runs of that file not asked for this time stay in it.
 """
 from __future__ import annotations
 
@@ -429,6 +434,43 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def combine(rs: list[dict], float_rec: dict, full_eval: bool) -> dict:
+    """One record of a job's repeats: times and memory are medians (all values kept under ``*_all``)."""
+    rec = dict(rs[0])
+    if len({r["ppl"] for r in rs}) > 1:
+        rec["ppl_all"] = [r["ppl"] for r in rs]  # should not happen at a fixed thread count
+    for key in ("quant_seconds", "peak_rss_mb", "peak_rss_eval_mb", "eval_seconds"):
+        rec[key + "_all"] = [r[key] for r in rs]
+        rec[key] = statistics.median(rec[key + "_all"])
+    rec["float_ppl"] = float_rec["ppl"]
+    if full_eval:
+        rec["float_ppl_full"] = float_rec["ppl_full"]
+    return rec
+
+
+RESUME_KEYS = ("model", "calib", "seq_len", "eval_windows", "full_eval", "seed", "batch", "threads",
+               "brevitas_sequential")
+
+
+def resumable(path: str, meta: dict, float_rec: dict) -> dict[tuple, dict]:
+    """The finished runs of an earlier JSON at ``path`` made with the same protocol (RESUME_KEYS,
+    library versions and the same float perplexity), by (grid, tool, method); {} when there is
+    none or it differs."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    m = old.get("meta", {}) if isinstance(old, dict) else {}
+    if (any(m.get(k) != meta.get(k) for k in RESUME_KEYS) or m.get("versions") != meta.get("versions")
+            or old.get("float", {}).get("ppl") != float_rec["ppl"]):
+        print(f"--resume: {path} was made with other settings; nothing kept", file=sys.stderr, flush=True)
+        return {}
+    out = {}
+    for r in old.get("runs", []):
+        out[(r["grid"], r["tool"], r["method"])] = r
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo id of a language model (default {DEFAULT_MODEL})")
@@ -447,6 +489,9 @@ def main(argv=None) -> int:
                    help="no group_of_parallel_layers for Brevitas: one pass per layer (slower, same result)")
     p.add_argument("--out", default=None,
                    help="JSON output (default bench-out/llm_vs_peers.json; --smoke: bench-out/llm_vs_peers_smoke.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs of an earlier --out JSON made with the same protocol and run only "
+                        "the missing ones (every finished run is written at once, so a stopped benchmark resumes)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--smoke", action="store_true",
                    help="tiniest setting: " + " ".join(f"{k}={v}" for k, v in SMOKE.items()))
@@ -518,9 +563,16 @@ def main(argv=None) -> int:
             else:
                 jobs.append((g.name, tool, method))
 
+    order = list(jobs)
     records: list[dict] = []
+    kept = resumable(a.out, meta, float_rec) if a.resume else {}
+    if kept:
+        print(f"--resume: {len(kept)} finished run(s) kept from {a.out}", file=sys.stderr, flush=True)
+    records.extend(r for j, r in kept.items() if j not in order)  # runs not asked for this time stay in the file
     for gname in a.grids:
         todo = [j for j in jobs if j[0] == gname]
+        records.extend(kept[j] for j in todo if j in kept)
+        todo = [j for j in todo if j not in kept]
         reps: dict[tuple, list] = {j: [] for j in todo}
         for _ in range(a.repeats):
             for j in todo:
@@ -528,18 +580,12 @@ def main(argv=None) -> int:
                 reps[j].append(rec)
                 print(f"{gname:<8} {j[1]:>9}:{j[2]:<12} ppl {rec['ppl']:9.3f}  {rec['quant_seconds']:8.2f} s  "
                       f"{rec['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
-        for j in todo:
-            rs = reps[j]
-            rec = dict(rs[0])
-            if len({r["ppl"] for r in rs}) > 1:
-                rec["ppl_all"] = [r["ppl"] for r in rs]  # should not happen at a fixed thread count
-            for key in ("quant_seconds", "peak_rss_mb", "peak_rss_eval_mb", "eval_seconds"):
-                rec[key + "_all"] = [r[key] for r in rs]
-                rec[key] = statistics.median(rec[key + "_all"])
-            rec["float_ppl"] = float_rec["ppl"]
-            if a.full_eval:
-                rec["float_ppl_full"] = float_rec["ppl_full"]
-            records.append(rec)
+                if a.repeats == 1:  # each finished run lands at once: a long run stopped later keeps it
+                    partial = records + [combine([rec], float_rec, a.full_eval)]
+                    write_json(a.out, {"meta": meta, "float": float_rec, "runs": partial, "skipped": skipped})
+        records.extend(combine(reps[j], float_rec, a.full_eval) for j in todo)
+        records.sort(key=lambda r: order.index(key) if (key := (r["grid"], r["tool"], r["method"])) in order
+                     else len(order))
         write_json(a.out, {"meta": meta, "float": float_rec, "runs": records, "skipped": skipped})
     write_json(a.out, {"meta": meta, "float": float_rec, "runs": records, "skipped": skipped})
     print_tables(records, float_rec, a.grids, a.runs, a.full_eval)
