@@ -105,8 +105,9 @@ def child(args) -> None:
         cfg.modules.update({f"model.layers.{i}.*": ModuleSettings(skip=True) for i in range(args.blocks, args.layers)})
         cfg.modules["lm_head"] = ModuleSettings(skip=True)
     calib = calib_tokens(args.calib, args.seq_len, args.vocab)
+    budget = None if args.activation_budget is None else int(args.activation_budget * MB)
     res = sq.quantize_folder(args.folder, cfg, calib, args.outfile, max_memory=args.max_memory, batch_size=args.calib,
-                             progress=False, workdir=args.tmp)
+                             activation_budget=budget, progress=False, workdir=args.tmp)
     print(json.dumps({"peak_rss_mb": res.report.peak_rss_mb, "layers": len(res.report.layers),
                       "quant_seconds": res.report.seconds, "file_mb": Path(res.path).stat().st_size / MB,
                       **res.to_dict()}), flush=True)
@@ -117,6 +118,8 @@ def run_child(args, folder: Path, method: str, outfile: Path) -> dict:
            "--max-memory", args.max_memory, "--calib", str(args.calib), "--seq-len", str(args.seq_len),
            "--vocab", str(args.vocab), "--bits", str(args.bits), "--group", str(args.group),
            "--layers", str(args.layers), "--blocks", str(args.blocks or 0), "--tmp", str(args.workdir)]
+    if args.activation_budget is not None:
+        cmd += ["--activation-budget", str(args.activation_budget)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -180,6 +183,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-memory", default="3GB")
     ap.add_argument("--blocks", type=int, default=0, help="stop each run after N decoder blocks (0: all)")
+    ap.add_argument("--activation-budget", type=float, default=None,
+                    help="MiB of cached block activations kept in memory, the rest spilled to memory-mapped files "
+                         "(default: quantize_folder's, half the room the limit leaves; 0: spill everything)")
     ap.add_argument("--skip-identity", action="store_true")
     # the child process
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -213,6 +219,7 @@ def main() -> None:
               "settings": {"bits": args.bits, "group": args.group, "calib_windows": args.calib,
                            "seq_len": args.seq_len, "calib_tokens": "uniform random ids, seeded",
                            "max_memory": args.max_memory, "blocks": args.blocks or "all",
+                           "activation_budget_mib": args.activation_budget,
                            "threads": 1, "cpus_on_machine": os.cpu_count()},
               "runs": runs}
     if not args.skip_identity:
