@@ -174,3 +174,20 @@ def test_a_fold_that_changes_the_function_is_found_and_only_it_is_undone():
     assert not torch.equal(net.fc1.weight, ref.fc1.weight)
     with torch.no_grad():
         assert float((net(x) - y0).abs().max() / y0.abs().max()) < 1e-5
+
+
+def test_folds_in_small_batches_equal_one_batch_with_one_probe_per_batch(monkeypatch):
+    import specquant.engine.awq as awq_mod
+
+    x = ids()
+    one = tiny_llama()
+    apply_smoothquant(one, RTNConfig(bits=8, smoothquant=0.5), as_batches(x, 8))
+    calls = []
+    real_probe = awq_mod.probe_output
+    monkeypatch.setattr(awq_mod, "probe_output", lambda m, e: calls.append(1) or real_probe(m, e))
+    small = tiny_llama()
+    budget = max(sum(p.numel() * 4 for p in m.parameters()) for m in small.model.layers[0].mlp.children())
+    recs = apply_smoothquant(small, RTNConfig(bits=8, smoothquant=0.5), as_batches(x, 8), fold_batch_bytes=budget)
+    assert len(calls) > 2 and all(r.folded for r in recs if r.predecessor is not None)
+    for (n, a), (_, b) in zip(one.state_dict().items(), small.state_dict().items()):
+        assert torch.equal(a, b), n

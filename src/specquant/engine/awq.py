@@ -329,17 +329,23 @@ def capture_group_inputs(model: nn.Module, groups: list[AWQGroup], batches, new_
     return accs
 
 
-def _chunks(groups: list[AWQGroup], mods: dict, budget: int) -> list[list[AWQGroup]]:
-    """Consecutive groups whose F matrices (N0² float64 each) fit in ``budget`` bytes together."""
+def cut_by_bytes(sizes: list[int], budget: int) -> list[list[int]]:
+    """Positions 0 … len(sizes) − 1 cut into consecutive runs whose sizes sum to at most ``budget``
+    (a run holds at least one position)."""
     out, cur, used = [], [], 0
-    for g in groups:
-        size = 8 * mods[g.layers[0]].in_features ** 2
+    for k, size in enumerate(sizes):
         if cur and used + size > budget:
             out.append(cur)
             cur, used = [], 0
-        cur.append(g)
+        cur.append(k)
         used += size
     return out + ([cur] if cur else [])
+
+
+def _chunks(groups: list[AWQGroup], mods: dict, budget: int) -> list[list[AWQGroup]]:
+    """Consecutive groups whose F matrices (N0² float64 each) fit in ``budget`` bytes together."""
+    runs = cut_by_bytes([8 * mods[g.layers[0]].in_features ** 2 for g in groups], budget)
+    return [[groups[k] for k in run] for run in runs]
 
 
 def probe_output(model: nn.Module, example) -> torch.Tensor | None:
@@ -459,44 +465,48 @@ def touched_by_fold(mods: dict, g: AWQGroup) -> list[torch.Tensor]:
                                                  if isinstance(t, torch.Tensor)]
 
 
-def _fold_all(model, mods, found: list, records: dict, example, y_prev, dtype, budget: int):
-    """Fold the searched scales of ``found`` (index, group, scale), as many at once as their saved
-    copies fit in ``budget`` bytes, with one probe per batch: every fold keeps the function, so the
-    output must not move.  When it does, the batch is undone exactly and folded again group by group,
-    each checked (``fold_checked``), so that only the offending groups are skipped with the reason.
-    The result equals folding and checking one group at a time; the model runs once per batch instead
-    of once per group (on smollm2-135m: 1 probe instead of 90)."""
-    batches, cur, used = [], [], 0
-    for item in found:
-        size = sum(t.numel() * t.element_size() for t in touched_by_fold(mods, item[1]))
-        if cur and used + size > budget:
-            batches.append(cur)
-            cur, used = [], 0
-        cur.append(item)
-        used += size
-    for batch in batches + ([cur] if cur else []):
-        touched = [t for _, g, _ in batch for t in touched_by_fold(mods, g)]
+def fold_all_checked(model: nn.Module, mods: dict, items: list, example, y_prev, dtype,
+                     budget: int) -> tuple[list[str | None], torch.Tensor | None]:
+    """Run the folds of ``items`` ((group, fold) pairs in forward order; ``fold()`` folds its group in
+    place and may read the weights as earlier folds left them), as many at once as the copies of
+    their touched tensors fit in ``budget`` bytes, with one probe per batch: every fold keeps the
+    function, so the output must not move.  When it does, the batch is undone exactly and run again
+    fold by fold, each checked (``fold_checked``), so that only the offending folds are undone.
+    Returns (per item None when folded, else why not; the last probe output).  The result equals
+    folding and checking one group at a time; the model runs once per batch instead of once per
+    group (on smollm2-135m: 1 probe instead of 90)."""
+    reasons: list[str | None] = [None] * len(items)
+    sizes = [sum(t.numel() * t.element_size() for t in touched_by_fold(mods, g)) for g, _ in items]
+    for batch in cut_by_bytes(sizes, budget):
+        touched = [t for k in batch for t in touched_by_fold(mods, items[k][0])]
         saved = [t.detach().clone() for t in touched]
-        for _, g, scale in batch:
-            fold_awq(model, g.layers, scale, g.predecessor)
+        for k in batch:
+            items[k][1]()
         y = probe_output(model, example)
         if output_moved(y_prev, y, dtype) is None:
-            for i, _, _ in batch:
-                records[i].folded = True
             y_prev = y
             continue
         with torch.no_grad():
             for t, old in zip(touched, saved):  # undo the whole batch, exactly
                 t.copy_(old)
         del saved
-        for i, g, scale in batch:
-            why, y_prev = fold_checked(model, g, scale, example, y_prev, dtype)
-            rec = records[i]
-            if why is None:
-                rec.folded = True
-            else:
-                rec.alpha = rec.loss = rec.rel_error = None
-                rec.reason = why
+        for k in batch:
+            reasons[k], y_prev = fold_checked(model, items[k][0], items[k][1], example, y_prev, dtype)
+    return reasons, y_prev
+
+
+def _fold_all(model, mods, found: list, records: dict, example, y_prev, dtype, budget: int):
+    """Fold the searched scales of ``found`` (index, group, scale) with ``fold_all_checked``; a fold that
+    moved the output leaves its record without scales, with the reason."""
+    items = [(g, lambda g=g, scale=scale: fold_awq(model, g.layers, scale, g.predecessor)) for _, g, scale in found]
+    reasons, y_prev = fold_all_checked(model, mods, items, example, y_prev, dtype, budget)
+    for (i, _, _), why in zip(found, reasons):
+        rec = records[i]
+        if why is None:
+            rec.folded = True
+        else:
+            rec.alpha = rec.loss = rec.rel_error = None
+            rec.reason = why
     return y_prev
 
 
@@ -529,12 +539,12 @@ def _search(mods, config, g: AWQGroup, acc: _Acc):
     return rec, (None if res.alpha == 0.0 else res.scale)
 
 
-def fold_checked(model: nn.Module, g: AWQGroup, scale: torch.Tensor, example, y_prev, dtype):
-    """Fold ``scale`` into group ``g`` (``fold_awq``) and check the probe output ``y_prev`` did not
-    move beyond rounding; (None, new output), or (why, y_prev) with the fold undone exactly."""
+def fold_checked(model: nn.Module, g: AWQGroup, fold, example, y_prev, dtype):
+    """Run ``fold()`` (it folds scales into group ``g`` in place) and check the probe output ``y_prev``
+    did not move beyond rounding; (None, new output), or (why, y_prev) with the fold undone exactly."""
     touched = touched_by_fold(dict(model.named_modules()), g)
     saved = [t.detach().clone() for t in touched]
-    fold_awq(model, g.layers, scale, g.predecessor)
+    fold()
     y = probe_output(model, example)
     moved = output_moved(y_prev, y, dtype)
     if moved is not None:

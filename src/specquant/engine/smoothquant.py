@@ -32,13 +32,12 @@ from torch import nn
 from specquant.algorithms.base import QuantConfig
 from specquant.algorithms.smoothquant import smoothquant_scales
 from specquant.engine.awq import (
+    DEFAULT_STAT_BYTES,
     capture_group_inputs,
+    fold_all_checked,
     fold_awq,
-    fold_checked,
     groups_on_data,
-    output_moved,
     probe_output,
-    touched_by_fold,
 )
 from specquant.engine.walk import quantizable_layers
 
@@ -77,7 +76,8 @@ class _AbsMax:
         torch.maximum(self.amax, X.abs().amax(dim=0).double(), out=self.amax)
 
 
-def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=None) -> list[SmoothQuantRecord]:
+def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=None, *,
+                      fold_batch_bytes: int = DEFAULT_STAT_BYTES) -> list[SmoothQuantRecord]:
     """Fold SmoothQuant scales with α = ``config.smoothquant`` into ``model`` in place (float
     function unchanged); one record per group of Linear layers sharing an input, in forward order,
     then one per convolution (skipped, ``CONV_REASON``).
@@ -86,7 +86,11 @@ def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=No
         model: the float model, in eval mode (BatchNorm folded, nothing quantized yet).
         config: its ``smoothquant`` is α; groups whose layers are all left in float are skipped.
         batches: calibration inputs (a list of tensors, as ``calibrate.as_batches`` gives).
-        example: the probe batch (default: the first two samples of the first batch).
+        example: the probe batch (default: the first two samples of the first batch); its output
+            is checked after the folds, and a fold that moves it more than rounding does is undone
+            (the group is then skipped with the reason).
+        fold_batch_bytes: memory for the copies of the weights that a batch of folds changes (kept to
+            undo the batch exactly); one probe per batch (more batches: more probes, same result).
     """
     alpha = config.smoothquant
     if alpha is None:
@@ -111,23 +115,15 @@ def apply_smoothquant(model: nn.Module, config: QuantConfig, batches, example=No
     todo = [(i, acc) for i, acc in zip(todo, stats) if _finite(records[i], acc)]
     y0 = probe_output(model, example)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    touched = [t for i, _ in todo for t in touched_by_fold(mods, groups[i])]
-    saved = [t.detach().clone() for t in touched]
-    # Every fold at once, one probe: each keeps the function, so the output must not move.
-    _smooth(mods, groups, records, todo, alpha, lambda g, s: fold_awq(model, g.layers, s, g.predecessor))
-    if output_moved(y0, probe_output(model, example), dtype) is None:
-        return records
-    # Some fold changed the function: undo them all, then fold group by group, each checked (and undone).
-    with torch.no_grad():
-        for t, old in zip(touched, saved):
-            t.copy_(old)
-    state = {"y": y0}
-
-    def checked(g, s):
-        why, state["y"] = fold_checked(model, g, s, example, state["y"], dtype)
-        return why
-
-    _smooth(mods, groups, records, todo, alpha, checked)
+    # Every fold checked through one probe per batch (batches bounded by the copies kept to undo them).
+    items = [(groups[i], lambda i=i, acc=acc: _smooth(model, mods, groups[i], records[i], acc, alpha))
+             for i, acc in todo]
+    reasons, _ = fold_all_checked(model, mods, items, example, y0, dtype, fold_batch_bytes)
+    for (i, _), why in zip(todo, reasons):
+        rec = records[i]
+        rec.folded, rec.reason = why is None, why
+        if why is not None:
+            rec.act_max_after = rec.weight_max_after = None
     return records
 
 
@@ -140,22 +136,16 @@ def _finite(rec: SmoothQuantRecord, acc: _AbsMax) -> bool:
     return False
 
 
-def _smooth(mods: dict, groups: list, records: list[SmoothQuantRecord], todo: list, alpha: float, fold) -> None:
-    """Each group of ``todo`` (index, statistics) in forward order: its scales from its weights as they
-    are now (an earlier fold may have scaled them), filled into its record, and ``fold(group, s)``
-    (None when folded, else why not)."""
-    for i, acc in todo:
-        g, rec = groups[i], records[i]
-        Ws = [mods[n].weight.detach() for n in g.layers]  # (out_i, N0) each, as they are now
-        try:
-            s = smoothquant_scales(acc.amax, Ws, alpha)  # (N0,)
-        except ValueError as e:
-            raise ValueError(f"SmoothQuant on {', '.join(repr(n) for n in g.layers)}: {e}") from None
-        rec.alpha, rec.act_max = alpha, float(acc.amax.max())
-        rec.weight_max = max(float(W.abs().max()) for W in Ws)
-        rec.weight_max_after = max(float((W.float() * s.to(W.device)[None, :]).abs().max()) for W in Ws)
-        rec.act_max_after = float((acc.amax / s.double().to(acc.amax.device)).max())
-        why = fold(g, s)
-        rec.folded, rec.reason = why is None, why
-        if why is not None:
-            rec.act_max_after = rec.weight_max_after = None
+def _smooth(model: nn.Module, mods: dict, g, rec: SmoothQuantRecord, acc: _AbsMax, alpha: float) -> None:
+    """One group: its scales from its weights as they are now (an earlier fold may have scaled them),
+    filled into its record, then folded (``fold_awq``)."""
+    Ws = [mods[n].weight.detach() for n in g.layers]  # (out_i, N0) each, as they are now
+    try:
+        s = smoothquant_scales(acc.amax, Ws, alpha)  # (N0,)
+    except ValueError as e:
+        raise ValueError(f"SmoothQuant on {', '.join(repr(n) for n in g.layers)}: {e}") from None
+    rec.alpha, rec.act_max = alpha, float(acc.amax.max())
+    rec.weight_max = max(float(W.abs().max()) for W in Ws)
+    rec.weight_max_after = max(float((W.float() * s.to(W.device)[None, :]).abs().max()) for W in Ws)
+    rec.act_max_after = float((acc.amax / s.double().to(acc.amax.device)).max())
+    fold_awq(model, g.layers, s, g.predecessor)
