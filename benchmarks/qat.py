@@ -10,7 +10,9 @@ outputs must equal the trained model's (checked on 500 test images).
 
 ``--distill`` trains against the float model's softened outputs as well (knowledge distillation,
 Hinton et al. 2015; ``finetune(teacher=...)``: (1 − α)·CE + α·T²·KL, ``--distill-alpha``,
-``--distill-temperature``); its rows are marked "+KD".
+``--distill-temperature``; ``--teacher ID``: another zoo classifier as the teacher); its rows are
+marked "+KD".  ``--mixup M`` blends every batch with a shuffled copy of itself (λ ~ Beta(M, M); with
+--distill the teacher scores the blended images: "function matching", Beyer et al., CVPR 2022).
 
 ``--val N`` holds out N training images (seeded) and reports their accuracy too: use it, not the
 test set, to choose a learning rate.
@@ -147,7 +149,9 @@ def run_case(case: str, args, float_cache: dict) -> Row:
                     augment="crop-flip" if x_train.dim() == 4 else "none",
                     distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
                     scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
-    teacher = entry.load(args.data_dir).eval() if args.distill else None
+    teacher = None
+    if args.distill:
+        teacher = (get_entry(args.teacher) if args.teacher else entry).load(args.data_dir).eval()
     steps = args.epochs * -(-x_train.shape[0] // args.batch_size)
     t_start = time.perf_counter()
 
@@ -176,7 +180,8 @@ def run_case(case: str, args, float_cache: dict) -> Row:
               optimizer=args.optimizer, n_train=int(x_train.shape[0]), n_test=int(x_test.shape[0]),
               epoch_loss=result.epoch_loss, ptq_seconds=ptq_s, train_seconds=result.train_seconds,
               threads=torch.get_num_threads(), seed=args.seed, saved_equals_trained=same, bits_per_weight=bpw,
-              distill=f"alpha={args.distill_alpha},T={args.distill_temperature}" if args.distill else None,
+              distill=(f"alpha={args.distill_alpha},T={args.distill_temperature}"
+                       + (f",teacher={args.teacher}" if args.teacher else "")) if args.distill else None,
               protected=kept if args.protect_first_last else None, prefix=args.prefix, n_layers=n_layers,
               scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
@@ -230,6 +235,8 @@ def main() -> None:
                    help="mixup with λ ~ Beta(M, M) on every batch (with --distill the teacher scores the blended "
                         "images) (default: 0, off)")
     p.add_argument("--distill", action="store_true", help="distil from the float model (teacher) as well")
+    p.add_argument("--teacher", default=None,
+                   help="with --distill: the zoo classifier to distil from (default: the case's own float model)")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the soft (KL) term (default: 0.5)")
     p.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default: 4)")
     p.add_argument("--protect-first-last", action="store_true",

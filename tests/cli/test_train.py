@@ -67,6 +67,22 @@ def test_mixup_is_taken_and_recorded(ptq_run, capsys):
     assert m["mixup"] == 0.4
 
 
+def test_distillation_from_the_float_model_is_taken_and_recorded(ptq_run, capsys):
+    assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "2", "--distill", "--distill-alpha", "0.7",
+                 "--distill-temperature", "2", "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["distill"] == {"teacher": "digits-mlp", "alpha": 0.7, "temperature": 2.0}
+    assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "2", "--json", "--quiet"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["distill"] is None and plain["epoch_loss"] != m["epoch_loss"]  # the teacher changed the training
+
+
+def test_a_teacher_with_other_inputs_is_refused_in_one_line(ptq_run, data_dir, error_line):
+    assert "does not take digits-mlp's inputs" in error_line(["train", "digits-mlp", "--from", str(ptq_run),
+                                                              "--epochs", "1", "--distill", "--teacher", "mnist-mlp",
+                                                              "--data-dir", str(data_dir)])
+
+
 def test_errors_are_one_line(ptq_run, tmp_path, error_line):
     assert "is a run of 'digits-mlp', not 'mnist-mlp'" in error_line(
         ["train", "mnist-mlp", "--from", str(ptq_run), "--epochs", "1"])
@@ -76,6 +92,14 @@ def test_errors_are_one_line(ptq_run, tmp_path, error_line):
     assert "--lr" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--lr", "-1"])
     assert "--scale-lr-factor" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
                                               "--scale-lr-factor", "0"])
+    assert "--teacher needs --distill" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
+                                                      "--teacher", "digits-mlp"])
+    assert "--distill-alpha" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
+                                            "--distill", "--distill-alpha", "1.5"])
+    assert "is not a classifier" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
+                                                "--distill", "--teacher", "stories260k"])
+    assert "unknown model id" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",
+                                             "--distill", "--teacher", "nope"])
     assert "--mixup" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--mixup", "-1"])
     assert "--from" in error_line(["train", "digits-mlp", "--epochs", "1"])
     assert "needs images" in error_line(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1",

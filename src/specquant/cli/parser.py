@@ -117,15 +117,22 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _unit(what: str):
+    """A parser of numbers in [0, 1]; errors name ``what``."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in [0, 1], got {text!r}")
+        return v
+    return parse
+
+
 def _alpha(text: str) -> float:
     """SmoothQuant's α: a number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"SmoothQuant alpha must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"SmoothQuant alpha must be a number in [0, 1], got {text!r}")
-    return v
+    return _unit("SmoothQuant alpha")(text)
 
 
 def _add_lm(p: argparse.ArgumentParser) -> None:
@@ -494,6 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=("auto",) + AUGMENTS, default="auto",
                    help="crop-flip: random crops of the 4-pixel-padded images and horizontal flips; auto: crop-flip "
                         "for image inputs, none otherwise (default: auto)")
+    p.add_argument("--distill", action="store_true",
+                   help="distil from a float teacher as well (Hinton et al. 2015): (1 - A) * CE + A * T^2 * KL on "
+                        "softened outputs; the teacher is MODEL's float network unless --teacher says otherwise")
+    p.add_argument("--teacher", metavar="MODEL", default=None,
+                   help="with --distill: the zoo classifier to distil from (same inputs and classes) (default: MODEL)")
+    p.add_argument("--distill-alpha", metavar="A", type=_unit("--distill-alpha"), default=0.5,
+                   help="with --distill: weight of the soft term (default: 0.5)")
+    p.add_argument("--distill-temperature", metavar="T", type=_positive_float, default=4.0,
+                   help="with --distill: softening temperature (default: 4)")
     p.add_argument("--mixup", metavar="M", type=_nonnegative_float, default=0.0,
                    help="mixup: every batch blended with a shuffled copy of itself by a weight drawn from Beta(M, M), "
                         "the label loss mixed alike (default: 0, off)")

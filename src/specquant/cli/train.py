@@ -26,6 +26,7 @@ from specquant.cli.common import (
 )
 from specquant.core.spectral import condition_number
 from specquant.io.files import read_json
+from specquant.models import get_entry, get_model
 from specquant.qat import QATConfig, finetune
 from specquant.report import run_folder as rf
 from specquant.report.run_folder import CONFIG_JSON, METRICS_JSON, MODEL_FILE, RunFolderError, verify_run_folder
@@ -64,9 +65,41 @@ def train_config(args) -> QATConfig:
         return QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
                          lsq=args.lsq, kappa_reg=args.kappa_reg, kappa_kind=args.kappa_kind,
                          augment="none" if args.augment == "auto" else args.augment,
-                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
+                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup,
+                         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
     except ValueError as e:
         raise CLIError(f"train: {e}") from None
+
+
+def _teacher(args, entry, probe: torch.Tensor):
+    """The float teacher of --distill (None without it), checked against the student's inputs and classes."""
+    if not args.distill:
+        if args.teacher is not None:
+            raise CLIError("train: --teacher needs --distill")
+        return None
+    teacher_id = args.teacher or args.model
+    try:
+        t_entry = get_entry(teacher_id)
+    except ValueError as e:
+        raise CLIError(f"train: --teacher: {str(e).splitlines()[0]}") from None
+    if t_entry.kind != "classifier":
+        raise CLIError(f"train: --teacher {teacher_id!r} is not a classifier (kind {t_entry.kind!r})")
+    check_data_dir(t_entry, args.data_dir)
+    teacher, _ = get_model(teacher_id, args.data_dir)
+    if t_entry.id == entry.id:
+        return teacher.eval()
+    reference, _ = get_model(entry.id, args.data_dir)
+    with torch.no_grad():
+        try:
+            out = teacher(probe)
+        except Exception as e:  # noqa: BLE001 - any failure on the student's inputs is a mismatch
+            raise CLIError(f"train: --teacher {teacher_id!r} does not take {entry.id}'s inputs of shape "
+                           f"{tuple(probe.shape[1:])}: {str(e).splitlines()[0]}") from None
+        want = reference(probe).shape
+    if out.shape != want:
+        raise CLIError(f"train: --teacher {teacher_id!r} gives outputs of shape {tuple(out.shape[1:])}, "
+                       f"{entry.id} {tuple(want[1:])}: not the same classes")
+    return teacher.eval()
 
 
 def _layer_rows(model, start: dict[str, torch.Tensor]) -> list[dict]:
@@ -104,7 +137,10 @@ def cmd_train(args, argv: list[str]) -> int:
         if config.augment == "crop-flip" and x_train.dim() != 4:
             raise CLIError(f"train: --augment crop-flip needs images (N, C, H, W); {entry.id}'s inputs have shape "
                            f"{tuple(x_train.shape)}")
+        teacher = _teacher(args, entry, x_train[:2])
         model.to(device)
+        if teacher is not None:
+            teacher.to(device)
         ptq_acc = evaluate(model, x_test, y_test, ui, "PTQ eval")
         ui.say(f"PTQ start ({run}): {ptq_acc:.2f} % top-1 on {x_test.shape[0]} test samples; fine-tuning on "
                f"{x_train.shape[0]} training samples for {args.epochs} epochs ({torch.get_num_threads()} threads) ...")
@@ -112,7 +148,7 @@ def cmd_train(args, argv: list[str]) -> int:
                  if hasattr(m, "to_quantized_weight") and n}
         with EtaProgress(ui, "QAT", "step") as progress:
             result = finetune(model, (x_train, y_train), config, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                              progress=progress)
+                              progress=progress, teacher=teacher)
         t0 = time.perf_counter()
         acc = evaluate(model, x_test, y_test, ui, "QAT eval")
         eval_s = time.perf_counter() - t0
@@ -129,6 +165,8 @@ def cmd_train(args, argv: list[str]) -> int:
             "lr": args.lr, "seed": args.seed, "lsq": config.lsq, "scale_lr_factor": config.scale_lr_factor,
             "kappa_reg": config.kappa_reg, "kappa_kind": config.kappa_kind, "augment": config.augment,
             "mixup": config.mixup, "optimizer": config.optimizer,
+            "distill": ({"teacher": args.teacher or args.model, "alpha": config.distill_alpha,
+                         "temperature": config.distill_temperature} if teacher is not None else None),
             "batch_size": config.batch_size, "train_seconds": result.train_seconds, "threads": torch.get_num_threads(),
             "epoch_loss": result.epoch_loss, "epoch_train_accuracy": result.epoch_accuracy,
             "epoch_kappa": result.epoch_kappa, "bits_per_weight": storage["bits_per_weight"], "storage": storage,
