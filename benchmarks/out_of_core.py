@@ -99,7 +99,11 @@ def child(args) -> None:
 
     torch.set_num_threads(1)
     cfg = config_for(args.method, args.bits, args.group)
-    if args.blocks:  # stop after N blocks: the rest of the layers (and the head) stay in float, never read
+    if args.head_only:  # every decoder block in float (run forward only), the head quantized
+        from specquant.algorithms.base import ModuleSettings
+
+        cfg.modules.update({f"model.layers.{i}.*": ModuleSettings(skip=True) for i in range(args.layers)})
+    elif args.blocks:  # stop after N blocks: the rest of the layers (and the head) stay in float, never read
         from specquant.algorithms.base import ModuleSettings
 
         cfg.modules.update({f"model.layers.{i}.*": ModuleSettings(skip=True) for i in range(args.blocks, args.layers)})
@@ -120,6 +124,8 @@ def run_child(args, folder: Path, method: str, outfile: Path) -> dict:
            "--layers", str(args.layers), "--blocks", str(args.blocks or 0), "--tmp", str(args.workdir)]
     if args.activation_budget is not None:
         cmd += ["--activation-budget", str(args.activation_budget)]
+    if args.head_only:
+        cmd += ["--head-only"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -186,6 +192,8 @@ def main() -> None:
     ap.add_argument("--activation-budget", type=float, default=None,
                     help="MiB of cached block activations kept in memory, the rest spilled to memory-mapped files "
                          "(default: quantize_folder's, half the room the limit leaves; 0: spill everything)")
+    ap.add_argument("--head-only", action="store_true",
+                    help="quantize the lm_head only (the decoder blocks run in float): its peak memory alone")
     ap.add_argument("--skip-identity", action="store_true")
     # the child process
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -219,7 +227,7 @@ def main() -> None:
               "settings": {"bits": args.bits, "group": args.group, "calib_windows": args.calib,
                            "seq_len": args.seq_len, "calib_tokens": "uniform random ids, seeded",
                            "max_memory": args.max_memory, "blocks": args.blocks or "all",
-                           "activation_budget_mib": args.activation_budget,
+                           "activation_budget_mib": args.activation_budget, "head_only": args.head_only,
                            "threads": 1, "cpus_on_machine": os.cpu_count()},
               "runs": runs}
     if not args.skip_identity:

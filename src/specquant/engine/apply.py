@@ -252,6 +252,39 @@ def _to_module_shape(qw: QuantizedWeight, shape: torch.Size) -> QuantizedWeight:
                                zero_point=qw.zero_point.reshape(sshape))
 
 
+ROW_BLOCK_BYTES = 64 * 2**20  # a layer whose (out, N0) float64 copy is larger is quantized in blocks of rows
+
+
+def _row_pieces(shape, groups: int, stats: list[LayerStats] | None, granularity: Granularity,
+                whole: bool = False) -> list:
+    """The row ranges the algorithm runs on, each with its statistics: (r0, r1, stats or None).
+
+    A grouped convolution: one piece per conv group (its own statistics).  A layer whose float64
+    (out, N0) copy exceeds ``ROW_BLOCK_BYTES`` and whose scales are per row (channel or group
+    granularity): blocks of rows sharing the statistics (output energies sliced).  Every method
+    quantizes rows independently given H and G (see ``_quantize_mixed_rows``), so the blocks only
+    bound the memory the algorithm and the error report hold at once (a 32000 × 2048 head: 0.5 GB
+    per float64 copy instead of several GB); the cut depends on the shape alone, so every run of
+    the same layer cuts it the same way.  ``whole``: no blocks of rows (methods whose result is not
+    a plain ``QuantizedWeight``)."""
+    out, n0 = shape
+    rows = out // groups
+    if groups > 1:
+        return [(g * rows, (g + 1) * rows, stats[g] if stats is not None else None) for g in range(groups)]
+    if whole or out * n0 * 8 <= ROW_BLOCK_BYTES or granularity.kind not in ("channel", "group"):
+        return [(0, out, stats[0] if stats is not None else None)]
+    step = max(1, ROW_BLOCK_BYTES // (8 * n0))
+    pieces = []
+    for r0 in range(0, out, step):
+        r1 = min(r0 + step, out)
+        sp = None
+        if stats is not None:
+            s0 = stats[0]
+            sp = dataclasses.replace(s0, energy=None if s0.energy is None else s0.energy[r0:r1])
+        pieces.append((r0, r1, sp))
+    return pieces
+
+
 def _concat_groups(parts: list[QuantizedWeight]) -> QuantizedWeight:
     if len(parts) == 1:
         return parts[0]
@@ -548,37 +581,44 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
         if groups > 1:
             raise ValueError(f"layer '{name}': per-row widths are not supported on grouped convolutions")
         qw = _quantize_mixed_rows(name, W2, stats[0] if stats is not None else None, config, settings, method)
-        W_hats = [qw.dequantize().reshape(W2.shape).float()]
+        W_hat = qw.dequantize().reshape(W2.shape).float()
         bits = qw.bits
     else:
         bits = settings.bits
         cfg = _layer_config(name, config, bits, settings.granularity)
-        parts, W_hats = [], []
-        for g in range(groups):
-            Wg = W2[g * rows:(g + 1) * rows]
-            sg = stats[g] if stats is not None else None
-            qw = _run(method, Wg, sg, cfg, name)
+        pieces = _row_pieces(W2.shape, groups, stats, settings.granularity)
+        parts = []
+        W_hat = torch.empty_like(W2)  # (out, N0), filled piece by piece
+        k = 0
+        while k < len(pieces):
+            r0, r1, sp = pieces[k]
+            qw = _run(method, W2[r0:r1], sp, cfg, name)
+            if len(pieces) > groups and type(qw) is not QuantizedWeight:  # e.g. frame weights: not cut in rows
+                pieces, parts, k = _row_pieces(W2.shape, groups, stats, settings.granularity, whole=True), [], 0
+                continue
             parts.append(qw)
-            W_hats.append(qw.dequantize().reshape(Wg.shape).float())
-        qw = _concat_groups(parts) if groups > 1 else parts[0]
-    W_hat = torch.cat(W_hats)  # (out, N0)
+            W_hat[r0:r1] = qw.dequantize().reshape(r1 - r0, -1).float()
+            k += 1
+        qw = _concat_groups(parts) if len(parts) > 1 else parts[0]
+        stats = [sp for _, _, sp in pieces] if stats is not None else None
+        rows = None  # the pieces' own row ranges below
     if not all_finite(W_hat):
         raise ValueError(f"layer '{name}': method '{config.method}' produced non-finite weights")
+    spans = ([(r0, r1) for r0, r1, _ in pieces] if rows is None
+             else [(g * rows, (g + 1) * rows) for g in range(groups)])
     rel = None
     if stats is not None:
         num = den = 0.0
-        for g in range(groups):
-            sg = stats[g]
-            Wg, Hg = W2[g * rows:(g + 1) * rows], W_hat[g * rows:(g + 1) * rows]
+        for (r0, r1), sg in zip(spans, stats):
+            Wg, Hg = W2[r0:r1], W_hat[r0:r1]
             energy = sg.target_energy(Wg)  # (rows,) ‖X w_i‖²
             num += float(row_output_error(Wg, Hg, sg.H, sg.G, energy).sum())
             den += float(energy.sum())
         rel = _relative_error(name, num, den)
         if config.bias_correction:
             shift = []
-            for g in range(groups):
-                sg = stats[g]
-                Wg, Hg = W2[g * rows:(g + 1) * rows].double(), W_hat[g * rows:(g + 1) * rows].double()
+            for (r0, r1), sg in zip(spans, stats):
+                Wg, Hg = W2[r0:r1].double(), W_hat[r0:r1].double()
                 shift.append(Wg @ sg.mean_x - Hg @ sg.mean_xt)  # (rows,)
             shift = torch.cat(shift).to(w.dtype)
             if mod.bias is None:
@@ -590,8 +630,11 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
     mod.weight.copy_(W_hat.reshape(w.shape).to(w.dtype))
     qw = _to_module_shape(qw, w.shape)
     mod.qweight = qw
-    err = (W2 - W_hat).double().pow(2).sum()
-    sqnr = float(10 * torch.log10(W2.double().pow(2).sum() / err)) if err > 0 else float("inf")
+    err = ref = torch.zeros((), dtype=torch.float64)
+    for r0, r1 in spans:  # in row blocks: no float64 copy of a whole large weight
+        err = err + (W2[r0:r1] - W_hat[r0:r1]).double().pow(2).sum()
+        ref = ref + W2[r0:r1].double().pow(2).sum()
+    sqnr = float(10 * torch.log10(ref / err)) if err > 0 else float("inf")
     return LayerRecord(
         name=name, type=type(mod).__name__, shape=list(w.shape), params=w.numel(), bits=bits,
         levels=qw.levels, method=config.method, bits_per_weight=qw.bits_per_weight(),
