@@ -71,7 +71,7 @@ def train_config(args) -> QATConfig:
         raise CLIError(f"train: {e}") from None
 
 
-def _teacher(args, entry, probe: torch.Tensor):
+def _teacher(args, entry, student: torch.nn.Module, probe: torch.Tensor):
     """The float teacher of --distill (None without it), checked against the student's inputs and classes."""
     if not args.distill:
         if args.teacher is not None:
@@ -88,14 +88,13 @@ def _teacher(args, entry, probe: torch.Tensor):
     teacher, _ = get_model(teacher_id, args.data_dir)
     if t_entry.id == entry.id:
         return teacher.eval()
-    reference, _ = get_model(entry.id, args.data_dir)
     with torch.no_grad():
         try:
             out = teacher(probe)
         except Exception as e:  # noqa: BLE001 - any failure on the student's inputs is a mismatch
             raise CLIError(f"train: --teacher {teacher_id!r} does not take {entry.id}'s inputs of shape "
                            f"{tuple(probe.shape[1:])}: {str(e).splitlines()[0]}") from None
-        want = reference(probe).shape
+        want = student(probe).shape
     if out.shape != want:
         raise CLIError(f"train: --teacher {teacher_id!r} gives outputs of shape {tuple(out.shape[1:])}, "
                        f"{entry.id} {tuple(want[1:])}: not the same classes")
@@ -137,7 +136,7 @@ def cmd_train(args, argv: list[str]) -> int:
         if config.augment == "crop-flip" and x_train.dim() != 4:
             raise CLIError(f"train: --augment crop-flip needs images (N, C, H, W); {entry.id}'s inputs have shape "
                            f"{tuple(x_train.shape)}")
-        teacher = _teacher(args, entry, x_train[:2])
+        teacher = _teacher(args, entry, model, x_train[:2])
         model.to(device)
         if teacher is not None:
             teacher.to(device)

@@ -573,14 +573,14 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
     out = w.shape[0]
     groups = getattr(mod, "groups", 1)
     W2 = w.reshape(out, -1).float().clone()  # (out, N0·groups⁻¹) conv viewed as (out, in·kh·kw); a copy
-    rows = out // groups
     row_bits = settings.row_bits
     if row_bits is not None:
         if len(row_bits) != out:
             raise ValueError(f"row_bits for layer '{name}' has {len(row_bits)} widths, the layer has {out} rows")
         if groups > 1:
             raise ValueError(f"layer '{name}': per-row widths are not supported on grouped convolutions")
-        qw = _quantize_mixed_rows(name, W2, stats[0] if stats is not None else None, config, settings, method)
+        pieces = _row_pieces(W2.shape, 1, stats, settings.granularity, whole=True)
+        qw = _quantize_mixed_rows(name, W2, pieces[0][2], config, settings, method)
         W_hat = qw.dequantize().reshape(W2.shape).float()
         bits = qw.bits
     else:
@@ -600,12 +600,10 @@ def _quantize_layer(name: str, mod: nn.Module, stats: list[LayerStats] | None, c
             W_hat[r0:r1] = qw.dequantize().reshape(r1 - r0, -1).float()
             k += 1
         qw = _concat_groups(parts) if len(parts) > 1 else parts[0]
-        stats = [sp for _, _, sp in pieces] if stats is not None else None
-        rows = None  # the pieces' own row ranges below
     if not all_finite(W_hat):
         raise ValueError(f"layer '{name}': method '{config.method}' produced non-finite weights")
-    spans = ([(r0, r1) for r0, r1, _ in pieces] if rows is None
-             else [(g * rows, (g + 1) * rows) for g in range(groups)])
+    spans = [(r0, r1) for r0, r1, _ in pieces]  # the row ranges the algorithm ran on, with their statistics
+    stats = [sp for _, _, sp in pieces] if stats is not None else None
     rel = None
     if stats is not None:
         num = den = 0.0

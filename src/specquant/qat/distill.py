@@ -27,4 +27,11 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
                  temperature: float) -> torch.Tensor:
     """(1 − α)·CE(student, labels) + α·T²·KL(teacher ‖ student) on logits (B, classes), labels (B,)."""
-    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * distill_kl(student, teacher, temperature)
+    return blend_with_teacher(F.cross_entropy(student, labels), student, teacher, alpha, temperature)
+
+
+def blend_with_teacher(hard: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, alpha: float,
+                       temperature: float) -> torch.Tensor:
+    """(1 − α)·hard + α·T²·KL(teacher ‖ student): the distillation loss around any label loss
+    ``hard`` (e.g. mixup's λ-mixed cross-entropy); logits (B, classes)."""
+    return (1 - alpha) * hard + alpha * distill_kl(student, teacher, temperature)

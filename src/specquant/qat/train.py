@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.qat.distill import distill_kl
+from specquant.qat.distill import blend_with_teacher
 from specquant.qat.kappa import KAPPA_KINDS, kappa_penalty
 from specquant.qat.layers import finalize_qat, prepare_qat
 
@@ -233,8 +233,7 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
             if teacher is not None:
                 with torch.no_grad():
                     soft = teacher(xb)  # (B, classes)
-                total_loss = ((1 - config.distill_alpha) * loss
-                              + config.distill_alpha * distill_kl(out, soft, config.distill_temperature))
+                total_loss = blend_with_teacher(loss, out, soft, config.distill_alpha, config.distill_temperature)
             if config.kappa_reg > 0:
                 penalty = sum(kappa_penalty(layer.module.weight, config.kappa_kind) for layer in layers)
                 total_loss = total_loss + config.kappa_reg * penalty
