@@ -162,3 +162,44 @@ def test_layers_left_in_float_are_streamed_through_and_written(tmp_path):
     ooc, _ = _tensors(res.path)
     assert mem.keys() == ooc.keys() and "lm_head.weight" in ooc and "model.layers.1.mlp.down_proj.weight" in ooc
     assert all(torch.equal(mem[k], ooc[k]) for k in mem)
+
+
+def _tensors_in_cycles() -> int:
+    """Tensors that only reference cycles keep alive (found by one collection)."""
+    import gc
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+    finally:
+        gc.set_debug(0)
+    n = sum(isinstance(o, torch.Tensor) and not o.is_meta for o in gc.garbage)
+    gc.garbage.clear()
+    gc.collect()
+    return n
+
+
+@pytest.mark.parametrize("cfg", [sq.GPTQConfig(bits=4, granularity="group:16"), sq.GPFQConfig(bits=3)],
+                         ids=["gptq", "gpfq"])
+def test_the_walk_frees_each_block_without_the_garbage_collector(tmp_path, cfg):
+    """A block's weights, statistics and activations are freed by reference counting when the
+    walk moves on: nothing waits for a collection (on the full 1.5B model, statistics held in
+    reference cycles piled up over several blocks, 1.7 GB over the memory limit)."""
+    import gc
+
+    torch.set_num_threads(1)
+    folder = _folder(tmp_path, tied=False, layers=3)
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        res = sq.quantize_folder(folder, cfg, _calib(), tmp_path / "ooc.sq", batch_size=2, progress=False,
+                                 workdir=tmp_path)
+        assert _tensors_in_cycles() == 0
+    finally:
+        if enabled:
+            gc.enable()
+    blocks = res.to_dict()["block_seconds"]  # each block's resident memory after it was dropped
+    assert [b["block"] for b in blocks] == [f"model.layers.{i}" for i in range(3)] + ["lm_head"]
+    assert all(0 < b["rss_mb"] <= res.report.peak_rss_mb for b in blocks)
+    assert 0 < res.walk_peak_rss_mb <= res.report.peak_rss_mb

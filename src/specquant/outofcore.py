@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from specquant.algorithms.base import QuantConfig
-from specquant.engine.apply import QuantReport, peak_rss_mb
+from specquant.engine.apply import QuantReport, current_rss_mb, peak_rss_mb
 from specquant.engine.calibrate import as_batches
 from specquant.engine.outofcore import BlockIO, quantize_streamed, streamed_blocks
 from specquant.engine.spill import ActivationStore
@@ -74,18 +74,6 @@ def release_freed_memory() -> bool:
         return False
 
 
-def current_rss_mb() -> float:
-    """Resident memory of this process now, in MiB (0.0 where /proc is not there)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
-
-
 @dataclass
 class MemoryEstimate:
     """The peak an out-of-core run expects, in bytes, and its parts."""
@@ -122,8 +110,11 @@ class OutOfCoreResult:
     max_memory: int | None  # the limit in bytes (None: none)
     estimate: MemoryEstimate  # the peak expected before starting
     block_seconds: list[tuple[str, float]]  # wall time per block (load, statistics, algorithm, write)
+    block_rss_mb: list[float]  # resident memory (MiB) after each block was written and dropped
     spilled_bytes: int  # cached activation bytes written to memory-mapped files
     seconds: float  # total wall time
+    walk_peak_rss_mb: float = 0.0  # the peak resident memory (MiB) when the last block was done, before the
+    #                                 parts were assembled into the file (report.peak_rss_mb: after)
 
     def to_dict(self) -> dict:
         return {
@@ -131,8 +122,10 @@ class OutOfCoreResult:
             "memory_estimate_mb": self.estimate.to_dict(),
             "spilled_mb": round(self.spilled_bytes / MB, 1),
             "blocks": len(self.block_seconds),
-            "block_seconds": [{"block": n, "seconds": s} for n, s in self.block_seconds],
+            "block_seconds": [{"block": n, "seconds": s, "rss_mb": round(r, 1)}
+                              for (n, s), r in zip(self.block_seconds, self.block_rss_mb)],
             "out_of_core_seconds": self.seconds,
+            "walk_peak_rss_mb": self.walk_peak_rss_mb,
         }
 
 
@@ -302,7 +295,9 @@ def quantize_folder(folder, config: QuantConfig, calib, out, *, max_memory=None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = streamed.report
+    walk_peak = report.peak_rss_mb
     report.peak_rss_mb = peak_rss_mb()
     return OutOfCoreResult(report=report, path=path, max_memory=limit, estimate=est,
-                           block_seconds=streamed.block_seconds, spilled_bytes=streamed.spilled_bytes,
-                           seconds=time.perf_counter() - t_start)
+                           block_seconds=streamed.block_seconds, block_rss_mb=streamed.block_rss_mb,
+                           spilled_bytes=streamed.spilled_bytes,
+                           seconds=time.perf_counter() - t_start, walk_peak_rss_mb=walk_peak)

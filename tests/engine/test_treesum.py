@@ -59,3 +59,27 @@ def test_order_and_missing_batches_are_errors():
         total({(0, 0): [torch.ones(1)], (0, 2): [torch.ones(1)]})
     with pytest.raises(ValueError, match="no calibration batch"):
         total({})
+
+
+def test_the_sum_leaves_no_reference_cycle_holding_the_statistics():
+    """With the garbage collector off, the parts are freed as soon as the caller lets go of them:
+    a self-calling closure kept every layer's statistics alive until a collection (the out-of-core
+    walk grew by one block's statistics per block)."""
+    import gc
+    import weakref
+
+    leaves = _leaves(5, seed=4)
+    s = DyadicSum()
+    for b, parts in enumerate(leaves):
+        s.push(b, parts)
+    watched = [weakref.ref(t) for parts in s.nodes.values() for t in parts]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        out = total(s.nodes)
+        assert out[0].shape == leaves[0][0].shape
+        del s, out, leaves, parts
+        assert all(w() is None for w in watched)
+    finally:
+        if enabled:
+            gc.enable()

@@ -188,13 +188,32 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (0.0 where the platform does not say)."""
+    """Peak resident memory of this process so far, in MiB (0.0 where the platform does not say):
+    ``getrusage``'s, or /proc's VmHWM where larger (getrusage can trail the current figure by a
+    few hundred KiB)."""
     try:
         import resource
     except ImportError:  # not on POSIX
         return 0.0
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # bytes on macOS, KiB elsewhere
+    peak = kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # bytes on macOS, KiB elsewhere
+    return max(peak, _proc_status_mb("VmHWM:"))
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (0.0 where /proc is not there)."""
+    return _proc_status_mb("VmRSS:")
+
+
+def _proc_status_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def _first_line(e: BaseException) -> str:

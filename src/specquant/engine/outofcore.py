@@ -31,6 +31,7 @@ from specquant.engine.apply import (
     BlockState,
     QuantReport,
     _progress,
+    current_rss_mb,
     kv_cache_off,
     method_of,
     peak_rss_mb,
@@ -68,6 +69,7 @@ class StreamedReport:
 
     report: QuantReport  # per-layer records, as the in-memory engine's
     block_seconds: list[tuple[str, float]]  # each block's wall time (load, statistics, algorithm, write)
+    block_rss_mb: list[float]  # resident memory (MiB) after each block was written and dropped
     spilled_bytes: int  # hidden-state bytes written to the store's files
     blocks: list[str]  # the blocks walked, in order (a block after the last quantized layer is not walked)
 
@@ -190,7 +192,7 @@ def _walk(model, float_model, config, method, batches, io, store, layer_order, t
     tuple_out = any(link.tuple_out for link in links.values())
     any_quantized = False
     f_next = q_next = None
-    timings = []
+    timings, rss = [], []
     for k, name in enumerate(blocks):
         t0 = time.perf_counter()
         in_block = [n for n in layer_order if n == name or n.startswith(name + ".")]
@@ -226,9 +228,10 @@ def _walk(model, float_model, config, method, batches, io, store, layer_order, t
         f_next, q_next = store.put("f", f_out), store.put("q", q_out)
         del f_out, q_out
         timings.append((name, time.perf_counter() - t0))
+        rss.append(current_rss_mb())
     if bar is not None:
         bar.close()
     report.skipped = skipped_modules(model, set(layer_order), set(), ties.reasons)
     report.seconds = time.perf_counter() - t_start
     report.peak_rss_mb = peak_rss_mb()
-    return StreamedReport(report, timings, store.spilled_bytes, blocks)
+    return StreamedReport(report, timings, rss, store.spilled_bytes, blocks)

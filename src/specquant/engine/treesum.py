@@ -70,16 +70,18 @@ def total(nodes: dict[Key, Parts]) -> Parts:
     if not nodes:
         raise ValueError("no statistics to sum (no calibration batch)")
     n = max((j + 1) << lv for lv, j in nodes)
-    top = max(0, (n - 1).bit_length())
+    return _node(nodes, n, max(0, (n - 1).bit_length()), 0)
 
-    def value(level: int, j: int) -> Parts | None:
-        if (level, j) in nodes:
-            return nodes[(level, j)]
-        if j << level >= n:
-            return None
-        if level == 0:
-            raise ValueError(f"the statistics of calibration batch {j} are missing")
-        left, right = value(level - 1, 2 * j), value(level - 1, 2 * j + 1)
-        return left if right is None else _add(left, right)
 
-    return value(top, 0)
+def _node(nodes: dict[Key, Parts], n: int, level: int, j: int) -> Parts | None:
+    """Node (level, j) of the tree over batches [0, n).  A plain function, not a closure that calls
+    itself: such a closure is a reference cycle holding ``nodes`` (every layer's statistics)
+    until the garbage collector runs, which let the out-of-core walk's memory grow block after block."""
+    if (level, j) in nodes:
+        return nodes[(level, j)]
+    if j << level >= n:
+        return None
+    if level == 0:
+        raise ValueError(f"the statistics of calibration batch {j} are missing")
+    left, right = _node(nodes, n, level - 1, 2 * j), _node(nodes, n, level - 1, 2 * j + 1)
+    return left if right is None else _add(left, right)
