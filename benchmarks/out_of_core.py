@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--head-only", action="store_true",
                     help="quantize the lm_head only (the decoder blocks run in float): its peak memory alone")
     ap.add_argument("--skip-identity", action="store_true")
+    ap.add_argument("--identity-only", action="store_true",
+                    help="only the in-memory vs out-of-core comparison on the small model (no 1.5B runs)")
     # the child process
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -209,21 +211,24 @@ def main() -> None:
 
     work = Path(args.workdir)
     folder = work / f"llama-{args.layers}x{args.hidden}-{args.intermediate}-v{args.vocab}"
-    n = ensure_model(folder, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                     vocab=args.vocab, heads=args.heads)
-    print(f"model: {n / 1e9:.3f}B parameters, {4 * n / 1e9:.2f} GB in float32, {folder}", flush=True)
+    n = 0
+    if not args.identity_only:
+        n = ensure_model(folder, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                         vocab=args.vocab, heads=args.heads)
+        print(f"model: {n / 1e9:.3f}B parameters, {4 * n / 1e9:.2f} GB in float32, {folder}", flush=True)
     runs = []
-    for method in args.methods:
+    for method in ([] if args.identity_only else args.methods):
         r = run_child(args, folder, method, work / f"{folder.name}-{method}.sq")
         if "block_seconds" in r:
             secs = [b["seconds"] for b in r["block_seconds"]]
             r["median_block_seconds"] = sorted(secs)[len(secs) // 2]
+            r["max_block_rss_mb"] = max(b["rss_mb"] for b in r["block_seconds"])  # after a block was dropped
             if args.blocks:
                 r["extrapolated_total_seconds"] = r["median_block_seconds"] * (args.layers + 1)
         runs.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "block_seconds"}), flush=True)
     result = {"model": {"params": n, "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
-                        "vocab": args.vocab, "float32_gb": 4 * n / 1e9},
+                        "vocab": args.vocab, "float32_gb": 4 * n / 1e9} if n else None,
               "settings": {"bits": args.bits, "group": args.group, "calib_windows": args.calib,
                            "seq_len": args.seq_len, "calib_tokens": "uniform random ids, seeded",
                            "max_memory": args.max_memory, "blocks": args.blocks or "all",
@@ -234,13 +239,14 @@ def main() -> None:
         result["identity"] = identity(args)
     write_json(Path(args.out), result)
     print(f"\n{'method':8} {'peak RSS MiB':>13} {'limit MiB':>10} {'blocks':>7} {'median s/block':>15} "
-          f"{'total s':>9} {'spilled MiB':>12}")
+          f"{'total s':>9} {'spilled MiB':>12} {'RSS between blocks MiB':>23}")
     for r in runs:
         if "error" in r:
             print(f"{r['method']:8} error: {r['error']}")
             continue
         print(f"{r['method']:8} {r['peak_rss_mb']:13.0f} {r['max_memory_mb']:10.0f} {r['blocks']:7d} "
-              f"{r['median_block_seconds']:15.1f} {r['out_of_core_seconds']:9.0f} {r['spilled_mb']:12.1f}")
+              f"{r['median_block_seconds']:15.1f} {r['out_of_core_seconds']:9.0f} {r['spilled_mb']:12.1f} "
+              f"{r['max_block_rss_mb']:23.0f}")
     for m, v in result.get("identity", {}).items():
         print(f"identity {m}: {v['tensors']} tensors of a {v['params'] / 1e6:.0f}M-parameter model, "
               f"identical to the in-memory run: {v['identical']}")
