@@ -328,6 +328,7 @@ def find_blocks(model: nn.Module, layer_names: list[str]) -> list[str]:
                 blocks.append(full)
 
     visit("", model)
+    visit = None  # the closure calls itself (a reference cycle holding the model's modules): unbound
     order = {n: i for i, n in enumerate(layer_names)}
     blocks.sort(key=lambda b: min(order[n] for n in wanted if n == b or n.startswith(b + ".")))
     return blocks

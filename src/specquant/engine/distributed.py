@@ -229,7 +229,10 @@ def encode_result(obj) -> tuple[object, list[torch.Tensor]]:
             raise ValueError(f"a layer result holds a {type(x).__name__}, which ranks do not exchange")
         return {"object": name, "attrs": {k: enc(v) for k, v in vars(x).items()}}
 
-    return enc(obj), tensors
+    try:
+        return enc(obj), tensors
+    finally:
+        enc = None  # the closure calls itself (a reference cycle): unbound, the tensors are freed at once
 
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -282,7 +285,10 @@ def decode_result(meta, blob: torch.Tensor):
             return out
         raise ValueError("a peer rank sent a malformed layer result")
 
-    obj = dec(meta)
+    try:
+        obj = dec(meta)
+    finally:
+        dec = None  # the closure calls itself (a reference cycle holding ``blob``): unbound, it is freed at once
     if offset != blob.numel():
         raise ValueError("a peer rank sent more tensor bytes than its layer result describes")
     return obj
