@@ -7,6 +7,7 @@ data directory is a failure, so that the real-model checks cannot be skipped sil
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -64,3 +65,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def collector_off():
+    """The garbage collector off for the test (back on after): what the test frees, reference
+    counting alone freed (the out-of-core walk must not wait for a collection)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    yield
+    if enabled:
+        gc.enable()

@@ -181,24 +181,15 @@ def _tensors_in_cycles() -> int:
 
 @pytest.mark.parametrize("cfg", [sq.GPTQConfig(bits=4, granularity="group:16"), sq.GPFQConfig(bits=3)],
                          ids=["gptq", "gpfq"])
-def test_the_walk_frees_each_block_without_the_garbage_collector(tmp_path, cfg):
+def test_the_walk_frees_each_block_without_the_garbage_collector(tmp_path, cfg, collector_off):
     """A block's weights, statistics and activations are freed by reference counting when the
     walk moves on: nothing waits for a collection (on the full 1.5B model, statistics held in
     reference cycles piled up over several blocks, 1.7 GB over the memory limit)."""
-    import gc
-
     torch.set_num_threads(1)
     folder = _folder(tmp_path, tied=False, layers=3)
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        res = sq.quantize_folder(folder, cfg, _calib(), tmp_path / "ooc.sq", batch_size=2, progress=False,
-                                 workdir=tmp_path)
-        assert _tensors_in_cycles() == 0
-    finally:
-        if enabled:
-            gc.enable()
+    res = sq.quantize_folder(folder, cfg, _calib(), tmp_path / "ooc.sq", batch_size=2, progress=False,
+                             workdir=tmp_path)
+    assert _tensors_in_cycles() == 0
     blocks = res.to_dict()["block_seconds"]  # each block's resident memory after it was dropped
     assert [b["block"] for b in blocks] == [f"model.layers.{i}" for i in range(3)] + ["lm_head"]
     assert all(0 < b["rss_mb"] <= res.report.peak_rss_mb for b in blocks)

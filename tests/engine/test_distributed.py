@@ -167,11 +167,10 @@ def test_layer_results_travel_without_pickle():
         decode_result(bad, torch.empty(0, dtype=torch.uint8))
 
 
-def test_exchanging_a_result_leaves_no_reference_cycle():
+def test_exchanging_a_result_leaves_no_reference_cycle(collector_off):
     """The encoder's and decoder's self-calling closures are unbound when they finish: with the
     garbage collector off, the sent tensors and the received bytes are freed as soon as the caller
     drops them (else each layer's result waited for a collection)."""
-    import gc
     import weakref
 
     from specquant.core.quantizer import quantize_tensor
@@ -179,17 +178,11 @@ def test_exchanging_a_result_leaves_no_reference_cycle():
 
     qw = quantize_tensor(torch.randn(6, 32, generator=torch.Generator().manual_seed(0)), bits=3,
                          granularity="channel")
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        meta, tensors = encode_result((qw, None))
-        sent = [weakref.ref(t) for t in tensors]
-        blob = tensor_bytes(tensors)
-        received = weakref.ref(blob)
-        back = decode_result(json.loads(json.dumps(meta)), blob)
-        assert torch.equal(back[0].codes, qw.codes)
-        del meta, tensors, blob, back
-        assert all(w() is None for w in sent) and received() is None
-    finally:
-        if enabled:
-            gc.enable()
+    meta, tensors = encode_result((qw, None))
+    sent = [weakref.ref(t) for t in tensors]
+    blob = tensor_bytes(tensors)
+    received = weakref.ref(blob)
+    back = decode_result(json.loads(json.dumps(meta)), blob)
+    assert torch.equal(back[0].codes, qw.codes)
+    del meta, tensors, blob, back
+    assert all(w() is None for w in sent) and received() is None

@@ -61,11 +61,10 @@ def test_order_and_missing_batches_are_errors():
         total({})
 
 
-def test_the_sum_leaves_no_reference_cycle_holding_the_statistics():
+def test_the_sum_leaves_no_reference_cycle_holding_the_statistics(collector_off):
     """With the garbage collector off, the parts are freed as soon as the caller lets go of them:
     a self-calling closure kept every layer's statistics alive until a collection (the out-of-core
     walk grew by one block's statistics per block)."""
-    import gc
     import weakref
 
     leaves = _leaves(5, seed=4)
@@ -73,13 +72,7 @@ def test_the_sum_leaves_no_reference_cycle_holding_the_statistics():
     for b, parts in enumerate(leaves):
         s.push(b, parts)
     watched = [weakref.ref(t) for parts in s.nodes.values() for t in parts]
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        out = total(s.nodes)
-        assert out[0].shape == leaves[0][0].shape
-        del s, out, leaves, parts
-        assert all(w() is None for w in watched)
-    finally:
-        if enabled:
-            gc.enable()
+    out = total(s.nodes)
+    assert out[0].shape == leaves[0][0].shape
+    del s, out, leaves, parts
+    assert all(w() is None for w in watched)
