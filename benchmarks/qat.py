@@ -13,6 +13,8 @@ Hinton et al. 2015; ``finetune(teacher=...)``: (1 − α)·CE + α·T²·KL, ``-
 ``--distill-temperature``; ``--teacher ID``: another zoo classifier as the teacher); its rows are
 marked "+KD".  ``--mixup M`` blends every batch with a shuffled copy of itself (λ ~ Beta(M, M); with
 --distill the teacher scores the blended images: "function matching", Beyer et al., CVPR 2022).
+``--batch-norm`` trains every quantized convolution with a BatchNorm on its output again (PTQ folded
+ResNet's BatchNorms into the convolutions), folded into the per-channel scales at the end ("+BN").
 
 ``--val N`` holds out N training images (seeded) and reports their accuracy too: use it, not the
 test set, to choose a learning rate.
@@ -89,6 +91,7 @@ class Row:
     n_layers: int | None = None  # quantizable layers of the model
     scale_lr_factor: float = 1.0  # LSQ steps' lr = lr × this (--scale-lr-factor)
     mixup: float = 0.0  # Beta parameter of mixup (--mixup; 0: off)
+    batch_norm: bool = False  # convolutions trained with a BatchNorm on their output, folded at the end (--batch-norm)
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -148,7 +151,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
     cfg = QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, lsq=args.lsq,
                     augment="crop-flip" if x_train.dim() == 4 else "none",
                     distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
+                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm)
     teacher = None
     if args.distill:
         teacher = (get_entry(args.teacher) if args.teacher else entry).load(args.data_dir).eval()
@@ -183,7 +186,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
               distill=(f"alpha={args.distill_alpha},T={args.distill_temperature}"
                        + (f",teacher={args.teacher}" if args.teacher else "")) if args.distill else None,
               protected=kept if args.protect_first_last else None, prefix=args.prefix, n_layers=n_layers,
-              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup)
+              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
           f" training, {torch.get_num_threads()} thread(s)); saved file equal: {same}", flush=True)
     return row
@@ -209,6 +212,8 @@ def table(rows: list[dict]) -> str:
             kd += f" (steps' lr × {r['scale_lr_factor']:g})"
         if r.get("mixup"):
             kd += f" +mixup {r['mixup']:g}"
+        if r.get("batch_norm"):
+            kd += " +BN"
         if r.get("prefix") is not None:
             kd += f" (first {r['prefix']} of {r['n_layers']} layers quantized)"
         lines.append(f"| {r['case']}{kd} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
@@ -234,6 +239,9 @@ def main() -> None:
     p.add_argument("--mixup", type=float, default=0.0,
                    help="mixup with λ ~ Beta(M, M) on every batch (with --distill the teacher scores the blended "
                         "images) (default: 0, off)")
+    p.add_argument("--batch-norm", action="store_true",
+                   help="train each quantized convolution with a BatchNorm on its output (batch statistics), folded "
+                        "into its per-channel scales and bias at the end")
     p.add_argument("--distill", action="store_true", help="distil from the float model (teacher) as well")
     p.add_argument("--teacher", default=None,
                    help="with --distill: the zoo classifier to distil from (default: the case's own float model)")

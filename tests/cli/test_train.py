@@ -67,6 +67,11 @@ def test_mixup_is_taken_and_recorded(ptq_run, capsys):
     assert m["mixup"] == 0.4
 
 
+def test_batch_norm_needs_a_convolution(ptq_run, error_line):
+    assert "train: --batch-norm: batch_norm: the model has no quantized convolution" in error_line(
+        ["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--batch-norm"])
+
+
 def test_distillation_from_the_float_model_is_taken_and_recorded(ptq_run, capsys):
     assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "2", "--distill", "--distill-alpha", "0.7",
                  "--distill-temperature", "2", "--json", "--quiet"]) == 0

@@ -12,6 +12,8 @@ import specquant as sq
 from specquant.core.layouts import grid_layout
 from specquant.models.mlp import MLP, train_mlp
 from specquant.qat import FakeQuantLayer, QATConfig, crop_flip, finetune, prepare_qat
+from specquant.qat.layers import finalize_qat
+from specquant.qat.train import start_batch_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,3 +203,72 @@ def test_fp8_ptq_results_are_refused_in_one_line():
     sq.quantize(model, sq.RTNConfig(bits=8, grid="fp8-e4m3"), calib=x, progress=False)
     with pytest.raises(ValueError, match="layer '0': QAT re-rounds on integer grids; this PTQ result has FP8 weights"):
         prepare_qat(model)
+
+
+def _conv_task(n: int = 96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 8, 8, generator=g)  # (N, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()  # (N,) in 0..2
+    return x, y
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group:5"])
+def test_batch_norm_starts_as_the_identity_and_folds_exactly(granularity):
+    x, _ = _conv_task()
+    model = _tiny_conv()
+    sq.quantize(model, sq.RTNConfig(bits=2, granularity=granularity), calib=x[:32], progress=False)
+    ptq_out = model(x).detach()
+    codes = [model[i].qweight.codes.clone() for i in (0, 2)]
+    layers = prepare_qat(model, batch_norm=True)
+    assert [layer.bn is not None for layer in layers] == [True, True, False]  # convolutions only
+    start_batch_norm(model, layers, x, QATConfig(batch_size=32))
+    model.eval()
+    torch.testing.assert_close(model(x).detach(), ptq_out, rtol=1e-5, atol=1e-5)  # the start is the PTQ model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # an arbitrary trained state: positive gains, any shift and statistics
+        for layer in layers[:2]:
+            bn, c = layer.bn, layer.bn.num_features
+            bn.weight.copy_(0.5 + torch.rand(c, generator=g))
+            bn.bias.copy_(torch.randn(c, generator=g))
+            bn.running_mean.copy_(torch.randn(c, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    trained = model(x).detach()
+    finalize_qat(model)
+    assert not any(isinstance(m, (FakeQuantLayer, nn.BatchNorm2d)) for m in model.modules())
+    for i, before in zip((0, 2), codes):
+        assert torch.equal(model[i].qweight.codes, before)  # the fold changed scales and bias, not codes
+        assert model[i].bias is not None
+    torch.testing.assert_close(model(x).detach(), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_qat_trains_and_the_saved_file_gives_its_outputs(tmp_path):
+    x, y = _conv_task()
+    model = _tiny_conv()
+    sq.quantize(model, sq.RTNConfig(bits=2), calib=x[:32], progress=False)
+    before = _loss(model, x, y)
+    cfg = QATConfig(batch_size=32, lsq=True, batch_norm=True, bn_samples=64)
+    result = finetune(model, (x, y), cfg, epochs=10, lr=1e-2)
+    assert result.config["batch_norm"] is True
+    assert _loss(model, x, y) < before
+    path = sq.save(model, tmp_path / "conv.safetensors", arch=_tiny_conv)
+    loaded = sq.load(path, build=_tiny_conv, kernel="torch")
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_batch_norm_needs_per_channel_scales_and_a_positive_gain():
+    x, _ = _conv_task()
+    model = _tiny_conv()
+    sq.quantize(model, sq.RTNConfig(bits=2, granularity="tensor"), calib=x[:32], progress=False)
+    with pytest.raises(ValueError, match="layer '0': batch_norm QAT folds the normalisation into one scale per "
+                                         "output channel; this layer's scales are tensor-wise"):
+        prepare_qat(model, batch_norm=True)
+    model = _tiny_conv()
+    sq.quantize(model, sq.RTNConfig(bits=2), calib=x[:32], progress=False)
+    layers = prepare_qat(model, batch_norm=True)
+    start_batch_norm(model, layers, x, QATConfig(batch_size=32))
+    with torch.no_grad():
+        layers[1].bn.weight[3] = -1.0
+    with pytest.raises(ValueError, match="layer '2': its BatchNorm gain on output channel 3 is"):
+        finalize_qat(model)
+    with pytest.raises(ValueError, match="bn_samples must be a positive integer"):
+        QATConfig(bn_samples=0)

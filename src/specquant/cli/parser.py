@@ -513,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", metavar="M", type=_nonnegative_float, default=0.0,
                    help="mixup: every batch blended with a shuffled copy of itself by a weight drawn from Beta(M, M), "
                         "the label loss mixed alike (default: 0, off)")
+    p.add_argument("--batch-norm", action="store_true",
+                   help="train each quantized convolution with a BatchNorm on its output (batch statistics, as before "
+                        "PTQ folded the BatchNorms), re-estimated at the end and folded into its per-channel scales "
+                        "and bias (codes unchanged); needs per-channel or per-group scales")
     p.add_argument("--seed", metavar="S", type=_seed, default=0,
                    help="seed of the sample order and the augmentation (default: 0)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,

@@ -2,6 +2,7 @@
 model's training split, evaluated against the PTQ start and written as a run folder like quantize's."""
 from __future__ import annotations
 
+import copy
 import datetime
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from specquant.core.spectral import condition_number
 from specquant.io.files import read_json
 from specquant.models import get_entry, get_model
 from specquant.qat import QATConfig, finetune
+from specquant.qat.layers import prepare_qat
 from specquant.report import run_folder as rf
 from specquant.report.run_folder import CONFIG_JSON, METRICS_JSON, MODEL_FILE, RunFolderError, verify_run_folder
 from specquant.report.table import format_table
@@ -65,7 +67,7 @@ def train_config(args) -> QATConfig:
         return QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
                          lsq=args.lsq, kappa_reg=args.kappa_reg, kappa_kind=args.kappa_kind,
                          augment="none" if args.augment == "auto" else args.augment,
-                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup,
+                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm,
                          distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
     except ValueError as e:
         raise CLIError(f"train: {e}") from None
@@ -136,6 +138,11 @@ def cmd_train(args, argv: list[str]) -> int:
         if config.augment == "crop-flip" and x_train.dim() != 4:
             raise CLIError(f"train: --augment crop-flip needs images (N, C, H, W); {entry.id}'s inputs have shape "
                            f"{tuple(x_train.shape)}")
+        if config.batch_norm:  # refuse before any work: the same checks as finetune's, on a copy
+            try:
+                prepare_qat(copy.deepcopy(model), lsq=config.lsq, batch_norm=True)
+            except ValueError as e:
+                raise CLIError(f"train: --batch-norm: {e}") from None
         teacher = _teacher(args, entry, model, x_train[:2])
         model.to(device)
         if teacher is not None:
@@ -163,7 +170,7 @@ def cmd_train(args, argv: list[str]) -> int:
             "n_test": int(x_test.shape[0]), "n_train": result.n_train, "epochs": result.epochs, "steps": result.steps,
             "lr": args.lr, "seed": args.seed, "lsq": config.lsq, "scale_lr_factor": config.scale_lr_factor,
             "kappa_reg": config.kappa_reg, "kappa_kind": config.kappa_kind, "augment": config.augment,
-            "mixup": config.mixup, "optimizer": config.optimizer,
+            "mixup": config.mixup, "batch_norm": config.batch_norm, "optimizer": config.optimizer,
             "distill": ({"teacher": args.teacher or args.model, "alpha": config.distill_alpha,
                          "temperature": config.distill_temperature} if teacher is not None else None),
             "batch_size": config.batch_size, "train_seconds": result.train_seconds, "threads": torch.get_num_threads(),

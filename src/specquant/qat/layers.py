@@ -9,7 +9,10 @@
 * the layer's grid: kind, bits, granularity, zero points (fixed), and its scales, fixed or
   learned (LSQ, Esser et al., ICLR 2020);
 * its static input quantizer (``.act_quant``, activation PTQ), applied with the STE; with LSQ its
-  step is learned as well (zero point held) and written back into ``.act_quant`` at the end.
+  step is learned as well (zero point held) and written back into ``.act_quant`` at the end;
+* optionally (``batch_norm=True``, convolutions only) a BatchNorm on its output, trained with batch
+  statistics: the network trains as it did before PTQ folded its BatchNorms, and at the end the
+  normalisation folds exactly into the per-channel scales and the bias (codes unchanged).
 
 In the forward pass the codes are re-rounded from the latent weight at every step
 (``ste.fake_quant_ste``: the STE of Bengio et al. 2013).  ``finalize_qat(model)`` puts the
@@ -52,7 +55,8 @@ class FakeQuantLayer(nn.Module):
     ``lsq`` learns the scales (one per block, LSQ's gradient scale), else they stay as PTQ chose them.
     """
 
-    def __init__(self, name: str, module: nn.Module, qweight: QuantizedWeight, lsq: bool = False):
+    def __init__(self, name: str, module: nn.Module, qweight: QuantizedWeight, lsq: bool = False,
+                 batch_norm: bool = False):
         super().__init__()
         if type(module) not in QAT_TYPES:
             raise ValueError(f"layer '{name}': QAT trains Linear/Conv1d/Conv2d layers, got {type(module).__name__}")
@@ -91,6 +95,15 @@ class FakeQuantLayer(nn.Module):
         self.learn_act = self.lsq and self.act_quant is not None and self.act_quant.granularity == "tensor"
         if self.learn_act:
             self.act_scale = nn.Parameter(torch.tensor(float(self.act_quant.scale), dtype=torch.float32))
+        # BatchNorm on the output (convolutions): started as the identity by ``start_batch_norm``
+        self.bn: nn.Module | None = None
+        self.bn_stats: list | None = None  # while ``start_batch_norm`` runs: [count, Σy, Σy²] per channel
+        if batch_norm and isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            if g.kind == "tensor" or (g.kind == "channel" and g.axis % module.weight.dim() != 0):
+                raise ValueError(f"layer '{name}': batch_norm QAT folds the normalisation into one scale per "
+                                 f"output channel; this layer's scales are {g.kind}-wise (axis {g.axis})")
+            cls = nn.BatchNorm2d if isinstance(module, nn.Conv2d) else nn.BatchNorm1d
+            self.bn = cls(shape[0]).to(module.weight.device)  # affine, running statistics
 
     def act_step(self, x: torch.Tensor) -> torch.Tensor | None:
         """The learned input step (LSQ, gradient scaled by 1/sqrt(features·Q_P)), or None when fixed."""
@@ -130,7 +143,24 @@ class FakeQuantLayer(nn.Module):
         m = self.module
         if isinstance(m, nn.Linear):
             return F.linear(x, w, m.bias)  # (…, out)
-        return m._conv_forward(x, w, m.bias)  # (B, out, …)
+        y = m._conv_forward(x, w, m.bias)  # (B, out, …)
+        if self.bn is None:
+            return y
+        if self.bn_stats is not None:  # start_batch_norm: gather the output's statistics, pass it through
+            yc = y.detach().transpose(0, 1).reshape(y.shape[1], -1).double()  # (out, B·positions)
+            self.bn_stats[0] += yc.shape[1]
+            self.bn_stats[1] += yc.sum(1)
+            self.bn_stats[2] += (yc * yc).sum(1)
+            return y
+        return self.bn(y)
+
+    @torch.no_grad()
+    def bn_fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The BatchNorm in eval mode as y ↦ a·y + c per output channel: (a, c), each (out,)."""
+        bn = self.bn
+        a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)  # (out,)
+        c = bn.bias.detach().double() - a * bn.running_mean.double()  # (out,)
+        return a, c
 
     @torch.no_grad()
     def final_qweight(self) -> QuantizedWeight:
@@ -143,6 +173,14 @@ class FakeQuantLayer(nn.Module):
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         t = torch.where(scale > 0, wb / safe + self.zero_point, torch.zeros_like(wb) + self.zero_point)
         codes = g.from_blocks(torch.round(t).clamp(self.qmin, self.qmax), qw.shape).to(torch.uint8)
+        if self.bn is not None:  # a·(s·(q − z)) = (a·s)·(q − z): the normalisation's gain goes into the row's scales
+            a, _ = self.bn_fold()
+            if not bool((a > 0).all()):
+                c = int(torch.nonzero(a <= 0)[0, 0])
+                raise ValueError(f"layer '{self.name}': its BatchNorm gain on output channel {c} is {float(a[c]):.3g}; "
+                                 "only a positive gain folds into the scales (train without batch_norm)")
+            rows = a.to(scale.dtype).reshape((-1,) + (1,) * (scale.dim() - 1))  # (out, 1, …)
+            scale = round_scale(scale * rows, qw.scale_dtype, f"layer '{self.name}' scale")
         return dataclasses.replace(qw, codes=codes, scale=scale, zero_point=self.zero_point.clone(),
                                    algorithm=f"qat+{qw.algorithm}", info={**qw.info, "qat_lsq": self.lsq})
 
@@ -152,8 +190,9 @@ def qat_layers(model: nn.Module) -> list[FakeQuantLayer]:
     return [m for m in model.modules() if isinstance(m, FakeQuantLayer)]
 
 
-def prepare_qat(model: nn.Module, lsq: bool = False) -> list[FakeQuantLayer]:
-    """Replace every module with a uniform ``.qweight`` by a :class:`FakeQuantLayer` (in place).
+def prepare_qat(model: nn.Module, lsq: bool = False, batch_norm: bool = False) -> list[FakeQuantLayer]:
+    """Replace every module with a uniform ``.qweight`` by a :class:`FakeQuantLayer` (in place);
+    ``batch_norm``: each convolution gains a BatchNorm on its output (see the module docstring).
 
     Packed layers of a loaded file are unpacked first (:func:`unpack_model`).  Raises a one-line
     ValueError when no layer is quantized or a layer's PTQ result has no single uniform grid."""
@@ -170,9 +209,11 @@ def prepare_qat(model: nn.Module, lsq: bool = False) -> list[FakeQuantLayer]:
         seen[id(mod.weight)] = name
     layers = []
     for name, mod in targets:
-        layer = FakeQuantLayer(name, mod, mod.qweight, lsq=lsq)
-        _set_module(model, name, layer)
-        layers.append(layer)
+        layers.append(FakeQuantLayer(name, mod, mod.qweight, lsq=lsq, batch_norm=batch_norm))
+    if batch_norm and not any(layer.bn is not None for layer in layers):
+        raise ValueError("batch_norm: the model has no quantized convolution to train with a BatchNorm")
+    for layer in layers:
+        _set_module(model, layer.name, layer)
     return layers
 
 
@@ -185,6 +226,14 @@ def finalize_qat(model: nn.Module) -> list[str]:
         mod = layer.module
         with torch.no_grad():
             mod.weight.copy_(qw.dequantize().to(mod.weight.dtype))
+            if layer.bn is not None:  # a·(conv + b) + c: the bias becomes a·b + c
+                a, c = layer.bn_fold()
+                b = mod.bias.detach().double() if mod.bias is not None else torch.zeros_like(a)
+                new_bias = (a * b + c).to(mod.weight.dtype)
+                if mod.bias is None:
+                    mod.bias = nn.Parameter(new_bias)
+                else:
+                    mod.bias.copy_(new_bias)
         mod.qweight = qw
         if layer.act_quant is not None:
             install_input_quantizer(mod, layer.final_act_quant())

@@ -50,10 +50,17 @@ class QATConfig:
     mixup: float = 0.0  # mixup (Zhang et al., ICLR 2018): each batch blended with a shuffled copy of itself by
     #                     λ ~ Beta(mixup, mixup), the label loss mixed by λ; with a teacher the soft targets are
     #                     the teacher's outputs on the blended inputs (0: off)
+    batch_norm: bool = False  # train each quantized convolution with a BatchNorm on its output (batch statistics,
+    #                           as before PTQ folded the BatchNorms), started as the identity on the start model's
+    #                           output statistics, re-estimated on the (augmented, unmixed) training data at the
+    #                           end and folded into the per-channel scales and the bias: codes and layout unchanged
+    bn_samples: int = 2048  # training samples that start (and, at the end, re-estimate) those statistics
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if isinstance(self.bn_samples, bool) or not isinstance(self.bn_samples, int) or self.bn_samples < 1:
+            raise ValueError(f"bn_samples must be a positive integer, got {self.bn_samples!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if self.augment not in AUGMENTS:
@@ -177,12 +184,81 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
         raise ValueError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     if teacher is not None and teacher is model:
         raise ValueError("teacher must be another model than the one trained (e.g. a copy of the float model)")
-    layers = prepare_qat(model, lsq=config.lsq)
+    layers = prepare_qat(model, lsq=config.lsq, batch_norm=config.batch_norm)
     try:
-        return _train(model, layers, x, y, config, epochs, float(lr), seed, progress, teacher)
+        if any(layer.bn is not None for layer in layers):
+            start_batch_norm(model, layers, x, config)
+        result = _train(model, layers, x, y, config, epochs, float(lr), seed, progress, teacher)
+        if any(layer.bn is not None for layer in layers):
+            reestimate_batch_norm(model, layers, x, config, seed)
+        return result
     finally:
         finalize_qat(model)  # the trained codes written back (also when training stops early)
         model.eval()
+
+
+def _bn_batches(x: torch.Tensor, config: QATConfig, gen: torch.Generator | None):
+    """The first ``config.bn_samples`` training samples in batches (cropped and flipped with ``gen``)."""
+    xs = x[:config.bn_samples]
+    for s in range(0, xs.shape[0], config.batch_size):
+        xb = xs[s:s + config.batch_size]
+        if gen is not None and config.augment == "crop-flip":
+            xb = crop_flip(xb, gen)
+        yield xb
+
+
+@torch.no_grad()
+def start_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfig) -> None:
+    """Set each output BatchNorm to the identity on the start model: running mean μ and variance σ² of
+    the convolution's output over the first ``config.bn_samples`` training samples (unaugmented), gain
+    sqrt(σ² + eps) and shift μ, so that the eval-mode network is the PTQ network."""
+    device = next(model.parameters()).device
+    bns = [layer for layer in layers if layer.bn is not None]
+    was = model.training
+    model.eval()
+    for layer in bns:
+        out = layer.bn.num_features
+        layer.bn_stats = [0, torch.zeros(out, dtype=torch.float64, device=device),
+                          torch.zeros(out, dtype=torch.float64, device=device)]
+    try:
+        for xb in _bn_batches(x, config, None):
+            model(xb.to(device))
+        for layer in bns:
+            n, s1, s2 = layer.bn_stats
+            mean = s1 / n  # (out,)
+            var = (s2 / n - mean * mean).clamp_min(0)  # (out,) biased, as BatchNorm normalises
+            bn = layer.bn
+            bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+            bn.running_var.copy_(var.to(bn.running_var.dtype))
+            bn.weight.copy_(torch.sqrt(var + bn.eps).to(bn.weight.dtype))
+            bn.bias.copy_(mean.to(bn.bias.dtype))
+    finally:
+        for layer in bns:
+            layer.bn_stats = None
+        model.train(was)
+
+
+@torch.no_grad()
+def reestimate_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfig, seed: int) -> None:
+    """Recompute each output BatchNorm's running statistics with the trained weights: batch statistics
+    averaged over the first ``config.bn_samples`` training samples (cropped and flipped, never mixed) —
+    the moving averages of training followed mixed batches and moving weights."""
+    device = next(model.parameters()).device
+    bns = [layer.bn for layer in layers if layer.bn is not None]
+    was = model.training
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches
+        bn.train()
+    try:
+        for xb in _bn_batches(x, config, torch.Generator().manual_seed(seed + 1)):
+            model(xb.to(device))
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was)
 
 
 def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: QATConfig, epochs: int, lr: float,
