@@ -25,10 +25,14 @@ included); ``wBc`` = B bits per output channel, symmetric narrow (2^B - 1 levels
 
 specquant (``--runs specquant:M``): M is any registered method (``rtn``, ``gptq``, ``gpfq``,
 ``spfq``, ``qronos`` once registered, ...), ``rtn-minmax`` (RTN with min/max ranges: the very grid
-Brevitas' RTN uses, a cross-check), or ``awq+M`` (AWQ scales, then M's rounding), built by name
+Brevitas' RTN uses, a cross-check), ``rtn-output-mse`` (RTN whose per-group clipping is chosen
+on the calibration data's output error), or ``awq+M`` (AWQ scales, then M's rounding), built by name
 through ``specquant.algorithms.make_config("awq+M")`` or, failing that, as M's config with
 ``awq=True``.  A method this specquant does not have is skipped with the reason printed.  Each
-method keeps its own default step rule (RTN: MSE-clipped ranges; GPTQ/GPFQ/SPFQ: output-MSE).
+method keeps its own default step rule (RTN: MSE-clipped ranges; GPTQ/GPFQ/SPFQ: output-MSE).  A
+data-free run (RTN on min/max or weight-MSE ranges) is given no calibration batches (record key
+``calibration_used``), so that its seconds are the rounding's, as Brevitas' RTN's are: with batches
+the engine would stream every layer's statistics for the report's output errors alone.
 A grid specquant refuses (a group size that does not divide some layer's input dimension, before
 uneven groups land) is skipped for specquant with the reason printed; Brevitas still runs it.
 
@@ -199,8 +203,8 @@ def specquant_config(method: str, grid: Grid, seed: int):
 
     settings = {"bits": grid.bits, "granularity": grid.granularity, "symmetric": grid.symmetric, "seed": seed,
                 "modules": {"lm_head": ModuleSettings(skip=True)}}
-    if method == "rtn-minmax":
-        return make_config("rtn", scale_rule="minmax", **settings)
+    if method in ("rtn-minmax", "rtn-output-mse"):
+        return make_config("rtn", scale_rule=method[len("rtn-"):], **settings)
     if method.startswith("awq+"):
         inner = method[len("awq+"):]
         try:  # AWQ exposed as a method name "awq+M" ...
@@ -365,8 +369,15 @@ def _job(spec: dict) -> dict:
             import specquant as sq
 
             config = specquant_config(method, grid, spec["seed"])
+            # A data-free method (RTN on min/max or weight-MSE ranges) gets no calibration batches: with them the
+            # engine would stream every layer's statistics only for the report's output errors, which Brevitas'
+            # RTN does not compute either.
+            free = not (config.needs_data or getattr(config, "scale_rule", None) == "output-mse"
+                        or config.bias_correction)
+            rec["calibration_used"] = not free
             t0 = time.perf_counter()
-            report = sq.quantize(model, config, calib=calib, batch_size=spec["batch"], progress=False)
+            report = sq.quantize(model, config, calib=None if free else calib, batch_size=spec["batch"],
+                                 progress=False)
             rec["quant_seconds"] = time.perf_counter() - t0
             done = sorted(r.name for r in report.layers)
             if done != sorted(names):
