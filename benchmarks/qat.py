@@ -14,7 +14,8 @@ Hinton et al. 2015; ``finetune(teacher=...)``: (1 − α)·CE + α·T²·KL, ``-
 marked "+KD".  ``--mixup M`` blends every batch with a shuffled copy of itself (λ ~ Beta(M, M); with
 --distill the teacher scores the blended images: "function matching", Beyer et al., CVPR 2022).
 ``--batch-norm`` trains every quantized convolution with a BatchNorm on its output again (PTQ folded
-ResNet's BatchNorms into the convolutions), folded into the per-channel scales at the end ("+BN").
+ResNet's BatchNorms into the convolutions), folded into the per-channel scales at the end ("+BN");
+``--ema D`` ends on the moving average of the trained parameters (decay D, "+EMA D").
 
 ``--val N`` holds out N training images (seeded) and reports their accuracy too: use it, not the
 test set, to choose a learning rate.
@@ -92,6 +93,7 @@ class Row:
     scale_lr_factor: float = 1.0  # LSQ steps' lr = lr × this (--scale-lr-factor)
     mixup: float = 0.0  # Beta parameter of mixup (--mixup; 0: off)
     batch_norm: bool = False  # convolutions trained with a BatchNorm on their output, folded at the end (--batch-norm)
+    ema: float = 0.0  # decay of the moving average of the trained parameters that replaces them at the end (--ema)
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -151,7 +153,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
     cfg = QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, lsq=args.lsq,
                     augment="crop-flip" if x_train.dim() == 4 else "none",
                     distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm)
+                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm, ema=args.ema)
     teacher = None
     if args.distill:
         teacher = (get_entry(args.teacher) if args.teacher else entry).load(args.data_dir).eval()
@@ -186,7 +188,7 @@ def run_case(case: str, args, float_cache: dict) -> Row:
               distill=(f"alpha={args.distill_alpha},T={args.distill_temperature}"
                        + (f",teacher={args.teacher}" if args.teacher else "")) if args.distill else None,
               protected=kept if args.protect_first_last else None, prefix=args.prefix, n_layers=n_layers,
-              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm)
+              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm, ema=args.ema)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
           f" training, {torch.get_num_threads()} thread(s)); saved file equal: {same}", flush=True)
     return row
@@ -214,6 +216,8 @@ def table(rows: list[dict]) -> str:
             kd += f" +mixup {r['mixup']:g}"
         if r.get("batch_norm"):
             kd += " +BN"
+        if r.get("ema"):
+            kd += f" +EMA {r['ema']:g}"
         if r.get("prefix") is not None:
             kd += f" (first {r['prefix']} of {r['n_layers']} layers quantized)"
         lines.append(f"| {r['case']}{kd} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
@@ -242,6 +246,9 @@ def main() -> None:
     p.add_argument("--batch-norm", action="store_true",
                    help="train each quantized convolution with a BatchNorm on its output (batch statistics), folded "
                         "into its per-channel scales and bias at the end")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of a moving average of the trained parameters that replaces them at the end "
+                        "(e.g. 0.998; default: 0, off)")
     p.add_argument("--distill", action="store_true", help="distil from the float model (teacher) as well")
     p.add_argument("--teacher", default=None,
                    help="with --distill: the zoo classifier to distil from (default: the case's own float model)")

@@ -67,6 +67,15 @@ def test_mixup_is_taken_and_recorded(ptq_run, capsys):
     assert m["mixup"] == 0.4
 
 
+def test_ema_is_taken_and_recorded(ptq_run, capsys, error_line):
+    assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--ema", "0.99",
+                 "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["ema"] == 0.99 and m["batch_norm"] is False
+    assert "expected a decay in [0, 1), got '1'" in error_line(
+        ["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--ema", "1"])
+
+
 def test_batch_norm_needs_a_convolution(ptq_run, error_line):
     assert "train: --batch-norm: batch_norm: the model has no quantized convolution" in error_line(
         ["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1", "--batch-norm"])

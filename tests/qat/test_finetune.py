@@ -272,3 +272,19 @@ def test_batch_norm_needs_per_channel_scales_and_a_positive_gain():
         finalize_qat(model)
     with pytest.raises(ValueError, match="bn_samples must be a positive integer"):
         QATConfig(bn_samples=0)
+
+
+def test_ema_returns_the_moving_average_of_the_trained_parameters():
+    model, x, y = _ptq(2)
+    path = []  # fc1's bias after every step (the callback runs after the step)
+    finetune(model, (x, y), QATConfig(batch_size=64, ema=0.9), epochs=2, lr=1e-2, seed=0,
+             progress=lambda done, total: path.append(model.fc1.module.bias.detach().clone()))
+    start, _, _ = _ptq(2)
+    avg = start.fc1.bias.detach().clone()
+    for t, b in enumerate(path, start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        avg = d * avg + (1 - d) * b
+    torch.testing.assert_close(model.fc1.bias.detach(), avg, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(avg, path[-1])  # the average is not the last iterate
+    with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\)"):
+        QATConfig(ema=1.0)

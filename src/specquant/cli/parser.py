@@ -117,6 +117,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _decay(text: str) -> float:
+    """A decay in [0, 1) (--ema)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text!r}")
+    return v
+
+
 def _unit(what: str):
     """A parser of numbers in [0, 1]; errors name ``what``."""
     def parse(text: str) -> float:
@@ -517,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train each quantized convolution with a BatchNorm on its output (batch statistics, as before "
                         "PTQ folded the BatchNorms), re-estimated at the end and folded into its per-channel scales "
                         "and bias (codes unchanged); needs per-channel or per-group scales")
+    p.add_argument("--ema", metavar="D", type=_decay, default=0.0,
+                   help="end on an exponential moving average of the trained parameters with decay D in [0, 1), "
+                        "e.g. 0.998 (default: 0, off)")
     p.add_argument("--seed", metavar="S", type=_seed, default=0,
                    help="seed of the sample order and the augmentation (default: 0)")
     p.add_argument("--limit", metavar="N", type=_positive_int, default=None,

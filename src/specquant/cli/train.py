@@ -67,7 +67,8 @@ def train_config(args) -> QATConfig:
         return QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, weight_decay=args.weight_decay,
                          lsq=args.lsq, kappa_reg=args.kappa_reg, kappa_kind=args.kappa_kind,
                          augment="none" if args.augment == "auto" else args.augment,
-                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm,
+                         scale_lr_factor=args.scale_lr_factor, mixup=args.mixup,
+                         batch_norm=args.batch_norm, ema=args.ema,
                          distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
     except ValueError as e:
         raise CLIError(f"train: {e}") from None
@@ -170,7 +171,7 @@ def cmd_train(args, argv: list[str]) -> int:
             "n_test": int(x_test.shape[0]), "n_train": result.n_train, "epochs": result.epochs, "steps": result.steps,
             "lr": args.lr, "seed": args.seed, "lsq": config.lsq, "scale_lr_factor": config.scale_lr_factor,
             "kappa_reg": config.kappa_reg, "kappa_kind": config.kappa_kind, "augment": config.augment,
-            "mixup": config.mixup, "batch_norm": config.batch_norm, "optimizer": config.optimizer,
+            "mixup": config.mixup, "batch_norm": config.batch_norm, "ema": config.ema, "optimizer": config.optimizer,
             "distill": ({"teacher": args.teacher or args.model, "alpha": config.distill_alpha,
                          "temperature": config.distill_temperature} if teacher is not None else None),
             "batch_size": config.batch_size, "train_seconds": result.train_seconds, "threads": torch.get_num_threads(),

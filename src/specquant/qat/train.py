@@ -55,6 +55,9 @@ class QATConfig:
     #                           output statistics, re-estimated on the (augmented, unmixed) training data at the
     #                           end and folded into the per-channel scales and the bias: codes and layout unchanged
     bn_samples: int = 2048  # training samples that start (and, at the end, re-estimate) those statistics
+    ema: float = 0.0  # decay d of an exponential moving average of the trained parameters (latent weights, biases,
+    #                   learned steps, BatchNorm gains; Polyak averaging), which replaces them at the end; the
+    #                   first steps use min(d, (1 + t)/(10 + t)) so the average does not remember the start (0: off)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -74,6 +77,9 @@ class QATConfig:
         v = self.scale_lr_factor
         if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"scale_lr_factor must be a finite number > 0, got {v!r}")
+        e = self.ema
+        if isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 <= e < 1):
+            raise ValueError(f"ema must be a decay in [0, 1) (0: off), got {e!r}")
         m = self.mixup
         if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
             raise ValueError(f"mixup must be a finite number >= 0 (the Beta parameter; 0: off), got {m!r}")
@@ -282,6 +288,8 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
     result = QATResult(epochs=epochs, steps=0, lr=lr, seed=seed, n_train=n, train_seconds=0.0,
                        layers=[layer.name for layer in layers], config=dict(config.__dict__),
                        distilled=teacher is not None)
+    trained = [p for g in groups for p in g["params"]]
+    shadow = [p.detach().clone() for p in trained] if config.ema > 0 else None  # the moving averages
     t0 = time.perf_counter()
     model.train()
     if teacher is not None:
@@ -320,6 +328,10 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
             total_loss.backward()
             opt.step()
             result.steps += 1
+            if shadow is not None:
+                d = min(config.ema, (1 + result.steps) / (10 + result.steps))
+                with torch.no_grad():
+                    torch._foreach_lerp_(shadow, [p.detach() for p in trained], 1 - d)
             loss_sum += float(loss.detach()) * idx.numel()
             correct += int((out.argmax(1) == yb).sum())
             if progress is not None:
@@ -330,5 +342,9 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
             with torch.no_grad():
                 result.epoch_kappa.append(sum(float(kappa_penalty(layer.module.weight, config.kappa_kind))
                                               for layer in layers) / len(layers))
+    if shadow is not None:  # the averaged parameters are the result
+        with torch.no_grad():
+            for p, a in zip(trained, shadow):
+                p.copy_(a)
     result.train_seconds = time.perf_counter() - t0
     return result
