@@ -26,7 +26,8 @@ included); ``wBc`` = B bits per output channel, symmetric narrow (2^B - 1 levels
 specquant (``--runs specquant:M``): M is any registered method (``rtn``, ``gptq``, ``gpfq``,
 ``spfq``, ``qronos`` once registered, ...), ``rtn-minmax`` (RTN with min/max ranges: the very grid
 Brevitas' RTN uses, a cross-check), ``rtn-output-mse`` (RTN whose per-group clipping is chosen
-on the calibration data's output error), or ``awq+M`` (AWQ scales, then M's rounding), built by name
+on the calibration data's output error), ``M@RULE`` (method M with the step rule RULE, e.g.
+``qronos@minmax``), or ``awq+M`` (AWQ scales, then M's rounding), built by name
 through ``specquant.algorithms.make_config("awq+M")`` or, failing that, as M's config with
 ``awq=True``.  A method this specquant does not have is skipped with the reason printed.  Each
 method keeps its own default step rule (RTN: MSE-clipped ranges; GPTQ/GPFQ/SPFQ: output-MSE).  A
@@ -205,6 +206,9 @@ def specquant_config(method: str, grid: Grid, seed: int):
                 "modules": {"lm_head": ModuleSettings(skip=True)}}
     if method in ("rtn-minmax", "rtn-output-mse"):
         return make_config("rtn", scale_rule=method[len("rtn-"):], **settings)
+    if "@" in method:  # M@RULE: method M with the step rule RULE instead of its default
+        inner, rule = method.split("@", 1)
+        return specquant_config_with(inner, grid, seed, scale_rule=rule)
     if method.startswith("awq+"):
         inner = method[len("awq+"):]
         try:  # AWQ exposed as a method name "awq+M" ...
@@ -219,6 +223,17 @@ def specquant_config(method: str, grid: Grid, seed: int):
     if method not in method_names():
         raise Unavailable(f"method {method!r} is not registered (have: {', '.join(method_names())})")
     return make_config(method, **settings)
+
+
+def specquant_config_with(method: str, grid: Grid, seed: int, **fields):
+    """``specquant_config(method, ...)`` with some config fields replaced (Unavailable if refused)."""
+    import dataclasses
+
+    config = specquant_config(method, grid, seed)
+    try:
+        return dataclasses.replace(config, **fields)
+    except (TypeError, ValueError) as e:
+        raise Unavailable(f"{method} with {fields}: {e}") from None
 
 
 def specquant_grid_check(grid: Grid, in_dims: list[int]) -> None:

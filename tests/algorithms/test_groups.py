@@ -70,8 +70,10 @@ def test_576_inputs_in_groups(layer, method, G, symmetric):
     spec = GridSpec.default(4, symmetric)
     for j in range(groups):
         a, b = j * G, min(N0, (j + 1) * G)
-        rule = "minmax" if method == "awq" else "mse"  # awq's RTN keeps min/max ranges; output-mse falls back to mse
-        alone, z_alone = choose_scales(W[:, a:b], spec, Granularity("channel"), rule)  # per row of the group alone
+        # awq's RTN keeps min/max ranges, RTN's default is weight MSE; output-mse searches each group against
+        # its own inputs' block of H: the per-row search on the group alone
+        rule = {"awq": "minmax", "rtn": "mse"}.get(method, "output-mse")
+        alone, z_alone = choose_scales(W[:, a:b], spec, Granularity("channel"), rule, H=stats.H[a:b, a:b])
         assert torch.equal(qw.scale[:, j, 0], alone[:, 0]) and torch.equal(qw.zero_point[:, j, 0], z_alone[:, 0])
     S = qw.granularity.per_entry(qw.scale, (OUT, N0))  # (OUT, N0)
     Z = qw.granularity.per_entry(qw.zero_point, (OUT, N0))
@@ -144,3 +146,52 @@ def test_bad_scale_dtype_is_one_line():
     big = torch.full((4, 8), 1e6)
     with pytest.raises(ValueError, match="does not fit in float16"):
         choose_scales(big, GridSpec.default(4), Granularity("channel"), "minmax", store="float16")
+
+
+def _block_errors(W, H, scale, zp, spec, G) -> torch.Tensor:
+    """(w_g − ŵ_g)ᵀH_gg(w_g − ŵ_g) per (row, group) for round-to-nearest on per-group scales (OUT, groups, 1)."""
+    from specquant.core.grid import fake_quantize
+
+    out, n = W.shape
+    errs = []
+    for j in range(scale.shape[1]):
+        a, b = j * G, min(n, (j + 1) * G)
+        D = W[:, a:b].double() - fake_quantize(W[:, a:b].double(), scale[:, j].double(), zp[:, j].double(), spec)
+        errs.append(((D @ H[a:b, a:b].double()) * D).sum(1))  # (OUT,)
+    return torch.stack(errs, 1)  # (OUT, groups)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_output_mse_never_loses_to_min_max_on_its_objective(layer, symmetric):
+    """Per (row, group) the chosen clip's share of the output error is at most the min/max range's (f = 1
+    is a candidate), and over the layer it also beats weight-MSE clipping on the whole output error
+    when a few inputs carry most of the energy (the columns of this layer differ in scale)."""
+    W, X, stats = layer
+    spec, gran = GridSpec.default(3, symmetric), Granularity("group", group_size=128)
+    s_out, z_out = choose_scales(W, spec, gran, "output-mse", H=stats.H)
+    s_mm, z_mm = choose_scales(W, spec, gran, "minmax")
+    s_w, z_w = choose_scales(W, spec, gran, "mse")
+    e_out, e_mm = _block_errors(W, stats.H, s_out, z_out, spec, 128), _block_errors(W, stats.H, s_mm, z_mm, spec, 128)
+    assert bool((e_out <= e_mm * (1 + 1e-6)).all())  # up to the scales' rounding to their float32 storage
+    assert float(e_out.sum()) < float(e_mm.sum())
+
+    def full(scale, zp):  # the whole output error ‖X(w − ŵ)‖² of round-to-nearest
+        S, Z = gran.per_entry(scale, (OUT, N0)), gran.per_entry(zp, (OUT, N0))
+        from specquant.core.grid import fake_quantize
+        D = W.double() - fake_quantize(W.double(), S.double(), Z.double(), spec)
+        return float(((D @ stats.H) * D).sum())
+
+    assert full(s_out, z_out) < full(s_w, z_w)
+
+
+def test_group_output_mse_keeps_the_range_of_a_group_whose_inputs_never_fire(layer):
+    W, _, stats = layer
+    H = stats.H.clone()
+    H[:128, :] = 0
+    H[:, :128] = 0  # the first group's inputs are always 0: every clip has zero error there
+    spec, gran = GridSpec.default(3, False), Granularity("group", group_size=128)
+    s_out, z_out = choose_scales(W, spec, gran, "output-mse", H=H)
+    s_mm, z_mm = choose_scales(W, spec, gran, "minmax")
+    torch.testing.assert_close(s_out[:, 0], s_mm[:, 0], rtol=1e-6, atol=0)  # computed in float64 here
+    assert torch.equal(z_out[:, 0], z_mm[:, 0])
+    assert not torch.allclose(s_out[:, 1:], s_mm[:, 1:])  # the live groups are clipped

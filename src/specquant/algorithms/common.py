@@ -57,8 +57,11 @@ def choose_scales(
     Rules: a core range calibrator by name; ``"authors"``: the GPFQ authors' per-tensor step
     δ = C·mean_i(max_j |W_ij|)/2^(b−1); ``"output-mse"``: per output channel, the clip
     α = f·max|w_i| (f on a grid of ``candidates`` values in (0.2, 1]) minimising the
-    round-to-nearest output error (w−ŵ)ᵀH(w−ŵ) on the calibration data (needs ``H``; falls back to
-    weight MSE for other granularities or without data).
+    round-to-nearest output error (w−ŵ)ᵀH(w−ŵ) on the calibration data; per group (granularity
+    "group"), the same search on each group's own range against its own inputs' block of H,
+    (w_g−ŵ_g)ᵀH_gg(w_g−ŵ_g) — the group's share of the output error, cross-group terms left out,
+    as AWQ's clip search does.  Needs ``H``; falls back to weight MSE for a per-tensor grid or
+    without data.  f = 1 (the min/max range) is always a candidate.
     """
     check_scale_rule(rule)
     scale, zp = _choose_scales(W, spec, gran, rule, H, c_alpha, candidates)
@@ -74,10 +77,12 @@ def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.T
         shape = gran.scale_shape(tuple(W.shape))
         scale = torch.full(shape, float(delta), device=W.device)
         return scale, torch.full(shape, spec.symmetric_zero_point, device=W.device)
-    if rule == "output-mse" and (H is None or gran.kind != "channel" or spec.kind == "binary"):
+    if rule == "output-mse" and (H is None or gran.kind not in ("channel", "group") or spec.kind == "binary"):
         rule = "mse"
     if rule != "output-mse":
         return compute_qparams(W, spec, gran, clipping=rule)
+    if gran.kind == "group":
+        return _group_output_mse(W, H, spec, gran, candidates)
     Wd = W.double()
     Hd = H.double()
     amax = Wd.abs().amax(dim=1)  # (out,)
@@ -104,6 +109,37 @@ def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.T
     s, z = s[best, idx], z[best, idx]
     shape = gran.scale_shape(tuple(W.shape))
     return s.float().reshape(shape), z.float().reshape(shape)
+
+
+def _clip_candidates(Wd: torch.Tensor, spec: GridSpec, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points (K, out) of the ranges f·[min, max] (f·max|w| symmetric) of each row of
+    ``Wd`` (out, n), f on ``candidates`` points of (0.2, 1] in decreasing order: f = 1 first, so that a tie
+    (a group whose inputs are never active, H_gg = 0) keeps the whole range."""
+    f = torch.linspace(0.2, 1.0, candidates, dtype=torch.float64, device=Wd.device).flip(0)[:, None]  # (K, 1)
+    if spec.symmetric:
+        return spec.qparams_from_alpha(f * Wd.abs().amax(dim=1))  # (K, out)
+    return spec.qparams_from_range(f * Wd.amin(dim=1), f * Wd.amax(dim=1))
+
+
+def _group_output_mse(W, H, spec, gran, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group): the clip of the group's range minimising (w_g−ŵ_g)ᵀH_gg(w_g−ŵ_g)."""
+    out, n = W.shape
+    size, groups = gran.group_len((out, n)), gran.num_groups((out, n))
+    Wd, Hd = W.double(), H.double()
+    scale = torch.empty(out, groups, dtype=torch.float64, device=W.device)  # (out, groups)
+    zp = torch.empty_like(scale)
+    idx = torch.arange(out, device=W.device)
+    rows = max(1, (1 << 20) // (candidates * size))  # tiles of about 2^20 residual entries
+    for j in range(groups):
+        a, b = j * size, min((j + 1) * size, n)  # the last group may be shorter
+        Wg, Hg = Wd[:, a:b], Hd[a:b, a:b]  # (out, g), (g, g)
+        s, z = _clip_candidates(Wg, spec, candidates)  # (K, out)
+        err = torch.cat([_rtn_output_error(Wg[r:r + rows], Hg, s[:, r:r + rows], z[:, r:r + rows], spec)
+                         for r in range(0, out, rows)], dim=1)  # (K, out)
+        best = err.argmin(dim=0)  # (out,)
+        scale[:, j], zp[:, j] = s[best, idx], z[best, idx]
+    shape = gran.scale_shape(tuple(W.shape))  # (out, groups, 1)
+    return scale.float().reshape(shape), zp.float().reshape(shape)
 
 
 def _rtn_output_error(Wd, Hd, s, z, spec) -> torch.Tensor:
