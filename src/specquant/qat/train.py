@@ -193,7 +193,7 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
     layers = prepare_qat(model, lsq=config.lsq, batch_norm=config.batch_norm)
     try:
         if any(layer.bn is not None for layer in layers):
-            start_batch_norm(model, layers, x, config)
+            start_batch_norm(model, layers, x, config, seed)
         result = _train(model, layers, x, y, config, epochs, float(lr), seed, progress, teacher)
         if any(layer.bn is not None for layer in layers):
             reestimate_batch_norm(model, layers, x, config, seed)
@@ -203,20 +203,22 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
         model.eval()
 
 
-def _bn_batches(x: torch.Tensor, config: QATConfig, gen: torch.Generator | None):
-    """The first ``config.bn_samples`` training samples in batches (cropped and flipped with ``gen``)."""
-    xs = x[:config.bn_samples]
+def _bn_batches(x: torch.Tensor, config: QATConfig, seed: int, augment: bool):
+    """``config.bn_samples`` training samples drawn with ``seed``, in batches (cropped and flipped when
+    ``augment`` and the config augments)."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = x[torch.randperm(x.shape[0], generator=gen)[:config.bn_samples]]
     for s in range(0, xs.shape[0], config.batch_size):
         xb = xs[s:s + config.batch_size]
-        if gen is not None and config.augment == "crop-flip":
+        if augment and config.augment == "crop-flip":
             xb = crop_flip(xb, gen)
         yield xb
 
 
 @torch.no_grad()
-def start_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfig) -> None:
+def start_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfig, seed: int = 0) -> None:
     """Set each output BatchNorm to the identity on the start model: running mean μ and variance σ² of
-    the convolution's output over the first ``config.bn_samples`` training samples (unaugmented), gain
+    the convolution's output over ``config.bn_samples`` training samples (seeded, unaugmented), gain
     sqrt(σ² + eps) and shift μ, so that the eval-mode network is the PTQ network."""
     device = next(model.parameters()).device
     bns = [layer for layer in layers if layer.bn is not None]
@@ -227,7 +229,7 @@ def start_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfi
         layer.bn_stats = [0, torch.zeros(out, dtype=torch.float64, device=device),
                           torch.zeros(out, dtype=torch.float64, device=device)]
     try:
-        for xb in _bn_batches(x, config, None):
+        for xb in _bn_batches(x, config, seed, augment=False):
             model(xb.to(device))
         for layer in bns:
             n, s1, s2 = layer.bn_stats
@@ -247,7 +249,7 @@ def start_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfi
 @torch.no_grad()
 def reestimate_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QATConfig, seed: int) -> None:
     """Recompute each output BatchNorm's running statistics with the trained weights: batch statistics
-    averaged over the first ``config.bn_samples`` training samples (cropped and flipped, never mixed) —
+    averaged over ``config.bn_samples`` training samples (seeded, cropped and flipped, never mixed) —
     the moving averages of training followed mixed batches and moving weights."""
     device = next(model.parameters()).device
     bns = [layer.bn for layer in layers if layer.bn is not None]
@@ -259,7 +261,7 @@ def reestimate_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QAT
         bn.momentum = None  # cumulative average over the batches
         bn.train()
     try:
-        for xb in _bn_batches(x, config, torch.Generator().manual_seed(seed + 1)):
+        for xb in _bn_batches(x, config, seed + 1, augment=True):
             model(xb.to(device))
     finally:
         for bn, m in zip(bns, momenta):
