@@ -85,13 +85,7 @@ def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.T
         return _group_output_mse(W, H, spec, gran, candidates)
     Wd = W.double()
     Hd = H.double()
-    amax = Wd.abs().amax(dim=1)  # (out,)
-    lo, hi = Wd.amin(dim=1), Wd.amax(dim=1)
-    f = torch.linspace(0.2, 1.0, candidates, dtype=torch.float64)[:, None]  # (K, 1)
-    if spec.symmetric:
-        s, z = spec.qparams_from_alpha(f * amax)  # (K, out)
-    else:
-        s, z = spec.qparams_from_range(f * lo, f * hi)
+    s, z = _clip_candidates(Wd, spec, candidates, whole_range_first=False)  # (K, out)
     # Residuals of all candidates at once would take K·out·N0 doubles (a GiB for a 4096×512
     # layer) and make the search memory-bound: work on tiles of about 2^20 entries instead
     # (rows are independent; the numbers are the same).
@@ -111,11 +105,14 @@ def _choose_scales(W, spec, gran, rule, H, c_alpha, candidates) -> tuple[torch.T
     return s.float().reshape(shape), z.float().reshape(shape)
 
 
-def _clip_candidates(Wd: torch.Tensor, spec: GridSpec, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_candidates(Wd: torch.Tensor, spec: GridSpec, candidates: int,
+                     whole_range_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points (K, out) of the ranges f·[min, max] (f·max|w| symmetric) of each row of
-    ``Wd`` (out, n), f on ``candidates`` points of (0.2, 1] in decreasing order: f = 1 first, so that a tie
-    (a group whose inputs are never active, H_gg = 0) keeps the whole range."""
-    f = torch.linspace(0.2, 1.0, candidates, dtype=torch.float64, device=Wd.device).flip(0)[:, None]  # (K, 1)
+    ``Wd`` (out, n), f on ``candidates`` points of (0.2, 1]; ``whole_range_first``: in decreasing order,
+    f = 1 first, so that a tie (a group whose inputs are never active, H_gg = 0) keeps the whole range
+    (the per-channel search keeps its original increasing order)."""
+    f = torch.linspace(0.2, 1.0, candidates, dtype=torch.float64, device=Wd.device)  # (K,)
+    f = (f.flip(0) if whole_range_first else f)[:, None]  # (K, 1)
     if spec.symmetric:
         return spec.qparams_from_alpha(f * Wd.abs().amax(dim=1))  # (K, out)
     return spec.qparams_from_range(f * Wd.amin(dim=1), f * Wd.amax(dim=1))

@@ -192,10 +192,10 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
         raise ValueError("teacher must be another model than the one trained (e.g. a copy of the float model)")
     layers = prepare_qat(model, lsq=config.lsq, batch_norm=config.batch_norm)
     try:
-        if any(layer.bn is not None for layer in layers):
+        if config.batch_norm:  # prepare_qat gave at least one convolution a BatchNorm (or refused)
             start_batch_norm(model, layers, x, config, seed)
         result = _train(model, layers, x, y, config, epochs, float(lr), seed, progress, teacher)
-        if any(layer.bn is not None for layer in layers):
+        if config.batch_norm:
             reestimate_batch_norm(model, layers, x, config, seed)
         return result
     finally:
