@@ -152,7 +152,7 @@ def test_configs_awq_on_any_method_and_the_awq_method():
     assert "awq" not in RTNConfig().to_dict() and "awq_grid" not in GPTQConfig(awq_grid=5).to_dict()
     assert not RTNConfig().needs_data and RTNConfig(awq=True).needs_data
     awq = make_config("awq", bits=4)
-    assert isinstance(awq, AWQConfig) and awq.awq and awq.needs_data and awq.scale_rule == "minmax"
+    assert isinstance(awq, AWQConfig) and awq.awq and awq.needs_data and awq.scale_rule == "output-mse"
     assert awq.to_dict()["method"] == "awq"
     assert "awq+gpfq" in method_choices() and "awq+awq" not in method_choices() and "awq" in method_choices()
     with pytest.raises(ValueError, match="'awq\\+awq' is not a method"):

@@ -70,9 +70,9 @@ def test_576_inputs_in_groups(layer, method, G, symmetric):
     spec = GridSpec.default(4, symmetric)
     for j in range(groups):
         a, b = j * G, min(N0, (j + 1) * G)
-        # awq's RTN keeps min/max ranges, RTN's default is weight MSE; output-mse searches each group against
+        # RTN's default is weight MSE; output-mse (awq's clipping search too) searches each group against
         # its own inputs' block of H: the per-row search on the group alone
-        rule = {"awq": "minmax", "rtn": "mse"}.get(method, "output-mse")
+        rule = {"rtn": "mse"}.get(method, "output-mse")
         alone, z_alone = choose_scales(W[:, a:b], spec, Granularity("channel"), rule, H=stats.H[a:b, a:b])
         assert torch.equal(qw.scale[:, j, 0], alone[:, 0]) and torch.equal(qw.zero_point[:, j, 0], z_alone[:, 0])
     S = qw.granularity.per_entry(qw.scale, (OUT, N0))  # (OUT, N0)

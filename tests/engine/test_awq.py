@@ -305,11 +305,16 @@ def test_quantize_with_awq_lowers_the_output_error():
     for block in ("model.layers.0", "model.layers.1"):  # the layers behind the norms
         for name in ("self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj"):
             assert awq_layers[f"{block}.{name}"] < plain_layers[f"{block}.{name}"]
-    model = _llama()  # the "awq" method: AWQ scales, then min-max RTN as in the paper
-    report = sq.quantize(model, AWQConfig(bits=3, granularity="group:32", symmetric=False), calib=ids,
-                         progress=False)
-    assert report.method == "awq" and model.model.layers[0].mlp.down_proj.qweight.algorithm == "awq"
-    assert _logit_error(model, ref, x) < 0.85 * plain  # measured 0.342
+    method_errors = {}
+    for rule in ("minmax", "output-mse"):  # the "awq" method: AWQ scales, then RTN on min/max ranges or after
+        model = _llama()  # AWQ's clipping search (the default)
+        report = sq.quantize(model, AWQConfig(bits=3, granularity="group:32", symmetric=False, scale_rule=rule),
+                             calib=ids, progress=False)
+        assert report.method == "awq" and model.model.layers[0].mlp.down_proj.qweight.algorithm == "awq"
+        method_errors[rule] = _logit_error(model, ref, x)
+    assert AWQConfig().scale_rule == "output-mse"
+    assert method_errors["minmax"] < 0.85 * plain  # measured 0.344
+    assert method_errors["output-mse"] < method_errors["minmax"]  # the clipping search helps: measured 0.293
 
 
 def test_awq_with_gptq_saves_and_loads_to_identical_logits(tmp_path):

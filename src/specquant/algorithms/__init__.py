@@ -2,7 +2,7 @@
 registered with its config type (see ``algorithms.base``).  Importing this package imports the
 built-in methods, which registers them, in this order: rtn, gpfq, spfq, gptq, qronos, frame, awq.
 Any method also runs with the AWQ pre-step (``config.awq = True``, the name "awq+NAME" in
-``make_config``); "awq" itself is AWQ then round-to-nearest."""
+``make_config``); "awq" itself is AWQ scales, then its clipping search and round-to-nearest."""
 # isort: off
 # Importing a method's module registers it: this order is the order of method_names().
 from specquant.algorithms import rtn, gpfq, spfq, gptq, qronos, frame, awq  # noqa: F401

@@ -21,6 +21,11 @@ summed over the rows and layers (``common.row_output_error`` with H = X̃ᵀX̃,
 α = 0 gives s = 1, plain rounding, and is on the grid: the chosen α never does worse than
 plain rounding on this loss (ties go to the smaller α).
 
+The "awq" method then rounds the scaled weights with AWQ's second step, the clipping search:
+each group's range is shrunk by the factor (min/max included) that minimises that group's output
+error against its inputs' block of H (``scale_rule="output-mse"``; the α search itself scores
+plain min/max rounding, as the paper's code does).  ``awq+NAME`` keeps NAME's own range rule.
+
 This module is pure (tensors in, tensors out); ``engine/awq.py`` finds the layer groups, folds
 1/s into the module that produces their input and runs the method's rounding afterwards.
 """
@@ -164,13 +169,16 @@ def awq_scales(Ws: Sequence[torch.Tensor], stats: LayerStats, quantize: FakeQuan
 
 @dataclass
 class AWQConfig(RTNConfig):
-    """AWQ scales (searched and folded by the engine before the layer walk) then round-to-nearest.
+    """AWQ scales (searched and folded by the engine before the layer walk), then AWQ's clipping search
+    and round-to-nearest.
 
     The same as ``RTNConfig(awq=True)``; any other method takes AWQ with ``awq=True`` (the CLI's
     ``--method awq+gptq`` and so on)."""
 
-    scale_rule: str = "minmax"  # range rule of the rounding: min-max, as in the paper (weight-MSE clipping
-    #                             would clip exactly the scaled-up salient columns AWQ protects)
+    scale_rule: str = "output-mse"  # range rule of the rounding after the scales: AWQ's clipping search (each
+    #                                 group's (or row's) clip chosen on its output error against the calibration
+    #                                 inputs' H, min/max always a candidate); "minmax" skips it. Weight-MSE
+    #                                 clipping would clip exactly the scaled-up salient columns AWQ protects
     awq: bool = True  # AWQ pre-step on (this method is AWQ: it cannot be turned off)
 
     method = "awq"
@@ -205,4 +213,5 @@ def search_quantizer(config: QuantConfig, bits: int, granularity: Granularity) -
 
 
 register_method("awq", AWQConfig, quantize_weight,
-                "AWQ activation-aware channel scaling, then round-to-nearest (Lin et al.; needs calibration data)")
+                "AWQ activation-aware channel scaling and clipping search, then round-to-nearest (Lin et al.; "
+                "needs calibration data)")
