@@ -100,6 +100,13 @@ runs, interleaved across tools (A B A B ...).  The JSON holds the protocol, the 
 (``--threads``, ``OMP_NUM_THREADS``, torch's count inside each job), the float perplexity, one
 record per run and the skipped runs with their reasons.
 
+Merging: ``--table A.json B.json ... [--out merged.json]`` runs nothing; it merges the runs of
+JSONs made with one protocol (same settings, Brevitas and torch versions, float perplexity; a run
+in two files must agree), prints every run with its file, and per grid the goals: specquant's best
+against Brevitas' best (undecided until all four Brevitas methods ran), and against Brevitas GPTQ
+the gap to float, the quantization time and the peak RSS as ratios.  The protocol's JSONs are kept
+in ``benchmarks/results/`` so that the table can grow across sessions.
+
 Long protocols (one Brevitas GPTQ run at 64 windows takes hours on one core): with ``--repeats 1``
 every finished run is written to the JSON at once, and ``--resume`` keeps the finished runs of an
 earlier JSON made with the same protocol, library versions and float perplexity, running only the
@@ -497,6 +504,111 @@ def resumable(path: str, meta: dict, float_rec: dict) -> dict[tuple, dict]:
     return out
 
 
+def merge_results(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The float record and the runs of several JSONs of this script made with one protocol.
+
+    Refuses (ValueError, one line) files made with another protocol (RESUME_KEYS), another Brevitas
+    or torch version or another float perplexity than the first file, and a (grid, tool, method)
+    found in two files with different perplexities; each run gets the file it came from as
+    ``source``."""
+    first_meta = first_float = None
+    runs: dict[tuple, dict] = {}
+    for path in paths:
+        try:
+            obj = json.loads(Path(path).read_text())
+            meta, float_rec, recs = obj["meta"], obj["float"], obj["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a JSON of this script ({type(e).__name__}: {e})") from None
+        if first_meta is None:
+            first_meta, first_float = meta, float_rec
+        for k in RESUME_KEYS:
+            if meta.get(k) != first_meta.get(k):
+                raise ValueError(f"{path}: {k} = {meta.get(k)!r}, but {paths[0]} has {first_meta.get(k)!r}")
+        for k in ("brevitas", "torch"):
+            if meta.get("versions", {}).get(k) != first_meta.get("versions", {}).get(k):
+                raise ValueError(f"{path}: {k} {meta.get('versions', {}).get(k)!r}, but {paths[0]} has "
+                                 f"{first_meta.get('versions', {}).get(k)!r}")
+        if float_rec.get("ppl") != first_float.get("ppl"):
+            raise ValueError(f"{path}: float perplexity {float_rec.get('ppl')!r}, but {paths[0]} has "
+                             f"{first_float.get('ppl')!r}")
+        for r in recs:
+            key = (r["grid"], r["tool"], r["method"])
+            if key in runs and runs[key]["ppl"] != r["ppl"]:
+                raise ValueError(f"{key[1]}:{key[2]} on {key[0]} is in {runs[key]['source']} (ppl {runs[key]['ppl']}) "
+                                 f"and in {path} (ppl {r['ppl']})")
+            runs[key] = {**r, "source": path}
+    return first_float, list(runs.values())
+
+
+def goals(float_rec: dict, runs: list[dict], ratio_grid: str = "w3g128a") -> list[dict]:
+    """The issue's goals per grid, from merged runs: specquant's best method below the best Brevitas
+    method (decided only when all of Brevitas' methods ran), and against Brevitas GPTQ: the gap to
+    float at most half of its gap (on ``ratio_grid``), the quantization time at most half of its
+    time, the peak RSS no higher.  None where a run needed for the check is missing."""
+    out = []
+    for grid in dict.fromkeys(r["grid"] for r in runs):
+        sq = [r for r in runs if r["grid"] == grid and r["tool"] == "specquant"]
+        br = [r for r in runs if r["grid"] == grid and r["tool"] == "brevitas"]
+        best_sq = min(sq, key=lambda r: r["ppl"]) if sq else None
+        best_br = min(br, key=lambda r: r["ppl"]) if br else None
+        missing = [m for m in BREVITAS_METHODS if not any(r["method"] == m for r in br)]
+        gptq = next((r for r in br if r["method"] == "gptq"), None)
+        row = {"grid": grid, "specquant_best": best_sq and best_sq["method"],
+               "specquant_best_ppl": best_sq and best_sq["ppl"],
+               "brevitas_best": best_br and best_br["method"], "brevitas_best_ppl": best_br and best_br["ppl"],
+               "brevitas_missing": missing, "float_ppl": float_rec["ppl"],
+               "best_below_brevitas_best": None, "gap_ratio_vs_brevitas_gptq": None,
+               "time_ratio_vs_brevitas_gptq": None, "rss_ratio_vs_brevitas_gptq": None}
+        if best_sq and best_br and not missing:
+            row["best_below_brevitas_best"] = best_sq["ppl"] < best_br["ppl"]
+        if best_sq and gptq:
+            row["gap_ratio_vs_brevitas_gptq"] = ((best_sq["ppl"] - float_rec["ppl"])
+                                                 / (gptq["ppl"] - float_rec["ppl"]))
+            row["time_ratio_vs_brevitas_gptq"] = best_sq["quant_seconds"] / gptq["quant_seconds"]
+            row["rss_ratio_vs_brevitas_gptq"] = best_sq["peak_rss_mb"] / gptq["peak_rss_mb"]
+        row["gap_goal_applies"] = grid == ratio_grid
+        out.append(row)
+    return out
+
+
+def print_goal_table(float_rec: dict, runs: list[dict], rows: list[dict]) -> None:
+    print(f"float perplexity {float_rec['ppl']:.3f} ({float_rec['windows']} x {float_rec['seq_len']} tokens)\n")
+    print(f"{'grid':<9} {'tool':>9} {'method':<22} {'ppl':>9} {'quant s':>9} {'peak MB':>8}  source")
+    grids = list(dict.fromkeys(r["grid"] for r in runs))
+    for r in sorted(runs, key=lambda r: (grids.index(r["grid"]), r["tool"], r["ppl"])):
+        print(f"{r['grid']:<9} {r['tool']:>9} {r['method']:<22} {r['ppl']:>9.3f} {r['quant_seconds']:>9.1f} "
+              f"{r['peak_rss_mb']:>8.0f}  {r['source']}")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print(f"\n{'grid':<9} {'sq best':>22} {'Br best':>16} {'sq < Br best':>13} {'gap/GPTQ':>9} {'s/GPTQ':>7} "
+          f"{'RSS/GPTQ':>9}  Brevitas runs missing")
+    for g in rows:
+        below = {None: "undecided", True: "yes", False: "NO"}[g["best_below_brevitas_best"]]
+        sq = "-" if g["specquant_best"] is None else f"{g['specquant_best']} {g['specquant_best_ppl']:.2f}"
+        br = "-" if g["brevitas_best"] is None else f"{g['brevitas_best']} {g['brevitas_best_ppl']:.2f}"
+        print(f"{g['grid']:<9} {sq:>22} {br:>16} {below:>13} {f(g['gap_ratio_vs_brevitas_gptq'], '.2f'):>9} "
+              f"{f(g['time_ratio_vs_brevitas_gptq'], '.2f'):>7} {f(g['rss_ratio_vs_brevitas_gptq'], '.2f'):>9}  "
+              f"{' '.join(g['brevitas_missing']) or '-'}")
+    print("\ngoals: sq best < Brevitas best at every grid (decided when all of Brevitas' methods ran); at "
+          "w3g128a gap/GPTQ <= 0.5; s/GPTQ <= 0.5; RSS/GPTQ <= 1")
+
+
+def table_main(paths: list[str], out: str | None) -> int:
+    try:
+        float_rec, runs = merge_results(paths)
+    except ValueError as e:
+        print(f"llm_vs_peers --table: {e}", file=sys.stderr)
+        return 2
+    rows = goals(float_rec, runs)
+    print_goal_table(float_rec, runs, rows)
+    if out:
+        write_json(out, {"sources": paths, "float": float_rec, "goals": rows, "runs": runs})
+        print(f"\nJSON: {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo id of a language model (default {DEFAULT_MODEL})")
@@ -521,7 +633,12 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--smoke", action="store_true",
                    help="tiniest setting: " + " ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    p.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                   help="run nothing: merge the runs of these JSONs (one protocol), print them and the goals per "
+                        "grid (--out: the merged JSON)")
     a = p.parse_args(argv)
+    if a.table:
+        return table_main(a.table, a.out)
     if a.smoke:
         for k, v in SMOKE.items():
             setattr(a, k, v)
