@@ -16,6 +16,8 @@ marked "+KD".  ``--mixup M`` blends every batch with a shuffled copy of itself (
 ``--batch-norm`` trains every quantized convolution with a BatchNorm on its output again (PTQ folded
 ResNet's BatchNorms into the convolutions), folded into the per-channel scales at the end ("+BN");
 ``--ema D`` ends on the moving average of the trained parameters (decay D, "+EMA D").
+``--feature-distill β`` (with --distill) adds β times the relative error between the student's and
+the teacher's outputs of every residual block (or of ``--feature-layers``) to the loss ("+features").
 
 ``--val N`` holds out N training images (seeded) and reports their accuracy too: use it, not the
 test set, to choose a learning rate.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,6 +97,9 @@ class Row:
     mixup: float = 0.0  # Beta parameter of mixup (--mixup; 0: off)
     batch_norm: bool = False  # convolutions trained with a BatchNorm on their output, folded at the end (--batch-norm)
     ema: float = 0.0  # decay of the moving average of the trained parameters that replaces them at the end (--ema)
+    feature_distill: float = 0.0  # β of the feature term (--feature-distill; 0: off)
+    feature_layers: list | None = None  # the modules whose outputs were matched (--feature-layers), else None
+    epoch_feature: list | None = None  # mean feature term per epoch
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -127,6 +133,19 @@ def layer_settings(model, protect: bool, prefix: int | None) -> tuple[dict, list
     return modules, kept, len(names)
 
 
+def feature_layers(model, args) -> tuple[str, ...]:
+    """--feature-layers, or with --feature-distill and none named: every residual block of a CIFAR
+    ResNet (``layerS.I``), the units block-output reconstruction works on."""
+    if args.feature_layers:
+        return tuple(args.feature_layers)
+    if args.feature_distill <= 0:
+        return ()
+    blocks = tuple(n for n, _ in model.named_modules() if re.fullmatch(r"layer\d+\.\d+", n))
+    if not blocks:
+        raise SystemExit("--feature-distill: this model has no layerS.I residual blocks; name --feature-layers")
+    return blocks
+
+
 def run_case(case: str, args, float_cache: dict) -> Row:
     model_id, method, bits, act_bits = CASES[case]
     entry = get_entry(model_id)
@@ -153,7 +172,8 @@ def run_case(case: str, args, float_cache: dict) -> Row:
     cfg = QATConfig(batch_size=args.batch_size, optimizer=args.optimizer, lsq=args.lsq,
                     augment="crop-flip" if x_train.dim() == 4 else "none",
                     distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm, ema=args.ema)
+                    scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm, ema=args.ema,
+                    feature_distill=args.feature_distill, feature_layers=feature_layers(model, args))
     teacher = None
     if args.distill:
         teacher = (get_entry(args.teacher) if args.teacher else entry).load(args.data_dir).eval()
@@ -188,7 +208,9 @@ def run_case(case: str, args, float_cache: dict) -> Row:
               distill=(f"alpha={args.distill_alpha},T={args.distill_temperature}"
                        + (f",teacher={args.teacher}" if args.teacher else "")) if args.distill else None,
               protected=kept if args.protect_first_last else None, prefix=args.prefix, n_layers=n_layers,
-              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm, ema=args.ema)
+              scale_lr_factor=args.scale_lr_factor, mixup=args.mixup, batch_norm=args.batch_norm, ema=args.ema,
+              feature_distill=args.feature_distill, feature_layers=list(cfg.feature_layers) or None,
+              epoch_feature=result.epoch_feature or None)
     print(f"{case}: PTQ {ptq_acc:.2f} % -> QAT {qat_acc:.2f} % ({args.epochs} epochs, {result.train_seconds:.0f} s"
           f" training, {torch.get_num_threads()} thread(s)); saved file equal: {same}", flush=True)
     return row
@@ -218,6 +240,8 @@ def table(rows: list[dict]) -> str:
             kd += " +BN"
         if r.get("ema"):
             kd += f" +EMA {r['ema']:g}"
+        if r.get("feature_distill"):
+            kd += f" +features β {r['feature_distill']:g} ({len(r['feature_layers'])} modules)"
         if r.get("prefix") is not None:
             kd += f" (first {r['prefix']} of {r['n_layers']} layers quantized)"
         lines.append(f"| {r['case']}{kd} | {r['start']} | W{r['w_bits']}/A{a} ({r['levels']}) | "
@@ -254,6 +278,10 @@ def main() -> None:
                    help="with --distill: the zoo classifier to distil from (default: the case's own float model)")
     p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the soft (KL) term (default: 0.5)")
     p.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default: 4)")
+    p.add_argument("--feature-distill", type=float, default=0.0,
+                   help="with --distill: weight β of the feature term on --feature-layers (default: 0, off)")
+    p.add_argument("--feature-layers", nargs="+", default=None,
+                   help="modules whose outputs are matched (default with --feature-distill: every residual block)")
     p.add_argument("--protect-first-last", action="store_true",
                    help="keep the first and the last quantizable layer at 8 bits (as ternary papers do)")
     p.add_argument("--prefix", type=int, default=None,

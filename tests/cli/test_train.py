@@ -91,6 +91,21 @@ def test_distillation_from_the_float_model_is_taken_and_recorded(ptq_run, capsys
     assert plain["distill"] is None and plain["epoch_loss"] != m["epoch_loss"]  # the teacher changed the training
 
 
+def test_feature_distillation_is_taken_and_recorded(ptq_run, capsys, error_line):
+    assert main(["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "2", "--distill", "--feature-distill", "2",
+                 "--feature-layers", "act1", "act2", "--json", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["feature_distill"] == {"beta": 2.0, "layers": ["act1", "act2"]}
+    assert len(m["epoch_feature"]) == 2 and all(v > 0 for v in m["epoch_feature"])
+    run = ["train", "digits-mlp", "--from", str(ptq_run), "--epochs", "1"]
+    assert "--feature-distill needs --distill" in error_line(run + ["--feature-distill", "1",
+                                                                    "--feature-layers", "act1"])
+    assert "the student has no module 'nope'" in error_line(run + ["--distill", "--feature-distill", "1",
+                                                                   "--feature-layers", "nope"])
+    assert "needs feature_layers" in error_line(run + ["--distill", "--feature-distill", "1"])
+    assert "--feature-layers needs --feature-distill" in error_line(run + ["--feature-layers", "act1"])
+
+
 def test_a_teacher_with_other_inputs_is_refused_in_one_line(ptq_run, data_dir, error_line):
     assert "does not take digits-mlp's inputs" in error_line(["train", "digits-mlp", "--from", str(ptq_run),
                                                               "--epochs", "1", "--distill", "--teacher", "mnist-mlp",

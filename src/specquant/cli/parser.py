@@ -521,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distill: weight of the soft term (default: 0.5)")
     p.add_argument("--distill-temperature", metavar="T", type=_positive_float, default=4.0,
                    help="with --distill: softening temperature (default: 4)")
+    p.add_argument("--feature-distill", metavar="BETA", type=_nonnegative_float, default=0.0,
+                   help="with --distill: add BETA times the mean relative squared error between the student's and the "
+                        "teacher's outputs of the --feature-layers modules (FitNets-style hints) (default: 0, off)")
+    p.add_argument("--feature-layers", metavar="NAME", nargs="+", default=(),
+                   help="with --feature-distill: the modules (in both networks) whose outputs are matched, e.g. "
+                        "layer1.0 layer1.1 ... layer3.2 for ResNet-20's residual blocks")
     p.add_argument("--mixup", metavar="M", type=_nonnegative_float, default=0.0,
                    help="mixup: every batch blended with a shuffled copy of itself by a weight drawn from Beta(M, M), "
                         "the label loss mixed alike (default: 0, off)")

@@ -30,6 +30,7 @@ from specquant.io.files import read_json
 from specquant.models import get_entry, get_model
 from specquant.qat import QATConfig, finetune
 from specquant.qat.layers import prepare_qat
+from specquant.qat.train import check_feature_layers
 from specquant.report import run_folder as rf
 from specquant.report.run_folder import CONFIG_JSON, METRICS_JSON, MODEL_FILE, RunFolderError, verify_run_folder
 from specquant.report.table import format_table
@@ -69,7 +70,8 @@ def train_config(args) -> QATConfig:
                          augment="none" if args.augment == "auto" else args.augment,
                          scale_lr_factor=args.scale_lr_factor, mixup=args.mixup,
                          batch_norm=args.batch_norm, ema=args.ema,
-                         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
+                         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
+                         feature_distill=args.feature_distill, feature_layers=tuple(args.feature_layers))
     except ValueError as e:
         raise CLIError(f"train: {e}") from None
 
@@ -145,6 +147,14 @@ def cmd_train(args, argv: list[str]) -> int:
             except ValueError as e:
                 raise CLIError(f"train: --batch-norm: {e}") from None
         teacher = _teacher(args, entry, model, x_train[:2])
+        if config.feature_distill > 0 and teacher is None:
+            raise CLIError("train: --feature-distill needs --distill (the features are the teacher's)")
+        if config.feature_distill <= 0 and args.feature_layers:
+            raise CLIError("train: --feature-layers needs --feature-distill BETA > 0")
+        try:
+            check_feature_layers(config, model, teacher)
+        except ValueError as e:
+            raise CLIError(f"train: --feature-layers: {e}") from None
         model.to(device)
         if teacher is not None:
             teacher.to(device)
@@ -174,6 +184,9 @@ def cmd_train(args, argv: list[str]) -> int:
             "mixup": config.mixup, "batch_norm": config.batch_norm, "ema": config.ema, "optimizer": config.optimizer,
             "distill": ({"teacher": args.teacher or args.model, "alpha": config.distill_alpha,
                          "temperature": config.distill_temperature} if teacher is not None else None),
+            "feature_distill": ({"beta": config.feature_distill, "layers": list(config.feature_layers)}
+                                if config.feature_distill > 0 else None),
+            "epoch_feature": result.epoch_feature,
             "batch_size": config.batch_size, "train_seconds": result.train_seconds, "threads": torch.get_num_threads(),
             "epoch_loss": result.epoch_loss, "epoch_train_accuracy": result.epoch_accuracy,
             "epoch_kappa": result.epoch_kappa, "bits_per_weight": storage["bits_per_weight"], "storage": storage,

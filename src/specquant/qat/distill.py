@@ -6,7 +6,13 @@ Reference: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network
     (1 − α) · CE(student, labels) + α · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
 
 The T² keeps the soft term's gradient on the scale of the hard one (its gradient with respect to
-the student logits is T · (softmax(s/T) − softmax(t/T)), Hinton et al. §2).  Pure, on tensors.
+the student logits is T · (softmax(s/T) − softmax(t/T)), Hinton et al. §2).
+
+Feature distillation (``feature_loss``): the student's intermediate outputs (e.g. each residual
+block's) are pulled towards the teacher's on the same inputs, as hint training does (Romero et al.,
+"FitNets: Hints for Thin Deep Nets", ICLR 2015) and as block-output reconstruction does for
+quantized networks (Li et al., "BRECQ", ICLR 2021): every training image then carries the teacher's
+whole feature maps as targets, not only its ten logits.  Pure, on tensors.
 """
 from __future__ import annotations
 
@@ -35,3 +41,19 @@ def blend_with_teacher(hard: torch.Tensor, student: torch.Tensor, teacher: torch
     """(1 − α)·hard + α·T²·KL(teacher ‖ student): the distillation loss around any label loss
     ``hard`` (e.g. mixup's λ-mixed cross-entropy); logits (B, classes)."""
     return (1 - alpha) * hard + alpha * distill_kl(student, teacher, temperature)
+
+
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the feature pairs of the relative squared error ‖s − t‖² / ‖t‖², each summed over the
+    batch and the feature's elements (s, t of one shape (B, …)); the teacher's side is a constant."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"feature_loss needs as many student as teacher features (at least one), got "
+                         f"{len(student)} and {len(teacher)}")
+    total = student[0].new_zeros(())
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        if s.shape != t.shape:
+            raise ValueError(f"feature {i}: student output {tuple(s.shape)} and teacher output {tuple(t.shape)} "
+                             "differ in shape")
+        t = t.detach()
+        total = total + (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(torch.finfo(t.dtype).tiny)
+    return total / len(student)

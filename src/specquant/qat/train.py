@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specquant.qat.distill import blend_with_teacher
+from specquant.qat.distill import blend_with_teacher, feature_loss
 from specquant.qat.kappa import KAPPA_KINDS, kappa_penalty
 from specquant.qat.layers import finalize_qat, prepare_qat
 
@@ -55,6 +55,11 @@ class QATConfig:
     #                           output statistics, re-estimated on the (augmented, unmixed) training data at the
     #                           end and folded into the per-channel scales and the bias: codes and layout unchanged
     bn_samples: int = 2048  # training samples that start (and, at the end, re-estimate) those statistics
+    feature_distill: float = 0.0  # with a teacher: weight β of the feature term, the mean over ``feature_layers`` of
+    #                               ‖s − t‖²/‖t‖² between the student's and the teacher's outputs of that module on
+    #                               the same batch (qat.distill.feature_loss), added to the loss (0: off)
+    feature_layers: tuple[str, ...] = ()  # module names present in student and teacher whose outputs are matched
+    #                                       (e.g. ResNet's residual blocks "layer1.0", …); needed when β > 0
     ema: float = 0.0  # decay d of an exponential moving average of the trained parameters (latent weights, biases,
     #                   learned steps, BatchNorm gains; Polyak averaging), which replaces them at the end; the
     #                   first steps use min(d, (1 + t)/(10 + t)) so the average does not remember the start (0: off)
@@ -83,6 +88,14 @@ class QATConfig:
         m = self.mixup
         if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
             raise ValueError(f"mixup must be a finite number >= 0 (the Beta parameter; 0: off), got {m!r}")
+        f = self.feature_distill
+        if isinstance(f, bool) or not (isinstance(f, (int, float)) and math.isfinite(f) and f >= 0):
+            raise ValueError(f"feature_distill must be a finite number >= 0 (0: off), got {f!r}")
+        if isinstance(self.feature_layers, str) or not all(isinstance(n, str) and n for n in self.feature_layers):
+            raise ValueError(f"feature_layers must be a sequence of module names, got {self.feature_layers!r}")
+        self.feature_layers = tuple(self.feature_layers)
+        if f > 0 and not self.feature_layers:
+            raise ValueError("feature_distill > 0 needs feature_layers: the modules whose outputs are matched")
         a, t = self.distill_alpha, self.distill_temperature
         if isinstance(a, bool) or not (isinstance(a, (int, float)) and 0 <= a <= 1):
             raise ValueError(f"distill_alpha must be a number in [0, 1], got {a!r}")
@@ -103,6 +116,7 @@ class QATResult:
     epoch_loss: list[float] = field(default_factory=list)  # mean task loss per epoch (training data)
     epoch_accuracy: list[float] = field(default_factory=list)  # training top-1 (%) per epoch, augmented batches
     epoch_kappa: list[float] = field(default_factory=list)  # with kappa_reg: mean penalty over the layers per epoch
+    epoch_feature: list[float] = field(default_factory=list)  # with feature_distill: mean feature term per epoch
     layers: list[str] = field(default_factory=list)  # the layers trained and written back
     distilled: bool = False  # trained against a teacher's softened outputs (qat.distill)
     config: dict = field(default_factory=dict)  # the QATConfig as a dict
@@ -155,6 +169,20 @@ def _check_data(train_data) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def check_feature_layers(config: QATConfig, model: nn.Module, teacher: nn.Module | None) -> None:
+    """With ``config.feature_distill`` > 0: a teacher is given and every ``config.feature_layers`` name is
+    a module of both networks (ValueError, one line, otherwise)."""
+    if config.feature_distill <= 0:
+        return
+    if teacher is None:
+        raise ValueError("feature_distill > 0 needs a teacher (finetune(teacher=...)) to take the features from")
+    for who, m in (("student", model), ("teacher", teacher)):
+        names = {n for n, _ in m.named_modules()}
+        missing = [n for n in config.feature_layers if n not in names]
+        if missing:
+            raise ValueError(f"feature_layers: the {who} has no module {missing[0]!r}")
+
+
 def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epochs: int = 1, lr: float = 1e-4,
              seed: int = 0, progress: Callable[[int, int], None] | None = None,
              teacher: nn.Module | None = None) -> QATResult:
@@ -190,6 +218,7 @@ def finetune(model: nn.Module, train_data, config: QATConfig | None = None, epoc
         raise ValueError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     if teacher is not None and teacher is model:
         raise ValueError("teacher must be another model than the one trained (e.g. a copy of the float model)")
+    check_feature_layers(config, model, teacher)
     layers = prepare_qat(model, lsq=config.lsq, batch_norm=config.batch_norm)
     try:
         if config.batch_norm:  # prepare_qat gave at least one convolution a BatchNorm (or refused)
@@ -269,8 +298,51 @@ def reestimate_batch_norm(model: nn.Module, layers, x: torch.Tensor, config: QAT
         model.train(was)
 
 
+class _Outputs:
+    """The outputs of named modules in the last forward pass (forward hooks; ``close`` removes them)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...], who: str) -> None:
+        self.names, self.who, self.out = names, who, {}
+        mods = dict(model.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise ValueError(f"feature_layers: {self.who} module {name!r} returned {type(output).__name__}, "
+                                 "not a tensor")
+            self.out[name] = output
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        missing = [n for n in self.names if n not in self.out]
+        if missing:
+            raise ValueError(f"feature_layers: {self.who} module {missing[0]!r} did not run in the forward pass")
+        vals = [self.out[n] for n in self.names]
+        self.out = {}
+        return vals
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.out = [], {}
+
+
 def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: QATConfig, epochs: int, lr: float,
            seed: int, progress, teacher: nn.Module | None = None) -> QATResult:
+    feats = None
+    if config.feature_distill > 0:  # finetune checked the teacher and the names
+        feats = (_Outputs(model, config.feature_layers, "student"), _Outputs(teacher, config.feature_layers, "teacher"))
+    try:
+        return _train_loop(model, layers, x, y, config, epochs, lr, seed, progress, teacher, feats)
+    finally:
+        if feats is not None:
+            for f in feats:
+                f.close()
+
+
+def _train_loop(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: QATConfig, epochs: int,
+                lr: float, seed: int, progress, teacher: nn.Module | None, feats) -> QATResult:
     device = next(model.parameters()).device
     scales = [p for layer in layers for n, p in layer.named_parameters(recurse=False)
               if n in ("scale", "act_scale")]  # LSQ steps of the weights and of the inputs: no weight decay
@@ -298,7 +370,7 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
         teacher.eval()
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)  # (N,)
-        loss_sum, correct = 0.0, 0
+        loss_sum, correct, feature_sum = 0.0, 0, 0.0
         for s in range(0, n, config.batch_size):
             idx = order[s:s + config.batch_size]
             xb = x[idx]
@@ -320,6 +392,10 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
                 with torch.no_grad():
                     soft = teacher(xb)  # (B, classes)
                 total_loss = blend_with_teacher(loss, out, soft, config.distill_alpha, config.distill_temperature)
+                if feats is not None:
+                    term = feature_loss(feats[0].take(), feats[1].take())
+                    total_loss = total_loss + config.feature_distill * term
+                    feature_sum += float(term.detach()) * idx.numel()
             if config.kappa_reg > 0:
                 penalty = sum(kappa_penalty(layer.module.weight, config.kappa_kind) for layer in layers)
                 total_loss = total_loss + config.kappa_reg * penalty
@@ -340,6 +416,8 @@ def _train(model: nn.Module, layers, x: torch.Tensor, y: torch.Tensor, config: Q
                 progress(result.steps, total)
         result.epoch_loss.append(loss_sum / n)
         result.epoch_accuracy.append(100.0 * correct / n)
+        if feats is not None:
+            result.epoch_feature.append(feature_sum / n)
         if config.kappa_reg > 0:
             with torch.no_grad():
                 result.epoch_kappa.append(sum(float(kappa_penalty(layer.module.weight, config.kappa_kind))
