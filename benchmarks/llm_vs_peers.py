@@ -485,6 +485,23 @@ RESUME_KEYS = ("model", "calib", "seq_len", "eval_windows", "full_eval", "seed",
                "brevitas_sequential")
 
 
+def protocol_difference(meta: dict, float_rec: dict, ref_meta: dict, ref_float: dict,
+                        versions: tuple[str, ...] | None = None) -> str | None:
+    """The first way a JSON's protocol (``meta``, ``float_rec``) differs from the reference's: a
+    RESUME_KEYS setting, a library version (``versions``: those libraries; None: all of them) or the
+    float perplexity; None when they agree."""
+    for k in RESUME_KEYS:
+        if meta.get(k) != ref_meta.get(k):
+            return f"{k} = {meta.get(k)!r}, not {ref_meta.get(k)!r}"
+    have, want = meta.get("versions", {}), ref_meta.get("versions", {})
+    for k in (sorted(set(have) | set(want)) if versions is None else versions):
+        if have.get(k) != want.get(k):
+            return f"{k} {have.get(k)!r}, not {want.get(k)!r}"
+    if float_rec.get("ppl") != ref_float.get("ppl"):
+        return f"float perplexity {float_rec.get('ppl')!r}, not {ref_float.get('ppl')!r}"
+    return None
+
+
 def resumable(path: str, meta: dict, float_rec: dict) -> dict[tuple, dict]:
     """The finished runs of an earlier JSON at ``path`` made with the same protocol (RESUME_KEYS,
     library versions and the same float perplexity), by (grid, tool, method); {} when there is
@@ -494,8 +511,7 @@ def resumable(path: str, meta: dict, float_rec: dict) -> dict[tuple, dict]:
     except (OSError, ValueError):
         return {}
     m = old.get("meta", {}) if isinstance(old, dict) else {}
-    if (any(m.get(k) != meta.get(k) for k in RESUME_KEYS) or m.get("versions") != meta.get("versions")
-            or old.get("float", {}).get("ppl") != float_rec["ppl"]):
+    if protocol_difference(m, old.get("float", {}), meta, float_rec) is not None:
         print(f"--resume: {path} was made with other settings; nothing kept", file=sys.stderr, flush=True)
         return {}
     out = {}
@@ -521,16 +537,9 @@ def merge_results(paths: list[str]) -> tuple[dict, list[dict]]:
             raise ValueError(f"{path}: not a JSON of this script ({type(e).__name__}: {e})") from None
         if first_meta is None:
             first_meta, first_float = meta, float_rec
-        for k in RESUME_KEYS:
-            if meta.get(k) != first_meta.get(k):
-                raise ValueError(f"{path}: {k} = {meta.get(k)!r}, but {paths[0]} has {first_meta.get(k)!r}")
-        for k in ("brevitas", "torch"):
-            if meta.get("versions", {}).get(k) != first_meta.get("versions", {}).get(k):
-                raise ValueError(f"{path}: {k} {meta.get('versions', {}).get(k)!r}, but {paths[0]} has "
-                                 f"{first_meta.get('versions', {}).get(k)!r}")
-        if float_rec.get("ppl") != first_float.get("ppl"):
-            raise ValueError(f"{path}: float perplexity {float_rec.get('ppl')!r}, but {paths[0]} has "
-                             f"{first_float.get('ppl')!r}")
+        diff = protocol_difference(meta, float_rec, first_meta, first_float, versions=("brevitas", "torch"))
+        if diff is not None:
+            raise ValueError(f"{path}: {diff} as in {paths[0]}")
         for r in recs:
             key = (r["grid"], r["tool"], r["method"])
             if key in runs and runs[key]["ppl"] != r["ppl"]:

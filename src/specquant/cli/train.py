@@ -154,7 +154,7 @@ def cmd_train(args, argv: list[str]) -> int:
         try:
             check_feature_layers(config, model, teacher)
         except ValueError as e:
-            raise CLIError(f"train: --feature-layers: {e}") from None
+            raise CLIError(f"train: {e}") from None
         model.to(device)
         if teacher is not None:
             teacher.to(device)
